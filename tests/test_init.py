@@ -14,12 +14,23 @@ def _pair(shape, seed=0):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["fan_in", "fan_out"])
-@pytest.mark.parametrize("nonlinearity,a", [("leaky_relu", 0), ("relu", 0), ("tanh", 0), ("leaky_relu", 0.2), ("linear", 0)])
+@pytest.mark.parametrize(
+    "nonlinearity,a",
+    [("leaky_relu", 0), ("relu", 0), ("tanh", 0), ("leaky_relu", 0.2), ("linear", 0)],
+)
 @pytest.mark.parametrize("name", ["kaiming_normal_", "kaiming_uniform_"])
 def test_kaiming_bitwise_equal_to_torch(shape, mode, nonlinearity, a, name):
     ours, theirs, _ = _pair(shape)
-    getattr(init, name)(ours, a=a, mode=mode, nonlinearity=nonlinearity, generator=torch.Generator().manual_seed(3))
-    getattr(torch.nn.init, name)(theirs, a=a, mode=mode, nonlinearity=nonlinearity, generator=torch.Generator().manual_seed(3))
+    getattr(init, name)(
+        ours, a=a, mode=mode, nonlinearity=nonlinearity, generator=torch.Generator().manual_seed(3)
+    )
+    getattr(torch.nn.init, name)(
+        theirs,
+        a=a,
+        mode=mode,
+        nonlinearity=nonlinearity,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -60,7 +71,9 @@ def test_kaiming_global_rng_matches_torch(dtype):
 )
 def test_calculate_gain(nonlinearity, param, expected):
     assert init.calculate_gain(nonlinearity, param) == pytest.approx(expected, rel=1e-15)
-    assert init.calculate_gain(nonlinearity, param) == torch.nn.init.calculate_gain(nonlinearity, param)
+    assert init.calculate_gain(nonlinearity, param) == torch.nn.init.calculate_gain(
+        nonlinearity, param
+    )
 
 
 def test_unknown_nonlinearity_lists_choices():
@@ -78,7 +91,9 @@ def test_bad_mode_lists_choices():
         init.kaiming_normal_(torch.empty(3, 3), mode="fan_avg")
 
 
-@pytest.mark.parametrize("fn", [init.kaiming_normal_, init.kaiming_uniform_, init.xavier_normal_, init.xavier_uniform_])
+@pytest.mark.parametrize(
+    "fn", [init.kaiming_normal_, init.kaiming_uniform_, init.xavier_normal_, init.xavier_uniform_]
+)
 def test_fewer_than_two_dims_rejected(fn):
     with pytest.raises(ValueError, match="fewer than 2 dimensions"):
         fn(torch.empty(10))
@@ -95,7 +110,9 @@ def test_fan_in_is_in_features_times_receptive_field():
 
 
 def test_kaiming_std_is_gain_over_sqrt_fan():
-    w = init.kaiming_normal_(torch.empty(2000, 400), nonlinearity="tanh", generator=torch.Generator().manual_seed(0))
+    w = init.kaiming_normal_(
+        torch.empty(2000, 400), nonlinearity="tanh", generator=torch.Generator().manual_seed(0)
+    )
     assert w.std().item() == pytest.approx((5 / 3) / math.sqrt(400), rel=0.01)
     w = init.kaiming_normal_(torch.empty(2000, 400), mode="fan_out", nonlinearity="relu")
     assert w.std().item() == pytest.approx(math.sqrt(2) / math.sqrt(2000), rel=0.01)

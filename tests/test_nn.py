@@ -83,15 +83,16 @@ def test_batchnorm_matches_torch_over_steps(dtype, shape, kw):
 def test_batchnorm_gradcheck_float64(shape, affine):
     bn = nl.BatchNorm1d(shape[1], affine=affine, dtype=torch.float64)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: bn(x), (x,))
+    x = torch.randn(shape[0], shape[1], dtype=torch.float64, requires_grad=True)
     if affine:
         w = (torch.rand(shape[1], dtype=torch.float64) + 0.5).requires_grad_(True)
         b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
-        fn = lambda x, w, b: nl.BatchNormFunction.apply(x, w, b, 1e-5)[0]  # noqa: E731
+        fn = lambda x, w, b: nl.BatchNormFunction.apply(x, w, b, 1e-5, None)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, w, b))
     else:
-        fn = lambda x: nl.BatchNormFunction.apply(x, None, None, 1e-5)[0]  # noqa: E731
+        fn = lambda x: nl.BatchNormFunction.apply(x, None, None, 1e-5, None)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradcheck(lambda x: bn(x), (x,))
 
 
 @settings(max_examples=30, deadline=None)
@@ -120,7 +121,9 @@ def test_batchnorm_defaults_and_state_dict_keys_match_torch():
     for k, v in theirs.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
         assert ours.state_dict()[k].dtype == v.dtype
-    assert ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
+    assert (
+        ours.state_dict()._metadata[""]["version"] == theirs.state_dict()._metadata[""]["version"]
+    )
     assert list(nl.BatchNorm1d(3, affine=False, track_running_stats=False).state_dict()) == []
 
 
@@ -206,7 +209,9 @@ def test_batchnorm_extra_repr():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,normalized", [((8, 20), 20), ((4, 3, 10), (3, 10)), ((4, 3, 10), 10)])
+@pytest.mark.parametrize(
+    "shape,normalized", [((8, 20), 20), ((4, 3, 10), (3, 10)), ((4, 3, 10), 10)]
+)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_matches_torch(dtype, shape, normalized, affine):
     ours = nl.LayerNorm(normalized, elementwise_affine=affine, dtype=dtype)
@@ -229,13 +234,18 @@ def test_layernorm_matches_torch(dtype, shape, normalized, affine):
 
 def test_layernorm_gradcheck_and_bad_shape():
     ln = nl.LayerNorm(5, dtype=torch.float64)
-    assert torch.autograd.gradcheck(ln, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),))
+    assert torch.autograd.gradcheck(
+        ln, (torch.randn(3, 5, dtype=torch.float64, requires_grad=True),)
+    )
     with pytest.raises(ValueError, match=r"ending in shape \(5,\)"):
         ln(torch.randn(3, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("groups,channels,shape", [(4, 100, (32, 100)), (1, 6, (5, 6)), (6, 6, (5, 6, 3)), (2, 8, (3, 8, 2, 2))])
+@pytest.mark.parametrize(
+    "groups,channels,shape",
+    [(4, 100, (32, 100)), (1, 6, (5, 6)), (6, 6, (5, 6, 3)), (2, 8, (3, 8, 2, 2))],
+)
 @pytest.mark.parametrize("affine", [True, False])
 def test_groupnorm_matches_torch(dtype, groups, channels, shape, affine):
     ours = nl.GroupNorm(groups, channels, affine=affine, dtype=dtype)

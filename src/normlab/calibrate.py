@@ -6,7 +6,9 @@ the whole data set, layer by layer in forward order. ``fold_batchnorm`` turns
 each ``Linear → BatchNorm1d`` pair into one ``Linear`` for inference.
 """
 
+import contextlib
 import copy
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -114,14 +116,14 @@ def calibrate_batchnorm(
     untracked = [m for m in layers if m.running_mean is None]
     if untracked:
         raise ValueError(
-            f"{len(untracked)} BatchNorm layer(s) have track_running_stats=False: nothing to calibrate"
+            f"{len(untracked)} BatchNorm layer(s) have track_running_stats=False: "
+            "nothing to calibrate"
         )
     was_training = model.training
     n_batches = (len(inputs) + batch_size - 1) // batch_size
-    if progress is None:  # tqdm's None: show the bar only on a terminal
-        disable = None if len(layers) * n_batches > 50 else True
-    else:
-        disable = not progress
+    # tqdm's disable=None shows the bar only on a terminal
+    long_pass = len(layers) * n_batches > 50
+    disable = (None if long_pass else True) if progress is None else not progress
     model.eval()
     try:
         bar = tqdm(total=len(layers) * n_batches, desc="calibrate", unit="batch", disable=disable)
@@ -135,10 +137,8 @@ def calibrate_batchnorm(
             hook = layer.register_forward_pre_hook(measure)
             try:
                 for start in range(0, len(inputs), batch_size):
-                    try:
+                    with contextlib.suppress(_StopForward):
                         model(inputs[start : start + batch_size])
-                    except _StopForward:
-                        pass
                     bar.update()
             finally:
                 hook.remove()
@@ -170,7 +170,7 @@ def _fold(linear: nn.Module, bn: nn.Module) -> nl.Linear:
 def _fold_children(module: nn.Module) -> None:
     if isinstance(module, nn.Sequential):
         names = list(module._modules)
-        for a, b in zip(names, names[1:]):
+        for a, b in itertools.pairwise(names):
             linear, bn = module._modules[a], module._modules[b]
             if (
                 isinstance(linear, LINEAR_TYPES)
@@ -186,7 +186,7 @@ def _fold_children(module: nn.Module) -> None:
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    r"""Return an eval-mode copy of ``model`` with each ``Linear → BatchNorm1d`` folded into one Linear.
+    r"""Return an eval-mode copy of ``model`` with each ``Linear → BatchNorm1d`` pair folded.
 
     With the BatchNorm's running statistics :math:`\mu, \sigma^2`, gain
     :math:`\gamma` and bias :math:`\beta`, the pair becomes

@@ -154,13 +154,13 @@ def kaiming_uniform_(
     nonlinearity: str = "leaky_relu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    r"""Fill ``tensor`` in place from :math:`\mathcal{U}(-\text{bound}, \text{bound})` (Kaiming / He).
+    r"""Fill ``tensor`` in place from :math:`\mathcal{U}(-b, b)` (Kaiming / He init).
 
     From He et al. 2015, "Delving Deep into Rectifiers". The uniform distribution
     with the same standard deviation as :func:`kaiming_normal_`:
 
     .. math::
-        \text{bound} = \text{gain} \times \sqrt{\frac{3}{\text{fan\_mode}}}
+        b = \text{gain} \times \sqrt{\frac{3}{\text{fan\_mode}}}
 
     Args:
         tensor: an n-dimensional tensor, ``n >= 2``, in PyTorch's weight layout.

@@ -1,0 +1,350 @@
+"""The ``normlab`` command: argument parsing and dispatch only.
+
+    normlab train [--preset P] [flags]     train, or continue with --out DIR --resume
+    normlab sample --run DIR [-n 20]       generate from a trained run
+    normlab eval --run DIR [--calibrate]   loss with running vs calibrated BatchNorm statistics
+    normlab bench --preset P ...           training steps per second, as one JSON line
+    normlab propagate                      the signal-propagation table of four inits
+
+Every problem with the input is one line on stderr and exit code 2.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from normlab.errors import NormlabError
+from normlab.presets import PRESETS
+
+# flags → config fields; default None means "from the preset"
+MODEL_FLAGS = (
+    "n_layer",
+    "n_hidden",
+    "n_embd",
+    "block_size",
+    "norm",
+    "init",
+    "nonlinearity",
+    "residual",
+    "output_bn",
+    "bias",
+    "n_groups",
+    "bn_momentum",
+)
+TRAIN_FLAGS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "schedule",
+    "decay_step",
+    "warmup_steps",
+    "weight_decay",
+    "eval_every",
+    "checkpoint_every",
+    "target_val_loss",
+    "seed",
+    "data",
+)
+RUN_FLAGS = ("device", "threads")  # may change on --resume: where it runs, not what it computes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other usage error
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
+    from normlab.model import INITS, NONLINEARITIES, NORMS
+    from normlab.train import DEVICES, OPTIMIZERS, SCHEDULES
+
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="named configuration; every flag below overrides one field (default: %(default)s)",
+    )
+    m = p.add_argument_group("model (default: from the preset)")
+    m.add_argument("--n-layer", type=int, help="hidden blocks Linear → norm → nonlinearity")
+    m.add_argument("--n-hidden", type=int, help="width of each hidden layer")
+    m.add_argument("--n-embd", type=int, help="embedding dimensions per character")
+    m.add_argument("--block-size", type=int, help="context length in characters")
+    m.add_argument("--norm", choices=NORMS, help="normalization after each hidden Linear")
+    m.add_argument("--init", choices=INITS, help="weight initialization scheme")
+    m.add_argument("--nonlinearity", choices=NONLINEARITIES)
+    m.add_argument(
+        "--residual",
+        action=argparse.BooleanOptionalAction,
+        help="skip connections around hidden blocks of equal width",
+    )
+    m.add_argument(
+        "--output-bn",
+        action=argparse.BooleanOptionalAction,
+        help="BatchNorm after the output Linear (the lecture's deep net)",
+    )
+    m.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        help="biases on hidden Linears (default: only where no BatchNorm follows)",
+    )
+    m.add_argument("--n-groups", type=int, help="groups for --norm group")
+    m.add_argument("--bn-momentum", type=float, help="running-statistics momentum")
+    t = p.add_argument_group("training (default: from the preset)")
+    t.add_argument("--steps", type=int, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, help="examples per step")
+    t.add_argument("--lr", type=float, help="peak learning rate")
+    t.add_argument("--optimizer", choices=OPTIMIZERS)
+    t.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="step: lr × 0.1 from --decay-step; cosine: warmup, then cosine decay",
+    )
+    t.add_argument("--decay-step", type=int, help="step schedule: where the lr drops ×0.1")
+    t.add_argument("--warmup-steps", type=int, help="cosine schedule: linear warmup steps")
+    t.add_argument("--weight-decay", type=float, help="on embeddings and Linear weights")
+    t.add_argument("--eval-every", type=int, help="steps between evaluations on the whole splits")
+    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    t.add_argument("--target-val-loss", type=float, help="stop at the first eval at or below this")
+    t.add_argument("--seed", type=int, help="model init and batch order")
+    t.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
+    r = p.add_argument_group("where it runs")
+    r.add_argument("--device", choices=DEVICES, default="auto")
+    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="normlab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model (the main job)",
+        description="Train an MLP language model; everything goes into a run folder.",
+    )
+    _add_model_and_train_flags(p)
+    p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its checkpoint, with its stored config",
+    )
+
+    p = sub.add_parser("sample", help="generate items from a trained run")
+    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
+    p.add_argument("-n", "--num", type=int, default=20, help="how many (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely characters")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", default="", help="start every sample with this text")
+    p.add_argument("--data", help="the run's data file, if it has moved")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = sub.add_parser("eval", help="loss of a trained run on a split")
+    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also with BatchNorm statistics calibrated over the whole training set",
+    )
+    p.add_argument("--data", help="the run's data file, if it has moved")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+    p = sub.add_parser("bench", help="time training steps; prints one JSON line")
+    _add_model_and_train_flags(p)
+    p.set_defaults(steps=None)
+
+    p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
+    p.add_argument("--n-layer", type=int, default=50)
+    p.add_argument("--width", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def configs_from_args(args: argparse.Namespace):
+    """The preset's configs with every given flag applied."""
+    from normlab.model import ModelConfig
+    from normlab.train import TrainConfig
+
+    preset = copy.deepcopy(PRESETS[args.preset])
+    model = ModelConfig(**preset["model"])
+    train = TrainConfig(**preset["train"], preset=args.preset)
+    for name in MODEL_FLAGS:
+        if getattr(args, name, None) is not None:
+            setattr(model, name, getattr(args, name))
+    for name in (*TRAIN_FLAGS, *RUN_FLAGS):
+        if getattr(args, name, None) is not None:
+            setattr(train, name, getattr(args, name))
+    return model, train
+
+
+def cmd_train(args) -> int:
+    from normlab.train import train
+
+    if args.resume:
+        if args.out is None:
+            raise NormlabError("--resume needs --out DIR, the run folder to continue")
+        given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
+        if given or "--preset" in sys.argv:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset"
+            raise NormlabError(f"--resume continues the run's stored config; drop {flags}")
+    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    model_config, train_config = configs_from_args(args)
+    train(model_config, train_config, out, resume=args.resume)
+    return 0
+
+
+def _load_run(args):
+    """Model (eval mode, on the device), dataset and checkpoint of a finished run."""
+
+    from normlab.checkpoint import load_checkpoint
+    from normlab.data import Vocab, load_dataset
+    from normlab.model import MLPLanguageModel, ModelConfig
+    from normlab.train import resolve_device
+
+    ckpt = load_checkpoint(args.run)
+    config = ModelConfig.from_dict(ckpt["model_config"])
+    data_path = args.data or ckpt["train_config"].get("data")
+    data = load_dataset(data_path, config.block_size, vocab=Vocab(tuple(ckpt["vocab"])))
+    model = MLPLanguageModel(config, verbose=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise NormlabError(f"checkpoint {args.run} does not fit its own config: {e}") from None
+    return model.to(resolve_device(args.device)).eval(), data, ckpt
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from normlab.sample import generate
+
+    model, data, _ = _load_run(args)
+    samples = generate(
+        model,
+        data.vocab,
+        args.num,
+        2 * data.max_item_len + 5,
+        args.temperature,
+        args.top_k,
+        args.prefix,
+        torch.Generator().manual_seed(args.seed),
+    )
+    train_set = set(data.train_items)
+    for s in samples:
+        print(f"{s:<24} {'in train' if s in train_set else 'new'}")
+    new = sum(s not in train_set for s in samples)
+    print(f"{new} of {len(samples)} new (not in the training set)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from normlab.calibrate import calibrate_batchnorm
+    from normlab.train import evaluate
+
+    model, data, ckpt = _load_run(args)
+    device = next(model.parameters()).device
+    X, Y = (t.to(device) for t in data.splits[args.split])
+    result = {
+        "split": args.split,
+        "step": ckpt["progress"]["step"],
+        "running_stats_loss": evaluate(model, X, Y),
+    }
+    if args.calibrate:
+        if not any(getattr(m, "running_mean", None) is not None for m in model.modules()):
+            raise NormlabError("this model has no BatchNorm running statistics to calibrate")
+        calibrate_batchnorm(model, data.splits["train"][0].to(device))
+        result["calibrated_loss"] = evaluate(model, X, Y)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        line = f"{args.split} loss at step {result['step']:,}: {result['running_stats_loss']:.4f} "
+        line += "with running BatchNorm statistics"
+        if args.calibrate:
+            line += f", {result['calibrated_loss']:.4f} with calibrated statistics"
+        print(line)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from normlab.data import load_dataset
+    from normlab.model import MLPLanguageModel
+    from normlab.train import make_optimizer, resolve_device
+
+    model_config, tcfg = configs_from_args(args)
+    steps = args.steps or 500
+    tcfg.validate()
+    if tcfg.threads is not None:
+        torch.set_num_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    data = load_dataset(tcfg.data, model_config.block_size)
+    model_config.vocab_size = data.vocab.size
+    model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
+    model = model.to(device)
+    optimizer = make_optimizer(model, tcfg)
+    X, Y = (t.to(device) for t in data.splits["train"])
+    g = torch.Generator().manual_seed(tcfg.seed)
+
+    def run(n):
+        for _ in range(n):
+            ix = torch.randint(0, len(X), (tcfg.batch_size,), generator=g).to(device)
+            _, loss = model(X[ix], Y[ix])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(max(10, steps // 10))  # warm-up
+    start = time.perf_counter()
+    run(steps)
+    elapsed = time.perf_counter() - start
+    print(
+        json.dumps(
+            {
+                "steps_per_s": round(steps / elapsed, 1),
+                "batch_size": tcfg.batch_size,
+                "preset": args.preset,
+                "steps": steps,
+                "threads": torch.get_num_threads(),
+                "device": str(device),
+            }
+        )
+    )
+    return 0
+
+
+def cmd_propagate(args) -> int:
+    from normlab.propagation import propagation_table
+
+    if args.n_layer < 1 or args.width < 1:
+        raise NormlabError("--n-layer and --width must be at least 1")
+    print(propagation_table(args.n_layer, args.width, args.seed))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "propagate": cmd_propagate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except NormlabError as e:
+        print(f"normlab: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("normlab: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,103 @@
+"""Named configurations for ``--preset``; any flag overrides one field.
+
+Each preset sets model fields (``ModelConfig``) and training fields
+(``TrainConfig``); fields it leaves out keep the dataclass defaults.
+"""
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # makemore part 3, the first BatchNorm network: 12,097 parameters
+    "lecture-mlp": {
+        "model": dict(
+            n_embd=10,
+            block_size=3,
+            n_layer=1,
+            n_hidden=200,
+            norm="batch",
+            nonlinearity="tanh",
+            init="kaiming",
+            bn_momentum=0.001,
+        ),
+        "train": dict(
+            optimizer="sgd",
+            batch_size=32,
+            lr=0.1,
+            schedule="step",
+            decay_step=100_000,
+            steps=200_000,
+            eval_every=10_000,
+            checkpoint_every=10_000,
+        ),
+    },
+    # makemore part 3, the deep network: 5 × (Linear → BatchNorm1d → Tanh), Linear → BatchNorm1d
+    "lecture-deep": {
+        "model": dict(
+            n_embd=10,
+            block_size=3,
+            n_layer=5,
+            n_hidden=100,
+            norm="batch",
+            nonlinearity="tanh",
+            init="kaiming",
+            output_bn=True,
+        ),
+        "train": dict(
+            optimizer="sgd",
+            batch_size=32,
+            lr=0.1,
+            schedule="step",
+            decay_step=150_000,
+            steps=200_000,
+            eval_every=10_000,
+            checkpoint_every=10_000,
+        ),
+    },
+    # what `normlab train` runs: a minute-scale BatchNorm MLP (see README for its numbers)
+    "default": {
+        "model": dict(
+            n_embd=24,
+            block_size=8,
+            n_layer=2,
+            n_hidden=256,
+            norm="batch",
+            nonlinearity="tanh",
+            init="kaiming",
+        ),
+        "train": dict(
+            optimizer="adamw",
+            batch_size=256,
+            lr=3e-3,
+            schedule="cosine",
+            warmup_steps=200,
+            min_lr_ratio=0.05,
+            weight_decay=0.1,
+            steps=8000,
+            eval_every=1000,
+            checkpoint_every=1000,
+        ),
+    },
+    # a first recipe for the lowest loss from a plain BatchNorm MLP, for runs of minutes
+    "best": {
+        "model": dict(
+            n_embd=32,
+            block_size=10,
+            n_layer=3,
+            n_hidden=512,
+            norm="batch",
+            nonlinearity="tanh",
+            init="kaiming",
+            residual=True,
+        ),
+        "train": dict(
+            optimizer="adamw",
+            batch_size=512,
+            lr=2e-3,
+            schedule="cosine",
+            warmup_steps=500,
+            min_lr_ratio=0.02,
+            weight_decay=0.2,
+            steps=30000,
+            eval_every=2000,
+            checkpoint_every=2000,
+        ),
+    },
+}

@@ -1,0 +1,64 @@
+"""Generate items from a trained model, many at once.
+
+Generation runs in eval mode, so BatchNorm uses its running statistics and
+each sample is independent of the others in its batch; all samples advance
+together, one character per forward pass.
+"""
+
+import torch
+
+from normlab.data import BOUNDARY, Vocab
+from normlab.errors import NormlabError
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    vocab: Vocab,
+    n: int,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    prefix: str = "",
+    generator: torch.Generator | None = None,
+) -> list[str]:
+    """Sample ``n`` items of at most ``max_len`` characters, each starting with ``prefix``.
+
+    Args:
+        temperature: divides the logits; below 1 sharpens, above 1 flattens.
+        top_k: sample only among the ``top_k`` most likely next characters.
+        generator: a CPU generator for reproducible samples.
+    """
+    if n < 1:
+        raise NormlabError(f"the number of samples must be at least 1, got {n}")
+    if temperature <= 0:
+        raise NormlabError(f"temperature must be positive, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= vocab.size:
+        raise NormlabError(
+            f"top-k must be between 1 and the vocabulary size {vocab.size}, got {top_k}"
+        )
+    block_size = model.config.block_size
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prefix_ids = vocab.encode(prefix)
+    context = [BOUNDARY] * block_size + prefix_ids
+    idx = torch.tensor(context[-block_size:], device=device).repeat(n, 1)  # (n, block_size)
+    out = torch.zeros(n, max_len, dtype=torch.long)  # (n, max_len); 0 = boundary, ends an item
+    finished = torch.zeros(n, dtype=torch.bool)
+    for t in range(max_len):
+        logits, _ = model(idx)  # (n, vocab)
+        logits = logits.float().cpu() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, top_k).values[:, -1:]  # (n, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
+        next_id = next_id.masked_fill(finished, BOUNDARY)
+        out[:, t] = next_id
+        finished |= next_id == BOUNDARY
+        if finished.all():
+            break
+        idx = torch.cat([idx[:, 1:], next_id.to(device).unsqueeze(1)], dim=1)
+    model.train(was_training)
+    return [prefix + vocab.decode(row) for row in out.tolist()]

@@ -1,0 +1,399 @@
+"""The training loop, its config, and resumable run folders.
+
+A run folder holds ``config.json``, ``checkpoint.pt`` (model, optimizer, step,
+every RNG state, config, vocabulary), ``metrics.jsonl`` (one line per
+evaluation) and ``summary.json``. A run killed at any moment and resumed with
+``--resume`` ends with bit-identical weights and losses to an uninterrupted
+run (same seed, config and thread count, on CPU): the only randomness after
+initialization is the batch sampler's generator, which the checkpoint keeps.
+"""
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from normlab.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from normlab.data import DataError, Dataset, Vocab, load_dataset
+from normlab.errors import NormlabError, TrainingDiverged
+from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
+from normlab.sample import generate
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    train_time_s: float = 0.0  # seconds in the loop (steps and evals), summed over resumes
+    time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
+    init_loss: float | None = None  # the loss of the first batch, before any update
+
+
+class Interrupted(NormlabError):
+    """Ctrl-C: the checkpoint was saved; exit code 130 as for any SIGINT."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200_000  # optimizer steps
+    batch_size: int = 32  # examples per step
+    optimizer: str = "sgd"  # sgd (plain, as in the lecture) | adamw
+    lr: float = 0.1  # peak learning rate
+    schedule: str = "step"  # step: lr × 0.1 from decay_step | cosine: warmup, cosine to the floor
+    decay_step: int | None = None  # step schedule: where the lr drops ×0.1 (None: never)
+    warmup_steps: int = 0  # cosine schedule: linear warmup from 0
+    min_lr_ratio: float = 0.1  # cosine schedule: the floor, as a fraction of lr
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD), on matrices only
+    eval_every: int = 10_000  # train and val loss on the whole splits
+    checkpoint_every: int = 10_000
+    target_val_loss: float | None = None  # stop at the first eval at or below this
+    seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
+    data: str | None = None  # one item per line; None: the bundled names
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    preset: str | None = None  # the preset these values started from
+
+    def validate(self) -> None:
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ConfigError(
+                    f"unknown {name} {getattr(self, name)!r}; valid choices: {', '.join(valid)}"
+                )
+        for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight-decay must be at least 0, got {self.weight_decay}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate for optimizer step ``step`` (counted from 0)."""
+    if cfg.schedule == "step":
+        return cfg.lr * (0.1 if cfg.decay_step is not None and step >= cfg.decay_step else 1.0)
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; weight decay on matrices (embeddings, Linear weights), not gains and biases."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available (try auto)")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 16384) -> float:
+    """Mean cross-entropy over the whole split, in eval mode (running BatchNorm statistics)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(X), batch_size):
+        logits, _ = model(X[start : start + batch_size])
+        total += F.cross_entropy(logits, Y[start : start + batch_size], reduction="sum").item()
+    model.train(was_training)
+    return total / len(X)
+
+
+class _SigintFlag:
+    """Turn the first Ctrl-C into a flag checked between steps, so no step is left half done."""
+
+    def __enter__(self):
+        self.raised = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """Metrics lines of steps already covered by the checkpoint (a killed run may have more)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if row.get("step", math.inf) <= up_to_step:
+                rows.append(row)
+    return rows
+
+
+def _rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng_state(state: dict, batch_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    batch_gen.set_state(state["batch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def prepare_run(
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, resume: bool
+) -> tuple[ModelConfig, TrainConfig, dict | None, Dataset]:
+    """Check the run folder, load the checkpoint when resuming, and load the data."""
+    ckpt = None
+    if resume:
+        ckpt = load_checkpoint(out)
+        model_config = ModelConfig.from_dict(ckpt["model_config"])
+        stored = TrainConfig.from_dict(ckpt["train_config"])
+        # where it runs may change on resume; what it computes may not
+        stored.device, stored.threads = train_config.device, train_config.threads or stored.threads
+        train_config = stored
+    elif (out / CHECKPOINT_NAME).exists():
+        raise NormlabError(
+            f"{out} already holds a run; continue it with --resume, or choose another --out"
+        )
+    train_config.validate()
+    model_config.validate()
+    vocab = Vocab(tuple(ckpt["vocab"])) if ckpt else None
+    data = load_dataset(train_config.data, model_config.block_size, vocab=vocab)
+    if ckpt and data.sha256 != ckpt["data_sha256"]:
+        raise DataError(f"data file {data.path} has changed since this run started; cannot resume")
+    model_config.vocab_size = data.vocab.size
+    return model_config, train_config, ckpt, data
+
+
+def train(
+    model_config: ModelConfig, train_config: TrainConfig, out: Path, resume: bool = False
+) -> dict:
+    """Train (or resume) a run in ``out`` and return its summary."""
+    wall_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, out, resume)
+    if tcfg.threads is not None:
+        torch.set_num_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    config = {"model": asdict(mcfg), "train": asdict(tcfg)}
+    print(("resuming " if ckpt else "") + "config:\n" + json.dumps(config, indent=2))
+    print(
+        f"data: {data.path} ({len(data.train_items) * 10 // 8:,} items, vocabulary "
+        f"{data.vocab.display()!r}); examples: "
+        + ", ".join(f"{k} {len(v[1]):,}" for k, v in data.splits.items())
+    )
+
+    torch.manual_seed(tcfg.seed)
+    model = MLPLanguageModel(mcfg, generator=torch.Generator().manual_seed(tcfg.seed)).to(device)
+    optimizer = make_optimizer(model, tcfg)
+    batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
+    Xtr, Ytr = (t.to(device) for t in data.splits["train"])
+    Xva, Yva = (t.to(device) for t in data.splits["val"])
+
+    progress = Progress()
+    metrics_path = out / "metrics.jsonl"
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _restore_rng_state(ckpt["rng"], batch_gen, device)
+        progress = Progress(**ckpt["progress"])
+        rows = _read_metrics(metrics_path, progress.step)
+        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    else:
+        atomic_write_json(out / "config.json", config)
+        metrics_path.write_text("")
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            out,
+            {
+                "model_config": asdict(mcfg),
+                "train_config": asdict(tcfg),
+                "vocab": list(data.vocab.chars),
+                "data_sha256": data.sha256,
+                "max_item_len": data.max_item_len,
+                "progress": asdict(progress),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(batch_gen, device),
+            },
+        )
+
+    def clock() -> None:  # add the time since the last call to the run's training time
+        nonlocal segment_start
+        now = time.perf_counter()
+        progress.train_time_s += now - segment_start
+        segment_start = now
+
+    met_target = progress.time_to_target_s is not None
+    bar = tqdm(total=tcfg.steps, initial=progress.step, unit="step", desc="train", disable=None)
+    segment_start = time.perf_counter()
+    with _SigintFlag() as sigint:
+        while progress.step < tcfg.steps and not met_target:
+            lr = lr_at(progress.step, tcfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ix = torch.randint(0, len(Xtr), (tcfg.batch_size,), generator=batch_gen).to(device)
+            _, loss = model(Xtr[ix], Ytr[ix])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            progress.step += 1
+            step = progress.step
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"the loss became {loss_value} at step {step}; stopped, and the last good "
+                    f"checkpoint in {out} is kept (try a lower --lr)"
+                )
+            if progress.init_loss is None:
+                progress.init_loss = loss_value
+            bar.update()
+            if step % 100 == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                train_loss, val_loss = evaluate(model, Xtr, Ytr), evaluate(model, Xva, Yva)
+                clock()
+                if tcfg.target_val_loss is not None and val_loss <= tcfg.target_val_loss:
+                    met_target, progress.time_to_target_s = True, progress.train_time_s
+                row = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                bar.write(
+                    f"step {step:>7,}: train {train_loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}"
+                )
+            if (
+                step % tcfg.checkpoint_every == 0
+                or step == tcfg.steps
+                or met_target
+                or sigint.raised
+            ):
+                clock()
+                checkpoint()
+            if sigint.raised:
+                bar.close()
+                raise Interrupted(
+                    f"interrupted at step {step}; checkpoint saved, continue with: "
+                    f"normlab train --out {out} --resume"
+                )
+    bar.close()
+    clock()
+    return finish_run(model, data, tcfg, out, progress, wall_start)
+
+
+def finish_run(
+    model: nn.Module,
+    data: Dataset,
+    tcfg: TrainConfig,
+    out: Path,
+    progress: Progress,
+    wall_start: float,
+) -> dict:
+    """Final losses (test once), summary.json, and 20 samples."""
+    device = next(model.parameters()).device
+    losses = {
+        f"{name}_loss": evaluate(model, *(t.to(device) for t in data.splits[name]))
+        for name in ("train", "val", "test")
+    }
+    step, train_time, time_to_target = (
+        progress.step,
+        progress.train_time_s,
+        progress.time_to_target_s,
+    )
+    rows = _read_metrics(out / "metrics.jsonl", step)
+    summary = {
+        **losses,
+        "steps": step,
+        "wall_s": round(time.perf_counter() - wall_start, 3),
+        "train_time_s": round(train_time, 3),
+        "steps_per_s": round(step / train_time, 1),
+        "params": sum(p.numel() for p in model.parameters()),
+        "preset": tcfg.preset,
+        "seed": tcfg.seed,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "init_loss": progress.init_loss,
+        "target_val_loss": tcfg.target_val_loss,
+        "time_to_target_s": None if time_to_target is None else round(time_to_target, 3),
+        "best_val_loss": min((r["val_loss"] for r in rows), default=None),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    samples = generate(
+        model,
+        data.vocab,
+        20,
+        2 * data.max_item_len + 5,
+        generator=torch.Generator().manual_seed(tcfg.seed),
+    )
+    train_set = set(data.train_items)
+    print(
+        f"\nsteps {step:,} | train {losses['train_loss']:.4f} | val {losses['val_loss']:.4f} | "
+        f"test {losses['test_loss']:.4f} | {summary['wall_s']:.1f} s"
+    )
+    if tcfg.target_val_loss is not None:
+        reached = (
+            "not reached" if time_to_target is None else f"reached after {time_to_target:.1f} s"
+        )
+        print(f"target val loss {tcfg.target_val_loss}: {reached}")
+    print("20 samples (* = in the training set):")
+    for s in samples:
+        print(f"  {s}{' *' if s in train_set else ''}")
+    print(f"run folder: {out}")
+    return summary
