@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also with BatchNorm statistics calibrated over the whole training set",
     )
+    p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--data", help="the run's data file, if it has moved")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
