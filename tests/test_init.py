@@ -77,7 +77,7 @@ def test_calculate_gain(nonlinearity, param, expected):
 
 
 def test_unknown_nonlinearity_lists_choices():
-    with pytest.raises(ValueError, match="valid choices: .*tanh.*relu"):
+    with pytest.raises(ValueError, match=r"valid choices: .*tanh.*relu"):
         init.calculate_gain("swish")
 
 

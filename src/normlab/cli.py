@@ -65,8 +65,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="default",
-        help="named configuration; every flag below overrides one field (default: %(default)s)",
+        help="named configuration; every flag below overrides one field (default: default)",
     )
     m = p.add_argument_group("model (default: from the preset)")
     m.add_argument("--n-layer", type=int, help="hidden blocks Linear → norm → nonlinearity")
@@ -157,7 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time training steps; prints one JSON line")
     _add_model_and_train_flags(p)
-    p.set_defaults(steps=None)
 
     p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
     p.add_argument("--n-layer", type=int, default=50)
@@ -171,9 +169,10 @@ def configs_from_args(args: argparse.Namespace):
     from normlab.model import ModelConfig
     from normlab.train import TrainConfig
 
-    preset = copy.deepcopy(PRESETS[args.preset])
+    name = args.preset or "default"
+    preset = copy.deepcopy(PRESETS[name])
     model = ModelConfig(**preset["model"])
-    train = TrainConfig(**preset["train"], preset=args.preset)
+    train = TrainConfig(**preset["train"], preset=name)
     for name in MODEL_FLAGS:
         if getattr(args, name, None) is not None:
             setattr(model, name, getattr(args, name))
@@ -190,8 +189,10 @@ def cmd_train(args) -> int:
         if args.out is None:
             raise NormlabError("--resume needs --out DIR, the run folder to continue")
         given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
-        if given or "--preset" in sys.argv:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given) or "--preset"
+        if args.preset is not None:
+            given.append("preset")
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
             raise NormlabError(f"--resume continues the run's stored config; drop {flags}")
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     model_config, train_config = configs_from_args(args)
@@ -220,26 +221,11 @@ def _load_run(args):
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from normlab.sample import generate
+    from normlab.sample import format_samples, sample_run
 
     model, data, _ = _load_run(args)
-    samples = generate(
-        model,
-        data.vocab,
-        args.num,
-        2 * data.max_item_len + 5,
-        args.temperature,
-        args.top_k,
-        args.prefix,
-        torch.Generator().manual_seed(args.seed),
-    )
-    train_set = set(data.train_items)
-    for s in samples:
-        print(f"{s:<24} {'in train' if s in train_set else 'new'}")
-    new = sum(s not in train_set for s in samples)
-    print(f"{new} of {len(samples)} new (not in the training set)")
+    options = {"temperature": args.temperature, "top_k": args.top_k, "prefix": args.prefix}
+    print(format_samples(sample_run(model, data, args.num, args.seed, **options)))
     return 0
 
 
@@ -311,7 +297,7 @@ def cmd_bench(args) -> int:
             {
                 "steps_per_s": round(steps / elapsed, 1),
                 "batch_size": tcfg.batch_size,
-                "preset": args.preset,
+                "preset": tcfg.preset,
                 "steps": steps,
                 "threads": torch.get_num_threads(),
                 "device": str(device),

@@ -113,7 +113,7 @@ def split_items(items: list[str]) -> tuple[list[str], list[str], list[str]]:
     if not (train and val and test):
         raise DataError(
             f"{len(items)} items are too few to split 80/10/10 into non-empty train, val and "
-            "test sets (at least 10 needed)"
+            "test sets"
         )
     return train, val, test
 
@@ -137,6 +137,7 @@ class Dataset:
 
     path: Path
     sha256: str
+    n_items: int
     vocab: Vocab
     train_items: list[str]
     splits: dict[str, tuple[Tensor, Tensor]]  # name → (X, Y)
@@ -161,4 +162,4 @@ def load_dataset(path: str | Path | None, block_size: int, vocab: Vocab | None =
         name: build_examples(part, file_vocab, block_size)
         for name, part in (("train", train), ("val", val), ("test", test))
     }
-    return Dataset(path, file_sha256(path), file_vocab, train, splits)
+    return Dataset(path, file_sha256(path), len(items), file_vocab, train, splits)

@@ -7,7 +7,7 @@ together, one character per forward pass.
 
 import torch
 
-from normlab.data import BOUNDARY, Vocab
+from normlab.data import BOUNDARY, Dataset, Vocab
 from normlab.errors import NormlabError
 
 
@@ -62,3 +62,27 @@ def generate(
         idx = torch.cat([idx[:, 1:], next_id.to(device).unsqueeze(1)], dim=1)
     model.train(was_training)
     return [prefix + vocab.decode(row) for row in out.tolist()]
+
+
+def sample_run(
+    model: torch.nn.Module, data: Dataset, n: int, seed: int, **options
+) -> list[tuple[str, bool]]:
+    """``n`` samples, each with whether it is in the training set (``options`` as for generate).
+
+    Samples stop at twice the longest training item (plus 5): a name that long
+    has lost its way.
+    """
+    max_len = 2 * data.max_item_len + 5
+    generator = torch.Generator().manual_seed(seed)
+    samples = generate(model, data.vocab, n, max_len, generator=generator, **options)
+    train_set = set(data.train_items)
+    return [(s, s in train_set) for s in samples]
+
+
+def format_samples(samples: list[tuple[str, bool]]) -> str:
+    """One sample a line, marked ``in train`` or ``new``, then how many are new."""
+    width = max(12, *(len(s) + 2 for s, _ in samples))
+    lines = [f"{s or '(empty)':<{width}} {'in train' if seen else 'new'}" for s, seen in samples]
+    new = sum(not seen for _, seen in samples)
+    lines.append(f"{new} of {len(samples)} new (not in the training set)")
+    return "\n".join(lines)

@@ -31,7 +31,7 @@ from normlab.checkpoint import (
 from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.errors import NormlabError, TrainingDiverged
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
-from normlab.sample import generate
+from normlab.sample import format_samples, sample_run
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -234,7 +234,7 @@ def train(
     config = {"model": asdict(mcfg), "train": asdict(tcfg)}
     print(("resuming " if ckpt else "") + "config:\n" + json.dumps(config, indent=2))
     print(
-        f"data: {data.path} ({len(data.train_items) * 10 // 8:,} items, vocabulary "
+        f"data: {data.path} ({data.n_items:,} items, vocabulary "
         f"{data.vocab.display()!r}); examples: "
         + ", ".join(f"{k} {len(v[1]):,}" for k, v in data.splits.items())
     )
@@ -375,14 +375,6 @@ def finish_run(
         "best_val_loss": min((r["val_loss"] for r in rows), default=None),
     }
     atomic_write_json(out / "summary.json", summary)
-    samples = generate(
-        model,
-        data.vocab,
-        20,
-        2 * data.max_item_len + 5,
-        generator=torch.Generator().manual_seed(tcfg.seed),
-    )
-    train_set = set(data.train_items)
     print(
         f"\nsteps {step:,} | train {losses['train_loss']:.4f} | val {losses['val_loss']:.4f} | "
         f"test {losses['test_loss']:.4f} | {summary['wall_s']:.1f} s"
@@ -392,8 +384,6 @@ def finish_run(
             "not reached" if time_to_target is None else f"reached after {time_to_target:.1f} s"
         )
         print(f"target val loss {tcfg.target_val_loss}: {reached}")
-    print("20 samples (* = in the training set):")
-    for s in samples:
-        print(f"  {s}{' *' if s in train_set else ''}")
+    print(format_samples(sample_run(model, data, 20, seed=tcfg.seed)))
     print(f"run folder: {out}")
     return summary

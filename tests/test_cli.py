@@ -1,0 +1,237 @@
+"""Every command end to end in-process, and every bad input: one line on stderr, exit 2."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from normlab.cli import build_parser, main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_usage_error(code, err, match):
+    assert code == 2
+    assert err.startswith("normlab: error:") and err.count("\n") == 1, err
+    assert match in err, err
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", *tiny, "--steps", "60", "--eval-every", "30", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"", "is empty"),
+        (b"\n \n", "only blank lines"),
+        (b"ann\n\xc3\x28x\n", "not valid UTF-8 (line 2)"),
+        (b"ann\nbo\n", "too few"),
+    ],
+)
+def test_bad_data_files(tmp_path, capsys, content, match):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    code, _, err = run(capsys, "train", "--data", path, "--out", tmp_path / "r")
+    assert_usage_error(code, err, match)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_missing_data_and_directory(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--data", tmp_path / "none.txt", "--out", tmp_path / "r")
+    assert_usage_error(code, err, "does not exist")
+    code, _, err = run(capsys, "train", "--data", tmp_path, "--out", tmp_path / "r")
+    assert_usage_error(code, err, "is a directory")
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["train", "--preset", "huge"], "invalid choice: 'huge'"),
+        (["train", "--norm", "weight"], "invalid choice: 'weight'"),
+        (["train", "--steps", "ten"], "invalid int value"),
+        (["train", "--frobnicate"], "unrecognized arguments"),
+        (["sample"], "--run"),
+        ([], "required"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys, argv, match):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--bias"], "needs no bias"),
+        (["--norm", "group", "--n-groups", "5"], "divisible"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--lr", "-1"], "lr must be a positive"),
+        (["--threads", "0"], "threads must be at least 1"),
+    ],
+)
+def test_bad_configs(tmp_path, tiny, capsys, flags, match):
+    code, _, err = run(capsys, "train", *tiny, *flags, "--out", tmp_path / "r")
+    assert_usage_error(code, err, match)
+
+
+def test_cuda_when_unavailable(tmp_path, tiny, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "train", *tiny, "--device", "cuda", "--out", tmp_path / "r")
+    assert_usage_error(code, err, "no CUDA device")
+
+
+def test_resume_needs_a_checkpoint(tmp_path, capsys):
+    code, _, err = run(capsys, "train", "--resume")
+    assert_usage_error(code, err, "--resume needs --out")
+    code, _, err = run(capsys, "train", "--resume", "--out", tmp_path)
+    assert_usage_error(code, err, "no checkpoint")
+
+
+def test_corrupt_truncated_and_foreign_checkpoints(tmp_path, trained, capsys):
+    good = (trained / "checkpoint.pt").read_bytes()
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "garbage": b"not a checkpoint at all",
+        "empty": b"",
+    }
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.pt"
+        path.write_bytes(content)
+        code, _, err = run(capsys, "sample", "--run", path)
+        assert_usage_error(code, err, "not a loadable checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    code, _, err = run(capsys, "eval", "--run", foreign)
+    assert_usage_error(code, err, "not a normlab checkpoint")
+
+
+class _Exploit:
+    def __reduce__(self):  # unpickling this would create a file: it must never run
+        return (open, ("/tmp/normlab-pwned-by-checkpoint", "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path, capsys):
+    import os
+
+    target = "/tmp/normlab-pwned-by-checkpoint"
+    if os.path.exists(target):
+        os.remove(target)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "normlab-checkpoint", "x": _Exploit()}, evil, pickle_protocol=2)
+    code, _, err = run(capsys, "sample", "--run", evil)
+    assert_usage_error(code, err, "not a loadable checkpoint")
+    assert not os.path.exists(target)
+    evil.write_bytes(pickle.dumps(_Exploit()))
+    code, _, err = run(capsys, "sample", "--run", evil)
+    assert_usage_error(code, err, "not a loadable checkpoint")
+    assert not os.path.exists(target)
+
+
+def test_sample(trained, capsys):
+    code, out, _ = run(capsys, "sample", "--run", trained, "-n", 7, "--seed", 3)
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 8 and "new (not in the training set)" in lines[-1]
+    assert all(line.rstrip().endswith(("new", "in train")) for line in lines[:-1])
+    again = run(capsys, "sample", "--run", trained, "-n", 7, "--seed", 3)[1]
+    assert again == out  # the same seed, the same samples
+    code, out, _ = run(capsys, "sample", "--run", trained, "-n", 5, "--prefix", "ma")
+    assert all(line.startswith("ma") for line in out.strip().splitlines()[:-1])
+
+
+@pytest.mark.parametrize(
+    "flags,match",
+    [
+        (["--prefix", "Q!"], "not in the vocabulary"),
+        (["--temperature", "0"], "temperature must be positive"),
+        (["--top-k", "0"], "top-k"),
+        (["-n", "0"], "at least 1"),
+    ],
+)
+def test_sample_bad_flags(trained, capsys, flags, match):
+    code, _, err = run(capsys, "sample", "--run", trained, *flags)
+    assert_usage_error(code, err, match)
+
+
+def test_eval_running_and_calibrated(trained, capsys):
+    code, out, _ = run(capsys, "eval", "--run", trained, "--split", "test", "--calibrate", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["split"] == "test" and result["step"] == 60
+    assert abs(result["calibrated_loss"] - result["running_stats_loss"]) < 0.5
+    code, out, _ = run(capsys, "eval", "--run", trained)
+    assert code == 0 and out.startswith("val loss at step 60:")
+
+
+def test_eval_calibrate_without_batchnorm(tmp_path, tiny, capsys):
+    out = tmp_path / "ln"
+    run(capsys, "train", *tiny, "--norm", "layer", "--steps", 5, "--out", out)
+    code, _, err = run(capsys, "eval", "--run", out, "--calibrate")
+    assert_usage_error(code, err, "no BatchNorm")
+
+
+def test_bench_prints_one_json_line(capsys, names_file):
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "--preset",
+        "lecture-deep",
+        "--batch-size",
+        32,
+        "--steps",
+        20,
+        "--threads",
+        1,
+        "--data",
+        names_file,
+    )
+    lines = out.strip().splitlines()
+    assert code == 0 and len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["steps_per_s"] > 0 and result["batch_size"] == 32
+    assert result["preset"] == "lecture-deep"
+
+
+def test_propagate_prints_the_table(capsys):
+    code, out, _ = run(capsys, "propagate", "--n-layer", 10)
+    assert code == 0 and "kaiming+BN" in out and out.count("\n") >= 6
+
+
+def test_train_help_lists_every_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in (
+        "--data",
+        "--out",
+        "--preset",
+        "--steps",
+        "--batch-size",
+        "--lr",
+        "--optimizer",
+        "--n-layer",
+        "--n-hidden",
+        "--n-embd",
+        "--block-size",
+        "--norm",
+        "--init",
+        "--nonlinearity",
+        "--residual",
+        "--seed",
+        "--device",
+        "--threads",
+        "--eval-every",
+        "--checkpoint-every",
+        "--target-val-loss",
+        "--resume",
+    ):
+        assert flag in help_text, flag

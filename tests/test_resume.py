@@ -1,0 +1,106 @@
+"""Kill-and-resume with real processes: SIGKILL at any moment, or Ctrl-C, then --resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from normlab.checkpoint import load_checkpoint
+
+STEPS = 3000
+
+
+def _cmd(tiny, out):
+    return [
+        sys.executable,
+        "-m",
+        "normlab",
+        "train",
+        *tiny,
+        "--optimizer",
+        "adamw",
+        "--lr",
+        "0.01",
+        "--steps",
+        str(STEPS),
+        "--eval-every",
+        "500",
+        "--checkpoint-every",
+        "25",
+        "--out",
+        str(out),
+    ]
+
+
+def _resume_cmd(out):
+    return [sys.executable, "-m", "normlab", "train", "--out", str(out), "--resume"]
+
+
+def _start_and_signal(cmd, out, sig, delay):
+    """Start a run, wait for its first checkpoint, wait ``delay`` s more, send ``sig``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    subprocess.run(_cmd(tiny, out), check=True, capture_output=True)
+    return out
+
+
+def _assert_same_run(a, b):
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["progress"]["step"] == cb["progress"]["step"] == STEPS
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+    for pid, state in ca["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, cb["optimizer"]["state"][pid][k]), (pid, k)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in ("train_loss", "val_loss", "test_loss", "init_loss"):
+        assert sa[key] == sb[key], key
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_is_bit_identical(uninterrupted, tmp_path, tiny):
+    out = tmp_path / "killed"
+    rng = random.Random(os.getpid())  # a different moment on every run of the suite
+    code, _ = _start_and_signal(_cmd(tiny, out), out, signal.SIGKILL, rng.uniform(0, 0.5))
+    assert code == -signal.SIGKILL
+    first_stop = load_checkpoint(out)["progress"]["step"]
+    print("killed after checkpoint at step", first_stop)
+    assert first_stop < STEPS
+    # killed again, this time during the resumed run
+    code, _ = _start_and_signal(_resume_cmd(out), out, signal.SIGKILL, rng.uniform(0, 0.5))
+    assert code == -signal.SIGKILL
+    subprocess.run(_resume_cmd(out), check=True, capture_output=True)
+    _assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_exits_130_and_resumes_bit_identically(uninterrupted, tmp_path, tiny):
+    out = tmp_path / "interrupted"
+    code, err = _start_and_signal(_cmd(tiny, out), out, signal.SIGINT, 0.2)
+    assert code == 130
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted at step" in lines[0] and "--resume" in lines[0]
+    step = int(lines[0].split("at step ")[1].split(";")[0])
+    assert load_checkpoint(out)["progress"]["step"] == step < STEPS
+    subprocess.run(_resume_cmd(out), check=True, capture_output=True)
+    _assert_same_run(uninterrupted, out)

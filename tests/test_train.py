@@ -1,0 +1,167 @@
+import itertools
+import json
+import math
+
+import pytest
+
+from normlab.checkpoint import load_checkpoint
+from normlab.cli import main
+from normlab.train import TrainConfig, lr_at
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_step_schedule():
+    cfg = TrainConfig(lr=0.1, schedule="step", decay_step=100, steps=200)
+    assert lr_at(0, cfg) == 0.1 and lr_at(99, cfg) == 0.1
+    assert lr_at(100, cfg) == pytest.approx(0.01) and lr_at(199, cfg) == pytest.approx(0.01)
+    assert lr_at(150, TrainConfig(lr=0.1, decay_step=None)) == 0.1
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_train_writes_a_complete_run_folder(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(
+        capsys,
+        "train",
+        *tiny,
+        "--steps",
+        120,
+        "--eval-every",
+        50,
+        "--checkpoint-every",
+        40,
+        "--out",
+        out,
+    )
+    assert code == 0
+    assert '"n_hidden": 16' in stdout  # the config is printed at start
+    assert "of 20 new (not in the training set)" in stdout and f"run folder: {out}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    for key in (
+        "train_loss",
+        "val_loss",
+        "test_loss",
+        "steps",
+        "wall_s",
+        "params",
+        "preset",
+        "seed",
+        "time_to_target_s",
+    ):
+        assert key in summary, key
+    assert summary["steps"] == 120 and summary["time_to_target_s"] is None
+    assert summary["val_loss"] < summary["init_loss"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [50, 100, 120]
+    assert rows[-1]["val_loss"] == pytest.approx(summary["val_loss"])
+    ckpt = load_checkpoint(out)
+    assert ckpt["progress"]["step"] == 120 and ckpt["vocab"][0] == "a"
+    assert json.loads((out / "config.json").read_text())["model"]["n_hidden"] == 16
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_same_seed_same_numbers_and_another_seed_differs(tmp_path, tiny, capsys):
+    def losses(name, seed):
+        run(
+            capsys,
+            "train",
+            *tiny,
+            "--steps",
+            60,
+            "--eval-every",
+            30,
+            "--seed",
+            seed,
+            "--out",
+            tmp_path / name,
+        )
+        return (tmp_path / name / "metrics.jsonl").read_text()
+
+    assert losses("a", 1) == losses("b", 1)
+    assert losses("a2", 2) != losses("b", 1)
+
+
+def test_target_val_loss_stops_early(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(
+        capsys,
+        "train",
+        *tiny,
+        "--steps",
+        400,
+        "--eval-every",
+        20,
+        "--target-val-loss",
+        3.0,
+        "--out",
+        out,
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] < 400 and summary["time_to_target_s"] > 0
+    assert summary["best_val_loss"] <= 3.0 and "reached after" in stdout
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    code, _, err = run(
+        capsys,
+        "train",
+        *tiny,
+        "--norm",
+        "none",
+        "--lr",
+        "1e38",
+        "--steps",
+        50,
+        "--checkpoint-every",
+        1,
+        "--out",
+        out,
+    )
+    assert code == 1
+    assert err.count("\n") == 1 and "at step" in err and "Traceback" not in err
+    nan_step = int(err.split("at step ")[1].split(";")[0])
+    ckpt = load_checkpoint(out)
+    assert ckpt["progress"]["step"] == nan_step - 1
+    assert math.isfinite(ckpt["progress"]["init_loss"])
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--steps", 5, "--out", out)
+    before = (out / "checkpoint.pt").read_bytes()
+    code, _, err = run(capsys, "train", *tiny, "--steps", 5, "--out", out)
+    assert code == 2 and "--resume" in err
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_refuses_config_flags(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--steps", 5, "--out", out)
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--lr", "0.5")
+    assert code == 2 and "--lr" in err and err.count("\n") == 1
+
+
+def test_resume_of_changed_data_is_refused(tmp_path, names_file, tiny, capsys):
+    data = tmp_path / "names.txt"
+    data.write_text(names_file.read_text())
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--data", data, "--steps", 5, "--out", out)
+    data.write_text(names_file.read_text() + "zzz\n")
+    code, _, err = run(capsys, "train", "--out", out, "--resume")
+    assert code == 2 and "changed" in err
