@@ -43,7 +43,7 @@ def test_bad_data_files(tmp_path, capsys, content, match):
     path.write_bytes(content)
     code, _, err = run(capsys, "train", "--data", path, "--out", tmp_path / "r")
     assert_usage_error(code, err, match)
-    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
 
 
 def test_missing_data_and_directory(tmp_path, capsys):

@@ -19,7 +19,11 @@ def test_bundled_names_split_sizes_match_the_lecture():
     data = load_dataset(None, block_size=3)
     sizes = {name: len(X) for name, (X, _) in data.splits.items()}
     assert sizes == {"train": 182_625, "val": 22_655, "test": 22_866}
-    assert data.n_items == 32_033 and data.vocab.size == 27 and data.vocab.display() == ".abcdefghijklmnopqrstuvwxyz"
+    assert (
+        data.n_items == 32_033
+        and data.vocab.size == 27
+        and data.vocab.display() == ".abcdefghijklmnopqrstuvwxyz"
+    )
     assert data.sha256 == "0a30b5557f192f32ab962680889aac5f6fda0f4cecf40a6d0b5694f58ea8cc4d"
 
 

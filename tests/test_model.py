@@ -133,3 +133,14 @@ def test_eval_mode_single_example_equals_batched():
         batched = model(X[:5])[0]
         for i in range(5):
             torch.testing.assert_close(model(X[i : i + 1])[0], batched[i : i + 1])
+
+
+def test_dropout_only_in_training_mode():
+    model = _model(dropout=0.5, n_layer=2, n_hidden=64, norm="layer")
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 2
+    X, _ = _batch(16)
+    assert not torch.equal(model(X)[0], model(X)[0])  # training: a new mask each pass
+    model.eval()
+    assert torch.equal(model(X)[0], model(X)[0])
+    with pytest.raises(ConfigError, match="dropout"):
+        _model(dropout=1.0)

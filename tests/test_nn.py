@@ -9,16 +9,28 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12
 DTYPES = [torch.float32, torch.float64]
 
 
+@torch.no_grad()
+def _same_random_affine(ours, theirs):
+    """Give both modules one non-trivial gain and bias, so their gradients are tested too."""
+    if theirs.weight is not None:
+        w, b = torch.rand_like(theirs.weight) + 0.5, torch.randn_like(theirs.bias)
+        for m in (ours, theirs):
+            m.weight.copy_(w)
+            m.bias.copy_(b)
+    return ours, theirs
+
+
 def _bn_pair(C, dtype, **kw):
     ours = nl.BatchNorm1d(C, dtype=dtype, **kw)
-    theirs = torch.nn.BatchNorm1d(C, dtype=dtype, **kw)
-    if kw.get("affine", True):
-        with torch.no_grad():  # non-trivial affine so its gradients are tested
-            w, b = torch.rand(C, dtype=dtype) + 0.5, torch.randn(C, dtype=dtype)
-            for m in (ours, theirs):
-                m.weight.copy_(w)
-                m.bias.copy_(b)
-    return ours, theirs
+    return _same_random_affine(ours, torch.nn.BatchNorm1d(C, dtype=dtype, **kw))
+
+
+def _assert_same_forward_backward(ours, theirs, x, grad_y, tol):
+    y1, g1 = _forward_backward(ours, x, grad_y)
+    y2, g2 = _forward_backward(theirs, x, grad_y)
+    torch.testing.assert_close(y1, y2, **tol)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def _forward_backward(module, x, grad_y):
@@ -60,22 +72,12 @@ def test_batchnorm_matches_torch_over_steps(dtype, shape, kw):
     tol = TOL[dtype]
     for step in range(4):  # running statistics accumulate over several batches
         x = torch.randn(shape, dtype=dtype) * (step + 1) + step
-        g = torch.randn(shape, dtype=dtype)
-        y1, g1 = _forward_backward(ours, x, g)
-        y2, g2 = _forward_backward(theirs, x, g)
-        torch.testing.assert_close(y1, y2, **tol)
-        for a, b in zip(g1, g2, strict=True):
-            torch.testing.assert_close(a, b, **tol)
+        _assert_same_forward_backward(ours, theirs, x, torch.randn(shape, dtype=dtype), tol)
         _assert_buffers_equal(ours, theirs, tol)
     ours.eval()
     theirs.eval()
     x = torch.randn(shape, dtype=dtype) + 1
-    g = torch.randn(shape, dtype=dtype)
-    y1, g1 = _forward_backward(ours, x, g)
-    y2, g2 = _forward_backward(theirs, x, g)
-    torch.testing.assert_close(y1, y2, **tol)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, **tol)
+    _assert_same_forward_backward(ours, theirs, x, torch.randn(shape, dtype=dtype), tol)
 
 
 @pytest.mark.parametrize("shape", [(6, 4), (5, 3, 4)])
@@ -107,11 +109,7 @@ def test_batchnorm_matches_torch_on_random_shapes(n, c, length, seed):
     shape = (n, c) if length is None else (n, c, length)
     ours, theirs = _bn_pair(c, torch.float64)
     x, g = torch.randn(shape, dtype=torch.float64) * 3, torch.randn(shape, dtype=torch.float64)
-    y1, g1 = _forward_backward(ours, x, g)
-    y2, g2 = _forward_backward(theirs, x, g)
-    torch.testing.assert_close(y1, y2)
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b)
+    _assert_same_forward_backward(ours, theirs, x, g, TOL[torch.float64])
     _assert_buffers_equal(ours, theirs, TOL[torch.float64])
 
 
@@ -214,22 +212,13 @@ def test_batchnorm_extra_repr():
 )
 @pytest.mark.parametrize("affine", [True, False])
 def test_layernorm_matches_torch(dtype, shape, normalized, affine):
-    ours = nl.LayerNorm(normalized, elementwise_affine=affine, dtype=dtype)
-    theirs = torch.nn.LayerNorm(normalized, elementwise_affine=affine, dtype=dtype)
-    if affine:
-        with torch.no_grad():
-            w = torch.rand_like(theirs.weight) + 0.5
-            b = torch.randn_like(theirs.bias)
-            for m in (ours, theirs):
-                m.weight.copy_(w)
-                m.bias.copy_(b)
+    ours, theirs = _same_random_affine(
+        nl.LayerNorm(normalized, elementwise_affine=affine, dtype=dtype),
+        torch.nn.LayerNorm(normalized, elementwise_affine=affine, dtype=dtype),
+    )
     assert list(ours.state_dict()) == list(theirs.state_dict())
     x, g = torch.randn(shape, dtype=dtype) * 2 + 1, torch.randn(shape, dtype=dtype)
-    y1, g1 = _forward_backward(ours, x, g)
-    y2, g2 = _forward_backward(theirs, x, g)
-    torch.testing.assert_close(y1, y2, **TOL[dtype])
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, **TOL[dtype])
+    _assert_same_forward_backward(ours, theirs, x, g, TOL[dtype])
 
 
 def test_layernorm_gradcheck_and_bad_shape():
@@ -248,21 +237,13 @@ def test_layernorm_gradcheck_and_bad_shape():
 )
 @pytest.mark.parametrize("affine", [True, False])
 def test_groupnorm_matches_torch(dtype, groups, channels, shape, affine):
-    ours = nl.GroupNorm(groups, channels, affine=affine, dtype=dtype)
-    theirs = torch.nn.GroupNorm(groups, channels, affine=affine, dtype=dtype)
-    if affine:
-        with torch.no_grad():
-            w, b = torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype)
-            for m in (ours, theirs):
-                m.weight.copy_(w)
-                m.bias.copy_(b)
+    ours, theirs = _same_random_affine(
+        nl.GroupNorm(groups, channels, affine=affine, dtype=dtype),
+        torch.nn.GroupNorm(groups, channels, affine=affine, dtype=dtype),
+    )
     assert list(ours.state_dict()) == list(theirs.state_dict())
     x, g = torch.randn(shape, dtype=dtype) * 2 + 1, torch.randn(shape, dtype=dtype)
-    y1, g1 = _forward_backward(ours, x, g)
-    y2, g2 = _forward_backward(theirs, x, g)
-    torch.testing.assert_close(y1, y2, **TOL[dtype])
-    for a, b in zip(g1, g2, strict=True):
-        torch.testing.assert_close(a, b, **TOL[dtype])
+    _assert_same_forward_backward(ours, theirs, x, g, TOL[dtype])
 
 
 def test_groupnorm_validates():

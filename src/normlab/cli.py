@@ -22,6 +22,7 @@ from normlab.presets import PRESETS
 
 # flags → config fields; default None means "from the preset"
 MODEL_FLAGS = (
+    "dropout",
     "n_layer",
     "n_hidden",
     "n_embd",
@@ -92,6 +93,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument("--n-groups", type=int, help="groups for --norm group")
     m.add_argument("--bn-momentum", type=float, help="running-statistics momentum")
+    m.add_argument("--dropout", type=float, help="dropout after each hidden nonlinearity")
     t = p.add_argument_group("training (default: from the preset)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--batch-size", type=int, help="examples per step")
@@ -327,6 +329,8 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # live logs also when piped to a file or tee
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return COMMANDS[args.command](args)
     except NormlabError as e:

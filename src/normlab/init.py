@@ -104,6 +104,10 @@ def _fan(tensor: Tensor, mode: str) -> int:
     return fan_in if mode == "fan_in" else fan_out
 
 
+def _kaiming_std(tensor: Tensor, a: float, mode: str, nonlinearity: str) -> float:
+    return calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
+
+
 def _is_empty(tensor: Tensor) -> bool:
     if 0 in tensor.shape:
         warnings.warn("Initializing zero-element tensors is a no-op", stacklevel=3)
@@ -142,7 +146,7 @@ def kaiming_normal_(
     """
     if _is_empty(tensor):
         return tensor
-    std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
+    std = _kaiming_std(tensor, a, mode, nonlinearity)
     with torch.no_grad():
         return tensor.normal_(0, std, generator=generator)
 
@@ -175,8 +179,7 @@ def kaiming_uniform_(
     """
     if _is_empty(tensor):
         return tensor
-    std = calculate_gain(nonlinearity, a) / math.sqrt(_fan(tensor, mode))
-    bound = math.sqrt(3.0) * std
+    bound = math.sqrt(3.0) * _kaiming_std(tensor, a, mode, nonlinearity)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
 

@@ -40,6 +40,7 @@ class ModelConfig:
     bias: bool | None = None  # hidden Linear biases; None: wherever no BatchNorm follows
     n_groups: int = 4  # groups for norm=group; must divide n_hidden
     bn_momentum: float = 0.1  # running-statistics momentum of every BatchNorm
+    dropout: float = 0.0  # dropout after each hidden block's nonlinearity (training only)
 
     def validate(self) -> None:
         """Raise ConfigError for a field that cannot work, naming the valid choices."""
@@ -65,6 +66,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -73,7 +76,7 @@ class ModelConfig:
 
 
 class Block(nn.Sequential):
-    """``Linear → norm → nonlinearity``, with an optional skip connection ``x + block(x)``."""
+    """``Linear → norm → nonlinearity [→ dropout]``, with an optional skip ``x + block(x)``."""
 
     def __init__(self, *layers: nn.Module, residual: bool = False) -> None:
         super().__init__(*layers)
@@ -116,14 +119,10 @@ class MLPLanguageModel(nn.Module):
                 init=randn_init if c.init in ("naive", "lecture") else None,
                 generator=g,
             )
-            blocks.append(
-                Block(
-                    linear,
-                    self._norm(c.n_hidden),
-                    self._activation(),
-                    residual=c.residual and fan_in == c.n_hidden,
-                )
-            )
+            layers = [linear, self._norm(c.n_hidden), self._activation()]
+            if c.dropout > 0:
+                layers.append(nn.Dropout(c.dropout))
+            blocks.append(Block(*layers, residual=c.residual and fan_in == c.n_hidden))
             fan_in = c.n_hidden
         self.blocks = nn.Sequential(*blocks)
         head = [

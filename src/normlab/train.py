@@ -225,9 +225,9 @@ def train(
     """Train (or resume) a run in ``out`` and return its summary."""
     wall_start = time.perf_counter()
     out = Path(out)
+    mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
-    mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, out, resume)
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
     device = resolve_device(tcfg.device)
