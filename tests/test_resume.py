@@ -17,6 +17,7 @@ STEPS = 3000
 
 
 def _cmd(tiny, out):
+    # dropout makes the global torch RNG part of what a resume must restore
     return [
         sys.executable,
         "-m",
@@ -25,6 +26,8 @@ def _cmd(tiny, out):
         *tiny,
         "--optimizer",
         "adamw",
+        "--dropout",
+        "0.1",
         "--lr",
         "0.01",
         "--steps",
