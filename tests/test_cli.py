@@ -235,3 +235,20 @@ def test_train_help_lists_every_flag():
         "--resume",
     ):
         assert flag in help_text, flag
+
+
+def test_incomplete_checkpoint(tmp_path, capsys):
+    path = tmp_path / "partial.pt"
+    torch.save({"format": "normlab-checkpoint", "format_version": 1, "model": {}}, path)
+    code, _, err = run(capsys, "sample", "--run", path)
+    assert_usage_error(code, err, "incomplete checkpoint")
+
+
+def test_sample_refuses_changed_data(tmp_path, tiny, names_file, capsys):
+    data = tmp_path / "names.txt"
+    data.write_text(names_file.read_text())
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--data", data, "--steps", 5, "--out", out)
+    data.write_text(names_file.read_text() + "zzz\n")
+    code, _, err = run(capsys, "sample", "--run", out)
+    assert_usage_error(code, err, "has changed")

@@ -20,6 +20,16 @@ from normlab.errors import NormlabError
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = "normlab-checkpoint"
 FORMAT_VERSION = 1
+REQUIRED_KEYS = (
+    "model_config",
+    "train_config",
+    "vocab",
+    "data_sha256",
+    "progress",
+    "model",
+    "optimizer",
+    "rng",
+)
 
 
 class CheckpointError(NormlabError):
@@ -85,4 +95,7 @@ def load_checkpoint(path: Path) -> dict:
             f"{path} has checkpoint format version {state.get('format_version')}, "
             f"this normlab reads version {FORMAT_VERSION}"
         )
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {', '.join(missing)})")
     return state

@@ -204,17 +204,13 @@ def cmd_train(args) -> int:
 
 def _load_run(args):
     """Model (eval mode, on the device), dataset and checkpoint of a finished run."""
-
     from normlab.checkpoint import load_checkpoint
-    from normlab.data import Vocab, load_dataset
     from normlab.model import MLPLanguageModel, ModelConfig
-    from normlab.train import resolve_device
+    from normlab.train import load_run_data, resolve_device
 
     ckpt = load_checkpoint(args.run)
-    config = ModelConfig.from_dict(ckpt["model_config"])
-    data_path = args.data or ckpt["train_config"].get("data")
-    data = load_dataset(data_path, config.block_size, vocab=Vocab(tuple(ckpt["vocab"])))
-    model = MLPLanguageModel(config, verbose=False)
+    data = load_run_data(ckpt, args.data)
+    model = MLPLanguageModel(ModelConfig.from_dict(ckpt["model_config"]), verbose=False)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

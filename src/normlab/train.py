@@ -193,6 +193,16 @@ def _restore_rng_state(state: dict, batch_gen: torch.Generator, device: torch.de
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def load_run_data(ckpt: dict, path: str | None = None) -> Dataset:
+    """The data a checkpoint was trained on (from ``path`` if it moved), checked by SHA-256."""
+    path = path if path is not None else ckpt["train_config"]["data"]
+    block_size = ckpt["model_config"]["block_size"]
+    data = load_dataset(path, block_size, vocab=Vocab(tuple(ckpt["vocab"])))
+    if data.sha256 != ckpt["data_sha256"]:
+        raise DataError(f"data file {data.path} has changed since this run started")
+    return data
+
+
 def prepare_run(
     model_config: ModelConfig, train_config: TrainConfig, out: Path, resume: bool
 ) -> tuple[ModelConfig, TrainConfig, dict | None, Dataset]:
@@ -211,10 +221,10 @@ def prepare_run(
         )
     train_config.validate()
     model_config.validate()
-    vocab = Vocab(tuple(ckpt["vocab"])) if ckpt else None
-    data = load_dataset(train_config.data, model_config.block_size, vocab=vocab)
-    if ckpt and data.sha256 != ckpt["data_sha256"]:
-        raise DataError(f"data file {data.path} has changed since this run started; cannot resume")
+    if ckpt:
+        data = load_run_data(ckpt)
+    else:
+        data = load_dataset(train_config.data, model_config.block_size)
     model_config.vocab_size = data.vocab.size
     return model_config, train_config, ckpt, data
 
