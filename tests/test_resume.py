@@ -74,7 +74,8 @@ def _assert_same_run(a, b):
     for pid, state in ca["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(v, cb["optimizer"]["state"][pid][k]), (pid, k)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    for log in ("metrics.jsonl", "diagnostics.jsonl"):
+        assert (a / log).read_text() == (b / log).read_text(), log
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     for key in ("train_loss", "val_loss", "test_loss", "init_loss"):
         assert sa[key] == sb[key], key

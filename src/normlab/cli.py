@@ -4,6 +4,7 @@
     normlab sample --run DIR [-n 20]       generate from a trained run
     normlab eval --run DIR [--calibrate]   loss with running vs calibrated BatchNorm statistics
     normlab bench --preset P ...           training steps per second, as one JSON line
+    normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
     normlab propagate                      the signal-propagation table of four inits
 
 Every problem with the input is one line on stderr and exit code 2.
@@ -48,6 +49,8 @@ TRAIN_FLAGS = (
     "eval_every",
     "checkpoint_every",
     "target_val_loss",
+    "diagnose_every",
+    "tensorboard",
     "seed",
     "data",
 )
@@ -111,6 +114,16 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     t.add_argument("--target-val-loss", type=float, help="stop at the first eval at or below this")
     t.add_argument("--seed", type=int, help="model init and batch order")
+    t.add_argument(
+        "--diagnose-every",
+        type=int,
+        help="record per-layer diagnostics every N steps, 0 for never (default: 100)",
+    )
+    t.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        help="also write TensorBoard event files to the run folder (needs tensorboard)",
+    )
     t.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
     r = p.add_argument_group("where it runs")
     r.add_argument("--device", choices=DEVICES, default="auto")
@@ -158,6 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time training steps; prints one JSON line")
     _add_model_and_train_flags(p)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="per-layer health of one training step, with verdicts",
+        description="One forward and backward pass and one optimizer step on a real batch, at "
+        "initialization (a preset and model flags) or from a run's checkpoint; then the "
+        "per-layer table and the verdicts.",
+    )
+    _add_model_and_train_flags(p)
+    p.add_argument("--run", type=Path, help="diagnose this run's checkpoint instead")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
 
     p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
     p.add_argument("--n-layer", type=int, default=50)
@@ -305,6 +330,70 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    import torch
+
+    from normlab.checkpoint import load_checkpoint
+    from normlab.data import load_dataset
+    from normlab.diagnostics import Diagnostics, report
+    from normlab.model import MLPLanguageModel, ModelConfig
+    from normlab.train import (
+        TrainConfig,
+        eval_mode_loss,
+        load_run_data,
+        lr_at,
+        make_optimizer,
+        resolve_device,
+    )
+
+    if args.run is not None:
+        given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
+        if given or args.preset is not None:
+            raise NormlabError(
+                "--run diagnoses the run's own model; drop the model and training flags"
+            )
+        ckpt = load_checkpoint(args.run)
+        model_config = ModelConfig.from_dict(ckpt["model_config"])
+        tcfg = TrainConfig.from_dict(ckpt["train_config"])
+        tcfg.device, tcfg.threads = args.device, args.threads
+        data = load_run_data(ckpt)
+        step = ckpt["progress"]["step"]
+    else:
+        model_config, tcfg = configs_from_args(args)
+        tcfg.validate()
+        model_config.validate()
+        data = load_dataset(tcfg.data, model_config.block_size)
+        model_config.vocab_size = data.vocab.size
+        step = 0
+    if tcfg.threads is not None:
+        torch.set_num_threads(tcfg.threads)
+    device = resolve_device(tcfg.device)
+    torch.manual_seed(tcfg.seed)
+    model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
+    optimizer = make_optimizer(model, tcfg)
+    if args.run is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    model.to(device).train()
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, tcfg)
+    X, Y = data.splits["train"]
+    ix = torch.randint(0, len(X), (tcfg.batch_size,), generator=torch.Generator().manual_seed(0))
+    xb, yb = X[ix].to(device), Y[ix].to(device)
+
+    diag = Diagnostics(model)
+    diag.arm()
+    _, loss = model(xb, yb)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    eval_loss = eval_mode_loss(model, xb, yb)
+    optimizer.step()
+    diag.collect(step, loss.item(), eval_loss)
+    result = report(diag, num_classes=data.vocab.size)
+    print(result.to_json() if args.json else result.table())
+    return 1 if args.strict and result.verdicts else 0
+
+
 def cmd_propagate(args) -> int:
     from normlab.propagation import propagation_table
 
@@ -319,6 +408,7 @@ COMMANDS = {
     "sample": cmd_sample,
     "eval": cmd_eval,
     "bench": cmd_bench,
+    "diagnose": cmd_diagnose,
     "propagate": cmd_propagate,
 }
 

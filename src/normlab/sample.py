@@ -45,21 +45,22 @@ def generate(
     context = [BOUNDARY] * block_size + prefix_ids
     idx = torch.tensor(context[-block_size:], device=device).repeat(n, 1)  # (n, block_size)
     out = torch.zeros(n, max_len, dtype=torch.long)  # (n, max_len); 0 = boundary, ends an item
-    finished = torch.zeros(n, dtype=torch.bool)
+    rows = torch.arange(n)  # the samples still growing; finished ones leave the batch
     for t in range(max_len):
-        logits, _ = model(idx)  # (n, vocab)
+        logits, _ = model(idx)  # (rows, vocab)
         logits = logits.float().cpu() / temperature
         if top_k is not None:
-            kth = torch.topk(logits, top_k).values[:, -1:]  # (n, 1)
+            kth = torch.topk(logits, top_k).values[:, -1:]  # (rows, 1)
             logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
-        next_id = next_id.masked_fill(finished, BOUNDARY)
-        out[:, t] = next_id
-        finished |= next_id == BOUNDARY
-        if finished.all():
+        next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (rows,)
+        out[rows, t] = next_id
+        growing = next_id != BOUNDARY
+        if not growing.any():
             break
-        idx = torch.cat([idx[:, 1:], next_id.to(device).unsqueeze(1)], dim=1)
+        rows = rows[growing]
+        next_id = next_id[growing].to(device)
+        idx = torch.cat([idx[growing.to(device), 1:], next_id.unsqueeze(1)], dim=1)
     model.train(was_training)
     return [prefix + vocab.decode(row) for row in out.tolist()]
 

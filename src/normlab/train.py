@@ -29,8 +29,11 @@ from normlab.checkpoint import (
     save_checkpoint,
 )
 from normlab.data import DataError, Dataset, Vocab, load_dataset
+from normlab.diagnostics import Diagnostics, finite, snapshot_from_dict
+from normlab.diagnostics import report as diagnostics_report
 from normlab.errors import NormlabError, TrainingDiverged
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
+from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
 from normlab.sample import format_samples, sample_run
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -67,6 +70,8 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD), on matrices only
     eval_every: int = 10_000  # train and val loss on the whole splits
     checkpoint_every: int = 10_000
+    diagnose_every: int = 100  # record per-layer diagnostics every N steps; 0: never
+    tensorboard: bool = False  # also write TensorBoard event files
     target_val_loss: float | None = None  # stop at the first eval at or below this
     seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
     data: str | None = None  # one item per line; None: the bundled names
@@ -81,6 +86,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"unknown {name} {getattr(self, name)!r}; valid choices: {', '.join(valid)}"
                 )
+        if self.diagnose_every < 0:
+            raise ConfigError(f"diagnose-every must be at least 0, got {self.diagnose_every}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -165,18 +172,37 @@ class _SigintFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """Metrics lines of steps already covered by the checkpoint (a killed run may have more)."""
+def _read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file; a last line cut short by a kill is skipped."""
     rows = []
     if path.exists():
         for line in path.read_text().splitlines():
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
                 continue
-            if row.get("step", math.inf) <= up_to_step:
-                rows.append(row)
     return rows
+
+
+def _truncate_jsonl(path: Path, keep) -> list[dict]:
+    """Rewrite ``path`` (atomically) with only the rows for which ``keep(row)`` holds."""
+    rows = [row for row in _read_jsonl(path) if keep(row)]
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    return rows
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+@torch.no_grad()
+def eval_mode_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
+    model.eval()
+    _, loss = model(x, y)
+    model.train()
+    return loss.item()
 
 
 def _rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
@@ -257,17 +283,24 @@ def train(
     Xva, Yva = (t.to(device) for t in data.splits["val"])
 
     progress = Progress()
-    metrics_path = out / "metrics.jsonl"
+    metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
+    diag = Diagnostics(model) if tcfg.diagnose_every > 0 else None
     if ckpt:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _restore_rng_state(ckpt["rng"], batch_gen, device)
         progress = Progress(**ckpt["progress"])
-        rows = _read_metrics(metrics_path, progress.step)
-        atomic_write_bytes(metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        # a killed run may have logged past its checkpoint: keep what the checkpoint covers
+        # (an eval at step k follows update k; a recording at step k precedes update k + 1)
+        _truncate_jsonl(metrics_path, lambda row: row["step"] <= progress.step)
+        kept = _truncate_jsonl(diag_path, lambda row: row["step"] < progress.step)
+        if diag is not None:
+            diag.history = [snapshot_from_dict(row) for row in kept]
     else:
         atomic_write_json(out / "config.json", config)
         metrics_path.write_text("")
+        diag_path.write_text("")
+    writer = open_tensorboard(out) if tcfg.tensorboard else None
 
     def checkpoint() -> None:
         save_checkpoint(
@@ -300,10 +333,20 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ix = torch.randint(0, len(Xtr), (tcfg.batch_size,), generator=batch_gen).to(device)
-            _, loss = model(Xtr[ix], Ytr[ix])
+            xb, yb = Xtr[ix], Ytr[ix]
+            recording = diag is not None and progress.step % tcfg.diagnose_every == 0
+            if recording:
+                diag.arm()
+            _, loss = model(xb, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            eval_loss = eval_mode_loss(model, xb, yb) if recording else None
             optimizer.step()
+            if recording:
+                snap = diag.collect(progress.step, loss.item(), eval_loss)
+                _append_jsonl(diag_path, finite(asdict(snap)))
+                if writer is not None:
+                    log_snapshot(writer, snap)
             progress.step += 1
             step = progress.step
             loss_value = loss.item()
@@ -324,8 +367,9 @@ def train(
                 if tcfg.target_val_loss is not None and val_loss <= tcfg.target_val_loss:
                     met_target, progress.time_to_target_s = True, progress.train_time_s
                 row = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                _append_jsonl(metrics_path, row)
+                if writer is not None:
+                    log_metrics(writer, row)
                 bar.write(
                     f"step {step:>7,}: train {train_loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}"
                 )
@@ -345,18 +389,22 @@ def train(
                 )
     bar.close()
     clock()
-    return finish_run(model, data, tcfg, out, progress, wall_start)
+    if writer is not None:
+        writer.close()
+    return finish_run(model, data, config, out, progress, wall_start, diag)
 
 
 def finish_run(
     model: nn.Module,
     data: Dataset,
-    tcfg: TrainConfig,
+    config: dict,
     out: Path,
     progress: Progress,
     wall_start: float,
+    diag: Diagnostics | None,
 ) -> dict:
-    """Final losses (test once), summary.json, and 20 samples."""
+    """Final losses (test once), summary.json, 20 samples, verdicts and report.html."""
+    tcfg = TrainConfig.from_dict(config["train"])
     device = next(model.parameters()).device
     losses = {
         f"{name}_loss": evaluate(model, *(t.to(device) for t in data.splits[name]))
@@ -367,11 +415,11 @@ def finish_run(
         progress.train_time_s,
         progress.time_to_target_s,
     )
-    rows = _read_metrics(out / "metrics.jsonl", step)
+    metrics = _read_jsonl(out / "metrics.jsonl")
     summary = {
         **losses,
         "steps": step,
-        "wall_s": round(time.perf_counter() - wall_start, 3),
+        "wall_s": round(time.perf_counter() - wall_start, 3),  # start-up to the final evaluation
         "train_time_s": round(train_time, 3),
         "steps_per_s": round(step / train_time, 1),
         "params": sum(p.numel() for p in model.parameters()),
@@ -382,7 +430,7 @@ def finish_run(
         "init_loss": progress.init_loss,
         "target_val_loss": tcfg.target_val_loss,
         "time_to_target_s": None if time_to_target is None else round(time_to_target, 3),
-        "best_val_loss": min((r["val_loss"] for r in rows), default=None),
+        "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
     }
     atomic_write_json(out / "summary.json", summary)
     print(
@@ -394,6 +442,25 @@ def finish_run(
             "not reached" if time_to_target is None else f"reached after {time_to_target:.1f} s"
         )
         print(f"target val loss {tcfg.target_val_loss}: {reached}")
-    print(format_samples(sample_run(model, data, 20, seed=tcfg.seed)))
-    print(f"run folder: {out}")
+    samples = sample_run(model, data, 20, seed=tcfg.seed)
+    print(format_samples(samples))
+    diag_report = None
+    if diag is not None and diag.history:
+        diag_report = diagnostics_report(diag, num_classes=data.vocab.size)
+        fired = diag_report.verdicts
+        print(
+            f"diagnostics at step {diag_report.snapshot.step:,}: "
+            + ("; ".join(f"{v.kind} ({v.layer})" for v in fired) if fired else "no verdict fired")
+        )
+    page = render_html(
+        f"normlab run {out}",
+        config,
+        summary,
+        metrics,
+        diag_report,
+        diag.history if diag else [],
+        samples,
+    )
+    write_report(out / "report.html", page)
+    print(f"run folder: {out} (open report.html)")
     return summary

@@ -1,0 +1,271 @@
+"""Plots of a run's diagnostics, and ``report.html``: one self-contained page per run.
+
+matplotlib is imported here only, so ``import normlab`` stays light.
+"""
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+from normlab.diagnostics import ACTIVATIONS, Report, Snapshot
+
+FIGSIZE = (7.5, 3.2)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bin_centers(r: float, n: int) -> list[float]:
+    width = 2 * r / n
+    return [-r + width * (i + 0.5) for i in range(n)]
+
+
+def _histogram_figure(series, title: str, xlabel: str) -> str:
+    """One line per layer: ``series`` is [(label, range, counts)]."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for label, r, counts in series:
+        total = sum(counts) or 1.0
+        ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction")
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def activation_histograms(snap: Snapshot) -> str:
+    layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
+    series = [(x.name, x.hist_range, x.hist) for x in layers]
+    return _histogram_figure(series, f"layer outputs at step {snap.step:,}", "value")
+
+
+def gradient_histograms(snap: Snapshot) -> str:
+    layers = [x for x in snap.layers if x.kind in ACTIVATIONS and x.grad_hist] or [
+        x for x in snap.layers if x.grad_hist
+    ]
+    series = [(x.name, x.grad_hist_range, x.grad_hist) for x in layers]
+    return _histogram_figure(
+        series, f"gradients of layer outputs at step {snap.step:,}", "gradient"
+    )
+
+
+def weight_gradient_histograms(snap: Snapshot) -> str:
+    params = [p for p in snap.params if len(p.shape) >= 2 and p.grad_hist]
+    series = [(p.name, p.grad_hist_range, p.grad_hist) for p in params]
+    return _histogram_figure(series, f"weight gradients at step {snap.step:,}", "gradient")
+
+
+def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for name, points in update_history.items():
+        ax.plot([s for s, _ in points], [v for _, v in points], label=name)
+    ax.axhline(-3, color="k", linestyle="--", linewidth=1, label="1e-3")
+    ax.set_title("update:data ratio of each weight matrix")
+    ax.set_xlabel("step")
+    ax.set_ylabel("log10(update std / data std)")
+    ax.legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def loss_figure(metrics: list[dict]) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    steps = [r["step"] for r in metrics]
+    for key in ("train_loss", "val_loss"):
+        ax.plot(steps, [r[key] for r in metrics], marker="o", markersize=3, label=key[:-5])
+    ax.set_title("loss on the whole splits (eval mode)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    return _png(fig)
+
+
+def signal_propagation_figure(snap: Snapshot) -> str:
+    """Activation and gradient std against depth."""
+    plt = _pyplot()
+    layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
+    depth = list(range(1, len(layers) + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    left.plot(depth, [x.std for x in layers], marker="o")
+    left.set_title("activation std")
+    right.semilogy(depth, [x.grad_std or math.nan for x in layers], marker="o", color="C1")
+    right.set_title("gradient std")
+    for ax in (left, right):
+        ax.set_xlabel("layer (depth)")
+    fig.suptitle(f"signal propagation at step {snap.step:,}")
+    return _png(fig)
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(png: str, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; }
+th { background: #f3f3f3; } .ok { color: #1a7f37; } .bad { color: #b42318; }
+.grid { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; } img { max-width: 100%; }
+pre { background: #f6f6f6; padding: 8px; font-size: 0.8em; overflow-x: auto; }
+"""
+
+
+def render_html(
+    title: str,
+    config: dict,
+    summary: dict,
+    metrics: list[dict],
+    diag: Report | None,
+    history: list[Snapshot],
+    samples: list[tuple[str, bool]],
+) -> str:
+    """The whole report as one HTML string, images embedded."""
+    losses = [
+        (k, f"{summary[k]:.4f}")
+        for k in ("train_loss", "val_loss", "test_loss")
+        if summary.get(k) is not None
+    ]
+    facts = losses + [
+        (k, summary[k]) for k in ("steps", "params", "wall_s", "seed", "preset") if k in summary
+    ]
+    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Result</h2>", _table(facts, ("", "value"))]
+    if metrics:
+        parts += ["<h2>Loss</h2>", _img(loss_figure(metrics), "loss curves")]
+    if diag is not None:
+        if diag.verdicts:
+            rows = [(v.kind, v.layer, v.message) for v in diag.verdicts]
+            verdicts = f'<p class="bad">{len(rows)} verdict(s) at step {diag.snapshot.step:,}</p>'
+            verdicts += _table(rows, ("verdict", "where", "what crossed the line"))
+        else:
+            verdicts = (
+                f'<p class="ok">No verdict fired at step {diag.snapshot.step:,}: '
+                "healthy by every check.</p>"
+            )
+        snap = diag.snapshot
+        first = history[0] if history else snap
+        parts += [
+            "<h2>Verdicts</h2>",
+            verdicts,
+            "<h2>Signal propagation</h2>",
+            '<div class="grid">',
+            _img(signal_propagation_figure(first), "signal propagation at the first recording"),
+            _img(signal_propagation_figure(snap), "signal propagation at the last recording"),
+            "</div>",
+            "<h2>Activations and gradients</h2>",
+            '<div class="grid">',
+            _img(activation_histograms(first), "activation histograms, first recording"),
+            _img(activation_histograms(snap), "activation histograms, last recording"),
+            _img(gradient_histograms(first), "gradient histograms, first recording"),
+            _img(gradient_histograms(snap), "gradient histograms, last recording"),
+            "</div>",
+            _img(weight_gradient_histograms(snap), "weight-gradient histograms"),
+            "<h2>Update:data ratio</h2>",
+            _img(update_ratio_figure(diag.update_history), "update to data ratio over time"),
+            "<h2>Diagnostics table</h2>",
+            f"<pre>{html.escape(diag.table())}</pre>",
+        ]
+    if samples:
+        rows = [(s or "(empty)", "in train" if seen else "new") for s, seen in samples]
+        parts += ["<h2>Samples</h2>", _table(rows, ("sample", ""))]
+    parts += ["<h2>Config</h2>", f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>"]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )
+
+
+def write_report(path: Path, html_text: str) -> None:
+    from normlab.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), html_text.encode())
+
+
+# ---------------------------------------------------------------------------- TensorBoard
+
+
+def open_tensorboard(out: Path):
+    """A SummaryWriter for ``out/tensorboard``, or a one-line error saying how to install it."""
+    from normlab.errors import NormlabError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise NormlabError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from None
+    return SummaryWriter(log_dir=str(Path(out) / "tensorboard"))
+
+
+def log_metrics(writer, row: dict) -> None:
+    for key in ("train_loss", "val_loss", "lr"):
+        writer.add_scalar(f"loss/{key}" if key != "lr" else "lr", row[key], row["step"])
+
+
+def log_snapshot(writer, snap: Snapshot) -> None:
+    """Scalars and histograms of one diagnostics recording."""
+    step = snap.step
+    for layer in snap.layers:
+        writer.add_scalar(f"activation_std/{layer.name}", layer.std, step)
+        if layer.saturated is not None:
+            writer.add_scalar(f"saturated/{layer.name}", layer.saturated, step)
+        if layer.dead is not None:
+            writer.add_scalar(f"dead/{layer.name}", layer.dead, step)
+        if layer.grad_std is not None:
+            writer.add_scalar(f"gradient_std/{layer.name}", layer.grad_std, step)
+        _add_histogram(writer, f"activations/{layer.name}", layer.hist_range, layer.hist, step)
+    for p in snap.params:
+        if p.update_to_data:
+            writer.add_scalar(f"log10_update_to_data/{p.name}", math.log10(p.update_to_data), step)
+        if p.grad_hist:
+            _add_histogram(
+                writer, f"weight_gradients/{p.name}", p.grad_hist_range, p.grad_hist, step
+            )
+
+
+def _add_histogram(writer, tag: str, r: float, counts: list[float], step: int) -> None:
+    if not sum(counts):
+        return
+    width = 2 * r / len(counts)
+    limits = [-r + width * (i + 1) for i in range(len(counts))]
+    centers = _bin_centers(r, len(counts))
+    writer.add_histogram_raw(
+        tag,
+        min=-r,
+        max=r,
+        num=int(sum(counts)),
+        sum=sum(c * x for c, x in zip(counts, centers, strict=True)),
+        sum_squares=sum(c * x * x for c, x in zip(counts, centers, strict=True)),
+        bucket_limits=limits,
+        bucket_counts=counts,
+        global_step=step,
+    )
