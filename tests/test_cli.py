@@ -252,3 +252,25 @@ def test_sample_refuses_changed_data(tmp_path, tiny, names_file, capsys):
     data.write_text(names_file.read_text() + "zzz\n")
     code, _, err = run(capsys, "sample", "--run", out)
     assert_usage_error(code, err, "has changed")
+
+
+def test_diagnose_healthy_and_broken(capsys, names_file):
+    data = ["--data", str(names_file), "--threads", "1"]
+    code, out, _ = run(capsys, "diagnose", "--preset", "lecture-deep", *data, "--strict")
+    assert code == 0 and "verdicts: none" in out and "blocks.4.2" in out
+    broken = ["--init", "naive", "--norm", "none", "--n-layer", "10"]
+    code, out, _ = run(capsys, "diagnose", "--preset", "lecture-deep", *broken, *data)
+    assert code == 0 and "saturated" in out  # without --strict a verdict is not a failure
+    code, out, _ = run(
+        capsys, "diagnose", "--preset", "lecture-deep", *broken, *data, "--strict", "--json"
+    )
+    result = json.loads(out)
+    assert code == 1 and {v["kind"] for v in result["verdicts"]} >= {"saturated"}
+
+
+def test_diagnose_a_run(trained, capsys):
+    code, out, _ = run(capsys, "diagnose", "--run", trained, "--json")
+    result = json.loads(out)
+    assert code == 0 and result["snapshot"]["step"] == 60
+    code, _, err = run(capsys, "diagnose", "--run", trained, "--lr", "1")
+    assert_usage_error(code, err, "drop the model and training flags")

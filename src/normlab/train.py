@@ -29,7 +29,7 @@ from normlab.checkpoint import (
     save_checkpoint,
 )
 from normlab.data import DataError, Dataset, Vocab, load_dataset
-from normlab.diagnostics import Diagnostics, finite, snapshot_from_dict
+from normlab.diagnostics import Diagnostics, snapshot_from_dict, snapshot_to_dict
 from normlab.diagnostics import report as diagnostics_report
 from normlab.errors import NormlabError, TrainingDiverged
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
@@ -344,7 +344,7 @@ def train(
             optimizer.step()
             if recording:
                 snap = diag.collect(progress.step, loss.item(), eval_loss)
-                _append_jsonl(diag_path, finite(asdict(snap)))
+                _append_jsonl(diag_path, snapshot_to_dict(snap))
                 if writer is not None:
                     log_snapshot(writer, snap)
             progress.step += 1

@@ -1,0 +1,252 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from normlab import nn as nl
+from normlab.diagnostics import Diagnostics, Thresholds, report, snapshot_from_dict
+from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.presets import PRESETS
+
+
+def _step(model, diag, x, y, optimizer, step=0, loss_fn=nn.functional.cross_entropy):
+    """One recorded training step on any model whose forward returns logits."""
+    diag.arm()
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return diag.collect(step, loss.item())
+
+
+def _kinds(rep):
+    return {v.kind for v in rep.verdicts}
+
+
+def _data(n=256, d=10, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def test_healthy_lecture_deep_at_step_0_is_quiet():
+    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    diag = Diagnostics(model)
+    X, Y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
+    diag.arm()
+    _, loss = model(X, Y)
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    diag.collect(0, loss.item())
+    rep = report(diag, num_classes=27)
+    assert rep.verdicts == []
+    tanh = [x for x in rep.snapshot.layers if x.kind == "tanh"]
+    assert len(tanh) == 5 and all(x.saturated < 0.1 for x in tanh)
+
+
+def test_saturated_tanh_fires_and_names_the_layer():
+    model = nn.Sequential(nn.Linear(10, 50), nn.Tanh(), nn.Linear(50, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(20)
+    diag = Diagnostics(model)
+    _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
+    (v,) = [v for v in report(diag).verdicts if v.kind == "saturated"]
+    assert v.layer == "1" and v.value > 0.5 and "beyond" in v.message
+
+
+def test_dead_relu_fires():
+    model = nn.Sequential(nn.Linear(10, 50), nn.ReLU(), nn.Linear(50, 5))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # never positive
+    diag = Diagnostics(model)
+    _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
+    dead = [v for v in report(diag).verdicts if v.kind == "dead"]
+    assert dead and dead[0].layer == "1" and dead[0].value == 1.0
+
+
+def test_vanishing_stack_fires():
+    layers = []
+    for _ in range(12):  # gain 0.5 under tanh: the signal shrinks every layer
+        layers += [
+            nl.Linear(32, 32, init=lambda w: nn.init.normal_(w, std=0.5 / 32**0.5)),
+            nl.Tanh(),
+        ]
+    model = nn.Sequential(*layers, nn.Linear(32, 5))
+    diag = Diagnostics(model)
+    _step(model, diag, *_data(d=32), torch.optim.SGD(model.parameters(), lr=0.01))
+    rep = report(diag)
+    assert "vanishing" in _kinds(rep)
+    assert "saturated" not in _kinds(rep)
+
+
+def test_confident_at_init_fires_on_a_confidently_wrong_output():
+    model = nn.Sequential(nn.Linear(10, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(50)
+    diag = Diagnostics(model)
+    _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
+    rep = report(diag, num_classes=5)
+    (v,) = [v for v in rep.verdicts if v.kind == "confident-at-init"]
+    assert v.value > math.log(5) + 1
+
+
+def test_update_ratio_off_fires_only_when_sustained():
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 5))
+    diag = Diagnostics(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)  # far too small: ratio near 1e-10
+    for step in range(3):
+        _step(model, diag, *_data(seed=step), optimizer, step=step)
+        fired = [v for v in report(diag).verdicts if v.kind == "update-ratio-off"]
+        assert bool(fired) == (step == 2)
+    assert {v.layer for v in fired} == {"0.weight", "2.weight"}
+
+
+def test_bn_drift_fires_after_the_data_shifts():
+    model = nn.Sequential(
+        nl.Linear(10, 16, bias=False), nl.BatchNorm1d(16), nl.Tanh(), nn.Linear(16, 5)
+    )
+    diag = Diagnostics(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for step in range(40):  # 40 batches at momentum 0.1: the running statistics have settled
+        x, y = _data(seed=step)
+        model(x)
+    _step(model, diag, *_data(seed=99), optimizer, step=40)
+    assert "bn-drift" not in _kinds(report(diag))
+    x, y = _data(seed=100)
+    _step(model, diag, x + 5.0, y, optimizer, step=41)  # the inputs move: the running mean is stale
+    drift = [v for v in report(diag).verdicts if v.kind == "bn-drift"]
+    assert drift and drift[0].layer == "1"
+
+
+def test_update_ratio_is_right_for_sgd_and_adam():
+    for make in (lambda p: torch.optim.SGD(p, lr=0.05), lambda p: torch.optim.Adam(p, lr=1e-3)):
+        model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 5))
+        optimizer = make(model.parameters())
+        before = model[0].weight.detach().clone()
+        diag = Diagnostics(model)
+        snap = _step(model, diag, *_data(), optimizer)
+        stats = {p.name: p for p in snap.params}["0.weight"]
+        grad_std = model[0].weight.grad.std().item()
+        change = (model[0].weight.detach() - before).std().item()
+        assert stats.update_to_data == pytest.approx(change / before.std().item(), rel=1e-4)
+        assert stats.grad_to_data == pytest.approx(grad_std / before.std().item(), rel=1e-4)
+        if isinstance(optimizer, torch.optim.SGD):  # plain SGD: the change is lr × grad
+            assert stats.update_to_data == pytest.approx(
+                0.05 * grad_std / before.std().item(), rel=1e-3
+            )
+
+
+def test_hooks_leave_outputs_and_gradients_unchanged():
+    torch.manual_seed(1)
+    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    X, Y = torch.randint(0, 27, (64, 3)), torch.randint(0, 27, (64,))
+    logits_plain, loss = model(X, Y)
+    loss.backward()
+    grads_plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for m in model.modules():  # undo the running-statistics update of the first pass
+        if isinstance(m, nl.BatchNorm1d):
+            m.reset_running_stats()
+    diag = Diagnostics(model)
+    diag.arm()
+    logits, loss = model(X, Y)
+    loss.backward()
+    assert torch.equal(logits, logits_plain)
+    for p, g in zip(model.parameters(), grads_plain, strict=True):
+        assert torch.equal(p.grad, g)
+    diag.collect(0, loss.item())
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_attach_twice_does_not_double_count_and_detach_removes_every_hook():
+    model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
+    diag = Diagnostics(model)
+    assert _hook_count(model) == 0  # nothing attached between recordings: no cost
+    diag.attach()
+    n_hooks = _hook_count(model)
+    diag.attach()
+    assert n_hooks == _hook_count(model) == 5  # four layers and the BatchNorm's pre-hook
+    snap = _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert [x.name for x in snap.layers] == ["0", "1", "2", "3"]  # torch's own layers work too
+    assert [b.name for b in snap.batchnorms] == ["1"]
+    assert _hook_count(model) == 0  # collect() detached them
+    diag.attach()
+    diag.detach()
+    assert _hook_count(model) == 0
+
+
+def test_one_host_transfer_per_recording(monkeypatch):
+    model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
+    diag = Diagnostics(model)
+    calls = {"cpu": 0}
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *a, **k):
+        calls["cpu"] += 1
+        return real_cpu(self, *a, **k)
+
+    def no_item(self):
+        raise AssertionError(".item() during a recording")
+
+    x, y = _data()
+    diag.arm()
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "cpu", counting_cpu)
+        m.setattr(torch.Tensor, "item", no_item)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        diag.collect(0)
+    assert calls["cpu"] == 1
+
+
+def test_eval_mode_passes_are_not_recorded():
+    model = nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 5))
+    diag = Diagnostics(model)
+    diag.arm()
+    model.eval()
+    with torch.no_grad():
+        model(_data()[0])
+    model.train()
+    assert diag.collect(0).layers == []
+
+
+def test_json_round_trip_and_table():
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+    diag = Diagnostics(model, Thresholds(dead=0.0))  # fires on any dead unit, or none
+    _step(model, diag, *_data(), torch.optim.Adam(model.parameters()))
+    rep = report(diag, num_classes=5)
+    data = json.loads(rep.to_json())
+    assert data["snapshot"]["step"] == 0 and data["num_classes"] == 5
+    assert snapshot_from_dict(data["snapshot"]) == rep.snapshot
+    table = rep.table()
+    assert "log10 upd:data" in table and "verdicts" in table
+    assert len(data["snapshot"]["layers"][1]["hist"]) == 50
+
+
+def test_percentiles_and_histograms_match_torch():
+    from normlab.diagnostics import BINS, FINE_BINS, PERCENTILES, _histograms, _percentiles
+
+    rows = torch.randn(3, 30001) * torch.tensor([[0.5], [2.0], [9.0]]) + 0.5
+    r = rows.abs().amax(1)
+    hist = _histograms(rows, r, BINS).view(3, BINS)
+    fine = _histograms(rows, r, FINE_BINS).view(3, FINE_BINS)
+    got = _percentiles(fine, r)
+    for i in range(3):
+        ri = r[i].item()
+        torch.testing.assert_close(hist[i], torch.histc(rows[i], BINS, -ri, ri))
+        expected = torch.quantile(rows[i], torch.tensor([p / 100 for p in PERCENTILES]))
+        torch.testing.assert_close(got[i], expected, atol=2 * ri / FINE_BINS, rtol=0)
+
+
+def test_snapshot_to_dict_equals_asdict():
+    from dataclasses import asdict
+
+    from normlab.diagnostics import snapshot_to_dict
+
+    model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
+    snap = _step(model, Diagnostics(model), *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert snapshot_to_dict(snap) == asdict(snap)
