@@ -104,14 +104,16 @@ def signal_propagation_figure(snap: Snapshot) -> str:
     plt = _pyplot()
     layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
     depth = list(range(1, len(layers) + 1))
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained")
     left.plot(depth, [x.std for x in layers], marker="o")
-    left.set_title("activation std")
+    left.set_title(f"activation std, step {snap.step:,}")
     right.semilogy(depth, [x.grad_std or math.nan for x in layers], marker="o", color="C1")
-    right.set_title("gradient std")
+    right.set_title(f"gradient std, step {snap.step:,}")
     for ax in (left, right):
-        ax.set_xlabel("layer (depth)")
-    fig.suptitle(f"signal propagation at step {snap.step:,}")
+        ax.set_xlabel("activation layer (depth)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return _png(fig)
 
 
