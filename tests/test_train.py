@@ -165,3 +165,25 @@ def test_resume_of_changed_data_is_refused(tmp_path, names_file, tiny, capsys):
     data.write_text(names_file.read_text() + "zzz\n")
     code, _, err = run(capsys, "train", "--out", out, "--resume")
     assert code == 2 and "changed" in err
+
+
+def test_diagnostics_time_is_what_recorded_steps_add():
+    from normlab.train import Progress
+
+    progress = Progress()
+    for _ in range(99):
+        progress.add_step_time(0.002, recorded=False)
+    progress.add_step_time(0.010, recorded=True)
+    assert progress.diagnostics_s() == pytest.approx(0.008)
+    assert Progress(recorded_steps=1, recorded_step_s=0.01).diagnostics_s() == 0.01
+
+
+def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--steps", 50, "--diagnose-every", 10, "--out", out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diagnostics_recordings"] == 5
+    assert 0 < summary["diagnostics_s"] < summary["train_time_s"]
+    assert summary["diagnostics_share"] == pytest.approx(
+        summary["diagnostics_s"] / summary["train_time_s"], abs=1e-3
+    )

@@ -49,6 +49,26 @@ class Progress:
     train_time_s: float = 0.0  # seconds in the loop (steps and evals), summed over resumes
     time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
     init_loss: float | None = None  # the loss of the first batch, before any update
+    # step times, split by whether diagnostics were recorded in the step (evals excluded)
+    plain_steps: int = 0
+    plain_step_s: float = 0.0
+    recorded_steps: int = 0
+    recorded_step_s: float = 0.0
+
+    def add_step_time(self, seconds: float, recorded: bool) -> None:
+        if recorded:
+            self.recorded_steps += 1
+            self.recorded_step_s += seconds
+        else:
+            self.plain_steps += 1
+            self.plain_step_s += seconds
+
+    def diagnostics_s(self) -> float:
+        """Seconds the recordings added: recorded steps beyond what plain steps take."""
+        if not self.plain_steps:
+            return self.recorded_step_s
+        typical = self.plain_step_s / self.plain_steps
+        return max(0.0, self.recorded_step_s - self.recorded_steps * typical)
 
 
 class Interrupted(NormlabError):
@@ -329,6 +349,7 @@ def train(
     segment_start = time.perf_counter()
     with _SigintFlag() as sigint:
         while progress.step < tcfg.steps and not met_target:
+            step_start = time.perf_counter()
             lr = lr_at(progress.step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -347,6 +368,7 @@ def train(
                 _append_jsonl(diag_path, snapshot_to_dict(snap))
                 if writer is not None:
                     log_snapshot(writer, snap)
+            progress.add_step_time(time.perf_counter() - step_start, recording)
             progress.step += 1
             step = progress.step
             loss_value = loss.item()
@@ -431,6 +453,9 @@ def finish_run(
         "target_val_loss": tcfg.target_val_loss,
         "time_to_target_s": None if time_to_target is None else round(time_to_target, 3),
         "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
+        "diagnostics_recordings": progress.recorded_steps,
+        "diagnostics_s": round(progress.diagnostics_s(), 3),
+        "diagnostics_share": round(progress.diagnostics_s() / train_time, 4),
     }
     atomic_write_json(out / "summary.json", summary)
     print(
@@ -446,6 +471,11 @@ def finish_run(
     print(format_samples(samples))
     diag_report = None
     if diag is not None and diag.history:
+        print(
+            f"diagnostics: {progress.recorded_steps} recordings took "
+            f"{summary['diagnostics_s']:.2f} s, "
+            f"{summary['diagnostics_share']:.1%} of the training time"
+        )
         diag_report = diagnostics_report(diag, num_classes=data.vocab.size)
         fired = diag_report.verdicts
         print(
