@@ -273,4 +273,4 @@ def test_diagnose_a_run(trained, capsys):
     result = json.loads(out)
     assert code == 0 and result["snapshot"]["step"] == 60
     code, _, err = run(capsys, "diagnose", "--run", trained, "--lr", "1")
-    assert_usage_error(code, err, "drop the model and training flags")
+    assert_usage_error(code, err, "drop --lr")

@@ -184,6 +184,7 @@ def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diagnostics_recordings"] == 5
     assert 0 < summary["diagnostics_s"] < summary["train_time_s"]
+    # both seconds are rounded to the millisecond in summary.json
     assert summary["diagnostics_share"] == pytest.approx(
-        summary["diagnostics_s"] / summary["train_time_s"], abs=1e-3
+        summary["diagnostics_s"] / summary["train_time_s"], abs=0.01
     )

@@ -191,6 +191,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_flags_given(args: argparse.Namespace) -> list[str]:
+    """The model and training flags on the command line (for commands that must not take them)."""
+    given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
+    if args.preset is not None:
+        given.append("preset")
+    return ["--" + n.replace("_", "-") for n in given]
+
+
+def configs_and_data_from_args(args: argparse.Namespace):
+    """Validated configs from the preset and flags, with the data they name loaded."""
+    from normlab.data import load_dataset
+
+    model_config, train_config = configs_from_args(args)
+    train_config.validate()
+    model_config.validate()
+    data = load_dataset(train_config.data, model_config.block_size)
+    model_config.vocab_size = data.vocab.size
+    return model_config, train_config, data
+
+
 def configs_from_args(args: argparse.Namespace):
     """The preset's configs with every given flag applied."""
     from normlab.model import ModelConfig
@@ -215,12 +235,11 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.out is None:
             raise NormlabError("--resume needs --out DIR, the run folder to continue")
-        given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
-        if args.preset is not None:
-            given.append("preset")
+        given = config_flags_given(args)
         if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            raise NormlabError(f"--resume continues the run's stored config; drop {flags}")
+            raise NormlabError(
+                f"--resume continues the run's stored config; drop {', '.join(given)}"
+            )
     out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     model_config, train_config = configs_from_args(args)
     train(model_config, train_config, out, resume=args.resume)
@@ -283,18 +302,14 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from normlab.data import load_dataset
     from normlab.model import MLPLanguageModel
     from normlab.train import make_optimizer, resolve_device
 
-    model_config, tcfg = configs_from_args(args)
+    model_config, tcfg, data = configs_and_data_from_args(args)
     steps = args.steps or 500
-    tcfg.validate()
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
     device = resolve_device(tcfg.device)
-    data = load_dataset(tcfg.data, model_config.block_size)
-    model_config.vocab_size = data.vocab.size
     model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
     model = model.to(device)
     optimizer = make_optimizer(model, tcfg)
@@ -334,7 +349,6 @@ def cmd_diagnose(args) -> int:
     import torch
 
     from normlab.checkpoint import load_checkpoint
-    from normlab.data import load_dataset
     from normlab.diagnostics import Diagnostics, report
     from normlab.model import MLPLanguageModel, ModelConfig
     from normlab.train import (
@@ -347,11 +361,9 @@ def cmd_diagnose(args) -> int:
     )
 
     if args.run is not None:
-        given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
-        if given or args.preset is not None:
-            raise NormlabError(
-                "--run diagnoses the run's own model; drop the model and training flags"
-            )
+        given = config_flags_given(args)
+        if given:
+            raise NormlabError(f"--run diagnoses the run's own model; drop {', '.join(given)}")
         ckpt = load_checkpoint(args.run)
         model_config = ModelConfig.from_dict(ckpt["model_config"])
         tcfg = TrainConfig.from_dict(ckpt["train_config"])
@@ -359,11 +371,7 @@ def cmd_diagnose(args) -> int:
         data = load_run_data(ckpt)
         step = ckpt["progress"]["step"]
     else:
-        model_config, tcfg = configs_from_args(args)
-        tcfg.validate()
-        model_config.validate()
-        data = load_dataset(tcfg.data, model_config.block_size)
-        model_config.vocab_size = data.vocab.size
+        model_config, tcfg, data = configs_and_data_from_args(args)
         step = 0
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)

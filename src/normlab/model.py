@@ -25,6 +25,14 @@ class ConfigError(NormlabError):
     """A model or training configuration that cannot work."""
 
 
+def check_choices(config, choices: dict[str, tuple[str, ...]]) -> None:
+    """Raise ConfigError for a field of ``config`` outside its valid choices, naming them."""
+    for name, valid in choices.items():
+        value = getattr(config, name)
+        if value not in valid:
+            raise ConfigError(f"unknown {name} {value!r}; valid choices: {', '.join(valid)}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 27  # filled in from the data: characters + the boundary token
@@ -44,12 +52,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError for a field that cannot work, naming the valid choices."""
-        choices = {"norm": NORMS, "nonlinearity": NONLINEARITIES, "init": INITS}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(
-                    f"unknown {name} {getattr(self, name)!r}; valid choices: {', '.join(valid)}"
-                )
+        check_choices(self, {"norm": NORMS, "nonlinearity": NONLINEARITIES, "init": INITS})
         for name in ("vocab_size", "block_size", "n_embd", "n_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

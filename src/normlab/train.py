@@ -32,7 +32,7 @@ from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.diagnostics import Diagnostics, snapshot_from_dict, snapshot_to_dict
 from normlab.diagnostics import report as diagnostics_report
 from normlab.errors import NormlabError, TrainingDiverged
-from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
+from normlab.model import ConfigError, MLPLanguageModel, ModelConfig, check_choices
 from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
 from normlab.sample import format_samples, sample_run
 
@@ -100,12 +100,7 @@ class TrainConfig:
     preset: str | None = None  # the preset these values started from
 
     def validate(self) -> None:
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ConfigError(
-                    f"unknown {name} {getattr(self, name)!r}; valid choices: {', '.join(valid)}"
-                )
+        check_choices(self, {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "device": DEVICES})
         if self.diagnose_every < 0:
             raise ConfigError(f"diagnose-every must be at least 0, got {self.diagnose_every}")
         for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
