@@ -108,3 +108,10 @@ def test_fold_leaves_untracked_batchnorm():
     net = nn.Sequential(nl.Linear(3, 4), nl.BatchNorm1d(4, track_running_stats=False)).eval()
     folded = fold_batchnorm(net)
     assert isinstance(folded[1], nl.BatchNorm1d)
+
+
+def test_fold_draws_no_random_numbers():
+    net = _deep_bn_net().eval()
+    state = torch.get_rng_state()
+    fold_batchnorm(net)
+    assert torch.equal(torch.get_rng_state(), state)

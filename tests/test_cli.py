@@ -155,7 +155,8 @@ def test_sample(trained, capsys):
     "flags,match",
     [
         (["--prefix", "Q!"], "not in the vocabulary"),
-        (["--temperature", "0"], "temperature must be positive"),
+        (["--temperature", "0"], "temperature must be a positive number"),
+        (["--temperature", "nan"], "temperature must be a positive number"),
         (["--top-k", "0"], "top-k"),
         (["-n", "0"], "at least 1"),
     ],
@@ -274,3 +275,38 @@ def test_diagnose_a_run(trained, capsys):
     assert code == 0 and result["snapshot"]["step"] == 60
     code, _, err = run(capsys, "diagnose", "--run", trained, "--lr", "1")
     assert_usage_error(code, err, "drop --lr")
+
+
+def test_more_bad_inputs(tmp_path, tiny, trained, capsys):
+    code, _, err = run(capsys, "train", *tiny, "--batch-size", 1, "--out", tmp_path / "r")
+    assert_usage_error(code, err, "at least 2 examples")
+    code, _, err = run(
+        capsys, "train", *tiny, "--norm", "group", "--n-groups", 0, "--out", tmp_path / "r"
+    )
+    assert_usage_error(code, err, "n_groups must be at least 1")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code, _, err = run(capsys, "train", *tiny, "--out", a_file)
+    assert_usage_error(code, err, "is a file")
+    # a checkpoint whose weights do not fit its config
+    state = torch.load(trained / "checkpoint.pt", weights_only=True)
+    state["model_config"]["n_hidden"] = 17
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    code, _, err = run(capsys, "sample", "--run", bad)
+    assert_usage_error(code, err, "does not fit its own config")
+
+
+def test_a_run_checkpoints_at_step_0(tmp_path, tiny, capsys, monkeypatch):
+    import normlab.train
+
+    saved = []
+    real_save = normlab.train.save_checkpoint
+
+    def recording_save(folder, state):
+        saved.append(state["progress"]["step"])
+        real_save(folder, state)
+
+    monkeypatch.setattr(normlab.train, "save_checkpoint", recording_save)
+    run(capsys, "train", *tiny, "--steps", 5, "--checkpoint-every", 100, "--out", tmp_path / "r")
+    assert saved == [0, 5]  # a kill before the first periodic checkpoint can still resume

@@ -250,3 +250,14 @@ def test_snapshot_to_dict_equals_asdict():
     model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
     snap = _step(model, Diagnostics(model), *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
     assert snapshot_to_dict(snap) == asdict(snap)
+
+
+def test_conv_batchnorm2d_model():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+    )
+    diag = Diagnostics(model)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
+    snap = _step(model, diag, x, y, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert [b.name for b in snap.batchnorms] == ["1"]
+    assert {x.kind for x in snap.layers} == {"batchnorm", "relu", "linear"}

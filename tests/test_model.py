@@ -144,3 +144,9 @@ def test_dropout_only_in_training_mode():
     assert torch.equal(model(X)[0], model(X)[0])
     with pytest.raises(ConfigError, match="dropout"):
         _model(dropout=1.0)
+
+
+def test_lecture_init_with_an_output_batchnorm():
+    model = _model(**{**PRESETS["lecture-deep"]["model"], "init": "lecture"})
+    torch.testing.assert_close(model.head[1].weight, torch.full((27,), 0.1))
+    assert abs(model(*_batch(1024))[1].item() - math.log(27)) < 0.2

@@ -282,3 +282,23 @@ def test_flatten_context_and_activations():
     torch.testing.assert_close(nl.FlattenContext()(x), x.flatten(1))
     torch.testing.assert_close(nl.Tanh()(x), torch.tanh(x))
     torch.testing.assert_close(nl.ReLU()(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_batchnorm_gradient_of_the_other_affine_parameter_when_one_is_frozen(frozen):
+    ours, theirs = _bn_pair(6, torch.float64)
+    for m in (ours, theirs):
+        getattr(m, frozen).requires_grad_(False)
+    x, g = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 6, dtype=torch.float64)
+    _assert_same_forward_backward(ours, theirs, x, g, TOL[torch.float64])
+    other = "bias" if frozen == "weight" else "weight"
+    ours(x).backward(g)
+    assert getattr(ours, frozen).grad is None and getattr(ours, other).grad is not None
+
+
+def test_batchnorm_forward_hooks_fire_once_with_the_input_shape():
+    shapes = []
+    bn = nl.BatchNorm1d(4)
+    bn.register_forward_hook(lambda _m, inputs, out: shapes.append((inputs[0].shape, out.shape)))
+    bn(torch.randn(2, 4, 5))
+    assert shapes == [((2, 4, 5), (2, 4, 5))]

@@ -160,7 +160,9 @@ def _fold(linear: nn.Module, bn: nn.Module) -> nl.Linear:
     if bn.bias is not None:
         shift = shift + bn.bias
     W = linear.weight
-    folded = nl.Linear(linear.in_features, linear.out_features, device=W.device, dtype=W.dtype)
+    folded = nl.Linear(  # zeros_: the values are set below, and no random numbers are drawn
+        linear.in_features, linear.out_features, init=nn.init.zeros_, device=W.device, dtype=W.dtype
+    )
     with torch.no_grad():
         folded.weight.copy_(W * scale.unsqueeze(1))  # (out, in) * (out, 1)
         folded.bias.copy_(shift)

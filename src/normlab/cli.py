@@ -202,10 +202,10 @@ def config_flags_given(args: argparse.Namespace) -> list[str]:
 def configs_and_data_from_args(args: argparse.Namespace):
     """Validated configs from the preset and flags, with the data they name loaded."""
     from normlab.data import load_dataset
+    from normlab.train import check_configs
 
     model_config, train_config = configs_from_args(args)
-    train_config.validate()
-    model_config.validate()
+    check_configs(model_config, train_config)
     data = load_dataset(train_config.data, model_config.block_size)
     model_config.vocab_size = data.vocab.size
     return model_config, train_config, data
@@ -229,6 +229,16 @@ def configs_from_args(args: argparse.Namespace):
     return model, train
 
 
+def new_run_folder() -> Path:
+    """``runs/<date-time>``, with a suffix when a run started in the same second."""
+    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
 def cmd_train(args) -> int:
     from normlab.train import train
 
@@ -240,7 +250,7 @@ def cmd_train(args) -> int:
             raise NormlabError(
                 f"--resume continues the run's stored config; drop {', '.join(given)}"
             )
-    out = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or new_run_folder()
     model_config, train_config = configs_from_args(args)
     train(model_config, train_config, out, resume=args.resume)
     return 0
@@ -250,15 +260,12 @@ def _load_run(args):
     """Model (eval mode, on the device), dataset and checkpoint of a finished run."""
     from normlab.checkpoint import load_checkpoint
     from normlab.model import MLPLanguageModel, ModelConfig
-    from normlab.train import load_run_data, resolve_device
+    from normlab.train import load_run_data, load_state, resolve_device
 
     ckpt = load_checkpoint(args.run)
     data = load_run_data(ckpt, args.data)
     model = MLPLanguageModel(ModelConfig.from_dict(ckpt["model_config"]), verbose=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise NormlabError(f"checkpoint {args.run} does not fit its own config: {e}") from None
+    load_state(model, None, ckpt)
     return model.to(resolve_device(args.device)).eval(), data, ckpt
 
 
@@ -355,6 +362,7 @@ def cmd_diagnose(args) -> int:
         TrainConfig,
         eval_mode_loss,
         load_run_data,
+        load_state,
         lr_at,
         make_optimizer,
         resolve_device,
@@ -380,8 +388,7 @@ def cmd_diagnose(args) -> int:
     model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
     optimizer = make_optimizer(model, tcfg)
     if args.run is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_state(model, optimizer, ckpt)
     model.to(device).train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)

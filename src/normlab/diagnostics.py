@@ -283,8 +283,8 @@ def _batchnorm_stats(captured: list[tuple]) -> Tensor:
     ``captured`` holds (input, running_mean, running_var, eps, momentum, batches tracked),
     the running statistics as they were before this batch updated them.
     """
-    x = torch.stack([c[0].float() for c in captured])  # (G, B, C) or (G, B, C, L)
-    dims = (1,) if x.dim() == 3 else (1, 3)  # every axis but the layer and the feature
+    x = torch.stack([c[0].float() for c in captured])  # (G, B, C, *spatial)
+    dims = (1, *range(3, x.dim()))  # every axis but the layer and the feature (BatchNorm1d/2d/3d)
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims)  # (G, C), biased: what the batch normalizes with
     mean = mean.flatten(1)  # (G, C)

@@ -63,6 +63,8 @@ class ModelConfig:
                 "a Linear that feeds a BatchNorm needs no bias: the BatchNorm subtracts the batch "
                 "mean, which cancels it (the BatchNorm's own bias takes its place); drop --bias"
             )
+        if self.n_groups < 1:
+            raise ConfigError(f"n_groups must be at least 1, got {self.n_groups}")
         if self.norm == "group" and self.n_hidden % self.n_groups != 0:
             raise ConfigError(
                 f"n_hidden ({self.n_hidden}) must be divisible by n_groups ({self.n_groups})"
@@ -166,8 +168,12 @@ class MLPLanguageModel(nn.Module):
                 if layer.bias is not None:
                     layer.bias.normal_(generator=g)  # the lecture's b = torch.randn(...)
         if self.config.init == "lecture":
-            self.head[0].weight.mul_(0.01)  # fix the confidently wrong softmax
-            self.head[0].bias.zero_()
+            # fix the confidently wrong softmax: near-zero logits at step 0
+            if self.config.output_bn:
+                self.head[1].weight.mul_(0.1)  # the BatchNorm sets the logits' scale
+            else:
+                self.head[0].weight.mul_(0.01)
+                self.head[0].bias.zero_()
             if len(linears) > 1:  # fix the saturated tanh of the first hidden layer
                 linears[0].weight.mul_(0.2)
                 if linears[0].bias is not None:

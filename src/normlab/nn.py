@@ -146,9 +146,9 @@ class BatchNormFunction(torch.autograd.Function):
                 minus_scale_n * grad_bias, x_centered, minus_scale_n * invstd * grad_weight
             )
             grad_x.addcmul_(grad_y, scale)
-        if ctx.needs_input_grad[1]:
-            return grad_x, grad_weight, grad_bias, None, None
-        return grad_x, None, None, None, None
+        grad_weight = grad_weight if ctx.needs_input_grad[1] else None
+        grad_bias = grad_bias if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class BatchNorm1d(nn.Module):
@@ -245,8 +245,11 @@ class BatchNorm1d(nn.Module):
         if x.dim() == 3:  # (N, C, L): every (example, position) is one row of features
             N, C, L = x.shape
             rows = x.transpose(1, 2).reshape(N * L, C)  # (N·L, C)
-            return self(rows).view(N, L, C).transpose(1, 2).contiguous()
+            return self._normalize_rows(rows).view(N, L, C).transpose(1, 2).contiguous()
+        return self._normalize_rows(x)
 
+    def _normalize_rows(self, x: Tensor) -> Tensor:
+        """The forward pass on (n, C): the feature statistics are over the n rows."""
         if not (self.training or not self.track_running_stats):  # eval: running statistics
             scale = torch.rsqrt(self.running_var + self.eps)  # (C,)
             if self.weight is not None:

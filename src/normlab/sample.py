@@ -5,6 +5,8 @@ each sample is independent of the others in its batch; all samples advance
 together, one character per forward pass.
 """
 
+import math
+
 import torch
 
 from normlab.data import BOUNDARY, Dataset, Vocab
@@ -31,8 +33,8 @@ def generate(
     """
     if n < 1:
         raise NormlabError(f"the number of samples must be at least 1, got {n}")
-    if temperature <= 0:
-        raise NormlabError(f"temperature must be positive, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise NormlabError(f"temperature must be a positive number, got {temperature}")
     if top_k is not None and not 1 <= top_k <= vocab.size:
         raise NormlabError(
             f"top-k must be between 1 and the vocabulary size {vocab.size}, got {top_k}"

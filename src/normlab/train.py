@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from normlab.checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
     atomic_write_bytes,
     atomic_write_json,
     load_checkpoint,
@@ -121,6 +122,29 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def check_configs(model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Validate both configs and what they ask of each other."""
+    train_config.validate()
+    model_config.validate()
+    uses_batchnorm = model_config.norm == "batch" or model_config.output_bn
+    if uses_batchnorm and train_config.batch_size < 2:
+        raise ConfigError(
+            f"BatchNorm normalizes over the batch and needs at least 2 examples in it, got "
+            f"--batch-size {train_config.batch_size}"
+        )
+
+
+def load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: dict) -> None:
+    """Load a checkpoint's weights (and optimizer state); a mismatch is a one-line error."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"the checkpoint does not fit its own config: {reason}") from None
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """The learning rate for optimizer step ``step`` (counted from 0)."""
     if cfg.schedule == "step":
@@ -212,6 +236,11 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 @torch.no_grad()
+def _all_finite(model: nn.Module) -> bool:
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+@torch.no_grad()
 def eval_mode_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
     model.eval()
@@ -256,12 +285,13 @@ def prepare_run(
         # where it runs may change on resume; what it computes may not
         stored.device, stored.threads = train_config.device, train_config.threads or stored.threads
         train_config = stored
+    elif out.exists() and not out.is_dir():
+        raise NormlabError(f"--out {out} is a file; the run folder must be a folder")
     elif (out / CHECKPOINT_NAME).exists():
         raise NormlabError(
             f"{out} already holds a run; continue it with --resume, or choose another --out"
         )
-    train_config.validate()
-    model_config.validate()
+    check_configs(model_config, train_config)
     if ckpt:
         data = load_run_data(ckpt)
     else:
@@ -301,8 +331,7 @@ def train(
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
     diag = Diagnostics(model) if tcfg.diagnose_every > 0 else None
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_state(model, optimizer, ckpt)
         _restore_rng_state(ckpt["rng"], batch_gen, device)
         progress = Progress(**ckpt["progress"])
         # a killed run may have logged past its checkpoint: keep what the checkpoint covers
@@ -338,6 +367,9 @@ def train(
         now = time.perf_counter()
         progress.train_time_s += now - segment_start
         segment_start = now
+
+    if not ckpt:
+        checkpoint()  # a run killed before its first periodic checkpoint can still resume
 
     met_target = progress.time_to_target_s is not None
     bar = tqdm(total=tcfg.steps, initial=progress.step, unit="step", desc="train", disable=None)
@@ -380,6 +412,11 @@ def train(
 
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
                 train_loss, val_loss = evaluate(model, Xtr, Ytr), evaluate(model, Xva, Yva)
+                if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+                    raise TrainingDiverged(
+                        f"the evaluation loss became {val_loss} at step {step}; stopped, and "
+                        f"the last good checkpoint in {out} is kept (try a lower --lr)"
+                    )
                 clock()
                 if tcfg.target_val_loss is not None and val_loss <= tcfg.target_val_loss:
                     met_target, progress.time_to_target_s = True, progress.train_time_s
@@ -397,6 +434,11 @@ def train(
                 or sigint.raised
             ):
                 clock()
+                if not _all_finite(model):  # never overwrite a good checkpoint with a broken model
+                    raise TrainingDiverged(
+                        f"the weights became NaN or infinite by step {step}; stopped, and the "
+                        f"last good checkpoint in {out} is kept (try a lower --lr)"
+                    )
                 checkpoint()
             if sigint.raised:
                 bar.close()
