@@ -131,6 +131,8 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from normlab.train import DEVICES
+
     parser = _Parser(prog="normlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="", help="start every sample with this text")
     p.add_argument("--data", help="the run's data file, if it has moved")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
 
     p = sub.add_parser("eval", help="loss of a trained run on a split")
     p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--data", help="the run's data file, if it has moved")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
 
     p = sub.add_parser("bench", help="time training steps; prints one JSON line")
     _add_model_and_train_flags(p)

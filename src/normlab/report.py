@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from normlab.checkpoint import atomic_write_bytes
 from normlab.diagnostics import ACTIVATIONS, Report, Snapshot
 
 FIGSIZE = (7.5, 3.2)
@@ -207,8 +208,6 @@ def render_html(
 
 
 def write_report(path: Path, html_text: str) -> None:
-    from normlab.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(Path(path), html_text.encode())
 
 

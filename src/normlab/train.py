@@ -243,9 +243,10 @@ def _all_finite(model: nn.Module) -> bool:
 @torch.no_grad()
 def eval_mode_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
+    was_training = model.training
     model.eval()
     _, loss = model(x, y)
-    model.train()
+    model.train(was_training)
     return loss.item()
 
 
@@ -354,7 +355,6 @@ def train(
                 "train_config": asdict(tcfg),
                 "vocab": list(data.vocab.chars),
                 "data_sha256": data.sha256,
-                "max_item_len": data.max_item_len,
                 "progress": asdict(progress),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
