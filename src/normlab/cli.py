@@ -13,6 +13,7 @@ Every problem with the input is one line on stderr and exit code 2.
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -51,6 +52,7 @@ TRAIN_FLAGS = (
     "target_val_loss",
     "diagnose_every",
     "tensorboard",
+    "sync_batchnorm",
     "seed",
     "data",
 )
@@ -125,6 +127,11 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
         help="also write TensorBoard event files to the run folder (needs tensorboard)",
     )
     t.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
+    t.add_argument(
+        "--sync-batchnorm",
+        action=argparse.BooleanOptionalAction,
+        help="several processes: BatchNorm statistics over the whole global batch (default: on)",
+    )
     r = p.add_argument_group("where it runs")
     r.add_argument("--device", choices=DEVICES, default="auto")
     r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -147,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint, with its stored config",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N local processes (torchrun); --batch-size stays the global batch",
     )
 
     p = sub.add_parser("sample", help="generate items from a trained run")
@@ -242,6 +254,7 @@ def new_run_folder() -> Path:
 
 
 def cmd_train(args) -> int:
+    from normlab import distributed
     from normlab.train import train
 
     if args.resume:
@@ -252,9 +265,24 @@ def cmd_train(args) -> int:
             raise NormlabError(
                 f"--resume continues the run's stored config; drop {', '.join(given)}"
             )
-    out = args.out or new_run_folder()
-    model_config, train_config = configs_from_args(args)
-    train(model_config, train_config, out, resume=args.resume)
+    if args.nproc is not None and args.nproc < 1:
+        raise NormlabError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc is not None and args.nproc > 1 and not distributed.launched_by_torchrun():
+        # every process must write to the same folder: choose it once, here
+        out = ["--out", str(new_run_folder())] if args.out is None else []
+        return distributed.launch(args.nproc, [*args.argv, *out])
+    ranks = distributed.SINGLE
+    if distributed.launched_by_torchrun():
+        world_size = int(os.environ["WORLD_SIZE"])
+        if args.nproc not in (None, world_size):
+            raise NormlabError(f"--nproc {args.nproc} under torchrun with {world_size} processes")
+        ranks = distributed.init_process_group(args.device)
+    try:
+        out = args.out or Path(distributed.gather_objects(str(new_run_folder()), ranks)[0])
+        model_config, train_config = configs_from_args(args)
+        train(model_config, train_config, out, resume=args.resume)
+    finally:
+        distributed.shutdown()
     return 0
 
 
@@ -431,13 +459,17 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for --nproc, which starts this same command in each process
     if hasattr(sys.stdout, "reconfigure"):  # live logs also when piped to a file or tee
         sys.stdout.reconfigure(line_buffering=True)
     try:
         return COMMANDS[args.command](args)
     except NormlabError as e:
-        print(f"normlab: error: {e}", file=sys.stderr)
+        # under torchrun every process meets the same error (they agree on it): rank 0 says it
+        if os.environ.get("RANK", "0") == "0":
+            print(f"normlab: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)

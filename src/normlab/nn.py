@@ -9,6 +9,7 @@ statistics, buffers and ``state_dict`` keys), so state dicts load both ways.
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -109,16 +110,25 @@ class BatchNormFunction(torch.autograd.Function):
     ``running`` is ``None`` or ``(running_mean, running_var, factor)``: those
     buffers move towards the batch statistics in place (the unbiased variance,
     as torch does), outside of autograd.
+
+    With a process ``group``, the batch is the union of every rank's rows: the
+    statistics and the two sums of the backward are all-reduced (``n`` is then
+    the global count), so every rank computes what one process would compute
+    on the whole batch, and the running statistics stay identical on every rank.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, running):
-        n = x.size(0)
-        mean = x.sum(0) * (1.0 / n)  # (C,); sum·(1/n) is one op fewer than mean() on CPU
-        x_centered = x - mean  # (n, C)
-        # two passes (mean, then squared deviations): no E[x²] - E[x]² cancellation,
-        # and on CPU much faster than torch.var_mean along the batch axis
-        var = x_centered.square().sum(0) * (1.0 / n)  # (C,), biased
+    def forward(ctx, x, weight, bias, eps: float, running, group=None):
+        if group is None:
+            n = x.size(0)
+            mean = x.sum(0) * (1.0 / n)  # (C,); sum·(1/n) is one op fewer than mean() on CPU
+            x_centered = x - mean  # (n, C)
+            # two passes (mean, then squared deviations): no E[x²] - E[x]² cancellation,
+            # and on CPU much faster than torch.var_mean along the batch axis
+            var = x_centered.square().sum(0) * (1.0 / n)  # (C,), biased
+        else:
+            n, mean, var = _global_moments(x, group)  # over the rows of every rank
+            x_centered = x - mean  # (n_local, C)
         invstd = (var + eps).rsqrt_()  # (C,)
         if weight is None:
             scale, y = invstd, x_centered * invstd
@@ -130,6 +140,7 @@ class BatchNormFunction(torch.autograd.Function):
             running_mean.lerp_(mean, factor)
             running_var.lerp_(var * (n / (n - 1)), factor)
         ctx.save_for_backward(x_centered, invstd, scale)
+        ctx.n, ctx.group = n, group
         return y
 
     @staticmethod
@@ -140,15 +151,41 @@ class BatchNormFunction(torch.autograd.Function):
         grad_weight = (grad_y * x_centered).sum(0) * invstd  # Σ g·x̂, (C,)
         grad_x = None
         if ctx.needs_input_grad[0]:
+            sum_g, sum_g_xhat = grad_bias, grad_weight
+            if ctx.group is not None:  # the sums over every rank's rows; the parameter
+                # gradients stay this rank's own share (DDP sums those)
+                C = grad_bias.size(0)
+                sums = torch.cat((grad_bias, grad_weight))  # (2C,)
+                dist.all_reduce(sums, group=ctx.group)
+                sum_g, sum_g_xhat = sums[:C], sums[C:]
             # (γ/σ)(g - Σg/n - x̂·Σg·x̂/n) with x̂ = (x - μ)/σ, as two fused passes
-            minus_scale_n = scale * (-1.0 / x_centered.size(0))
+            minus_scale_n = scale * (-1.0 / ctx.n)
             grad_x = torch.addcmul(
-                minus_scale_n * grad_bias, x_centered, minus_scale_n * invstd * grad_weight
+                minus_scale_n * sum_g, x_centered, minus_scale_n * invstd * sum_g_xhat
             )
             grad_x.addcmul_(grad_y, scale)
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
         grad_bias = grad_bias if ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def _global_moments(x: Tensor, group) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Count, mean and biased variance of each feature over the rows of every rank in ``group``.
+
+    One all-reduce of :math:`(n, \sum x, \sum x^2)` per call, summed in float64 so that
+    :math:`\mathrm{E}[x^2] - \mathrm{E}[x]^2` loses nothing that float32 inputs carry. A rank
+    may hold any number of rows, none included. Returns ``n`` (0-dim, float64) and the
+    ``(C,)`` mean and variance in ``x``'s dtype.
+    """
+    C = x.size(1)
+    x64 = x.double()  # (n_local, C)
+    count = x64.new_full((1,), x.size(0))
+    stats = torch.cat((count, x64.sum(0), x64.square().sum(0)))  # (1 + 2C,)
+    dist.all_reduce(stats, group=group)
+    n = stats[0]
+    mean = stats[1 : C + 1] / n
+    var = (stats[C + 1 :] / n - mean.square()).clamp_min_(0.0)
+    return n, mean.to(x.dtype), var.to(x.dtype)
 
 
 class BatchNorm1d(nn.Module):
@@ -174,6 +211,8 @@ class BatchNorm1d(nn.Module):
         affine: learn a gain :math:`\gamma` (ones) and a bias :math:`\beta` (zeros).
         track_running_stats: keep ``running_mean``, ``running_var`` and
             ``num_batches_tracked`` buffers.
+        sync: under ``torch.distributed``, combine the statistics of every rank.
+        process_group: the ranks to combine over (default: all of them).
 
     Shape:
         - Input: ``(N, C)`` or ``(N, C, L)``
@@ -194,6 +233,8 @@ class BatchNorm1d(nn.Module):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        sync: bool = True,
+        process_group=None,
         device=None,
         dtype=None,
     ) -> None:
@@ -203,6 +244,8 @@ class BatchNorm1d(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        self.sync = sync
+        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.ones(num_features, **factory))
@@ -259,7 +302,8 @@ class BatchNorm1d(nn.Module):
                 shift = shift + self.bias
             return torch.addcmul(shift, x, scale)
 
-        if x.size(0) <= 1:
+        group = self._sync_group()
+        if group is None and x.size(0) <= 1:
             raise ValueError(
                 f"BatchNorm1d needs at least 2 values per feature in a training batch, got input "
                 f"of shape {tuple(x.shape)}; put the model in eval mode (model.eval()) to run "
@@ -273,7 +317,14 @@ class BatchNorm1d(nn.Module):
             else:
                 factor = self.momentum
             running = (self.running_mean, self.running_var, factor)
-        return BatchNormFunction.apply(x, self.weight, self.bias, self.eps, running)
+        return BatchNormFunction.apply(x, self.weight, self.bias, self.eps, running, group)
+
+    def _sync_group(self):
+        """The process group whose rows make up the batch, or None for this process's alone."""
+        if not (self.sync and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # as torch does: state dicts saved before version 2 lack num_batches_tracked

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from normlab import nn as nl
 from normlab.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -32,6 +33,16 @@ from normlab.checkpoint import (
 from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.diagnostics import Diagnostics, snapshot_from_dict, snapshot_to_dict
 from normlab.diagnostics import report as diagnostics_report
+from normlab.distributed import (
+    SINGLE,
+    Ranks,
+    agree,
+    all_reduce_sum,
+    current_ranks,
+    gather_objects,
+    shard,
+    wrap_ddp,
+)
 from normlab.errors import NormlabError, TrainingDiverged
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig, check_choices
 from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
@@ -93,6 +104,7 @@ class TrainConfig:
     checkpoint_every: int = 10_000
     diagnose_every: int = 100  # record per-layer diagnostics every N steps; 0: never
     tensorboard: bool = False  # also write TensorBoard event files
+    sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
     target_val_loss: float | None = None  # stop at the first eval at or below this
     seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
     data: str | None = None  # one item per line; None: the bundled names
@@ -169,36 +181,54 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
+    """auto → cuda where there is one, else cpu; under several processes, one GPU per process."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but no CUDA device is available (try auto)")
+    if name == "cuda" and ranks is not None and ranks.distributed:
+        return torch.device("cuda", ranks.local_rank)
     return torch.device(name)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 16384) -> float:
-    """Mean cross-entropy over the whole split, in eval mode (running BatchNorm statistics)."""
+def evaluate(
+    model: nn.Module, X: Tensor, Y: Tensor, ranks: Ranks = SINGLE, batch_size: int = 16384
+) -> float:
+    """Mean cross-entropy over the whole split, in eval mode (running BatchNorm statistics).
+
+    Under several processes each evaluates its own slice of the split and the
+    sums are added up, so every example counts once.
+    """
     was_training = model.training
     model.eval()
-    total = 0.0
+    n = len(X)
+    X, Y = X[shard(n, ranks)], Y[shard(n, ranks)]  # this rank's slice of the split
+    total = torch.zeros((), dtype=torch.float64, device=X.device)
     for start in range(0, len(X), batch_size):
         logits, _ = model(X[start : start + batch_size])
-        total += F.cross_entropy(logits, Y[start : start + batch_size], reduction="sum").item()
+        total += F.cross_entropy(logits, Y[start : start + batch_size], reduction="sum")
     model.train(was_training)
-    return total / len(X)
+    return all_reduce_sum(total, ranks).item() / n
 
 
 class _SigintFlag:
-    """Turn the first Ctrl-C into a flag checked between steps, so no step is left half done."""
+    """Turn the first Ctrl-C into a flag checked between steps, so no step is left half done.
+
+    With ``also_sigterm`` SIGTERM counts as Ctrl-C: torchrun answers a Ctrl-C by
+    sending SIGTERM to its workers, which then still save their checkpoint.
+    """
+
+    def __init__(self, also_sigterm: bool = False) -> None:
+        self.signals = (signal.SIGINT, signal.SIGTERM) if also_sigterm else (signal.SIGINT,)
 
     def __enter__(self):
         self.raised = False
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
+        except ValueError:  # not the main thread: leave the signals alone
+            self._previous = {}
         return self
 
     def _handle(self, signum, frame):
@@ -207,8 +237,8 @@ class _SigintFlag:
         self.raised = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -250,18 +280,48 @@ def eval_mode_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return loss.item()
 
 
-def _rng_state(batch_gen: torch.Generator, device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+def _rng_state(batch_gen: torch.Generator, device: torch.device, ranks: Ranks) -> dict:
+    """The batch sampler's state, and this process's own RNG (dropout): every rank's when several.
+
+    A collective under several processes: every rank calls it at the same step.
+    """
+    own = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    state = {**own, "batch": batch_gen.get_state()}
+    if ranks.distributed:
+        state["ranks"] = gather_objects(own, ranks)
     return state
 
 
-def _restore_rng_state(state: dict, batch_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+def _restore_rng_state(
+    state: dict, batch_gen: torch.Generator, device: torch.device, ranks: Ranks, fresh_seed: int
+) -> None:
     batch_gen.set_state(state["batch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    own = state
+    if ranks.distributed:
+        saved = state.get("ranks", [])
+        if len(saved) == ranks.world_size:
+            own = saved[ranks.rank]
+        else:  # saved by another number of processes: a fresh dropout stream for each rank
+            torch.manual_seed(hash((fresh_seed, ranks.rank)))
+            return
+    torch.set_rng_state(own["torch"])
+    if device.type == "cuda" and "cuda" in own:
+        torch.cuda.set_rng_state(own["cuda"], device)
+
+
+def _global_outcome(loss: Tensor, interrupted: bool, ranks: Ranks) -> tuple[float, bool]:
+    """The loss over the whole batch, and whether any process was interrupted.
+
+    Every rank then takes the same decisions (stop on a NaN, checkpoint on
+    Ctrl-C), so none is left waiting in a collective the others have left.
+    """
+    if not ranks.distributed:
+        return loss.item(), interrupted
+    flag = torch.tensor(float(interrupted), dtype=torch.float64, device=loss.device)
+    shared = all_reduce_sum(torch.stack((loss.detach().double(), flag)), ranks)  # (2,)
+    return shared[0].item(), bool(shared[1].item())
 
 
 def load_run_data(ckpt: dict, path: str | None = None) -> Dataset:
@@ -303,51 +363,88 @@ def prepare_run(
 
 def train(
     model_config: ModelConfig, train_config: TrainConfig, out: Path, resume: bool = False
-) -> dict:
-    """Train (or resume) a run in ``out`` and return its summary."""
+) -> dict | None:
+    """Train (or resume) a run in ``out`` and return its summary.
+
+    Under ``torch.distributed`` with several processes (e.g. torchrun), every
+    process calls this: each takes its slice of every global batch, DDP sums the
+    gradients, and rank 0 alone prints and writes; the others return None.
+    """
     wall_start = time.perf_counter()
     out = Path(out)
-    mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    ranks = current_ranks()
+    error = None
+    try:
+        mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, out, resume)
+        device = resolve_device(tcfg.device, ranks)
+        if tcfg.batch_size < ranks.world_size:
+            raise ConfigError(
+                f"--batch-size {tcfg.batch_size} is the global batch and needs at least one "
+                f"example for each of the {ranks.world_size} processes"
+            )
+    except NormlabError as e:
+        error = e
+    agree(error, ranks)  # every process stops here if any one failed its checks
+    say = print if ranks.is_main else lambda *args, **kwargs: None
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
-    device = resolve_device(tcfg.device)
     config = {"model": asdict(mcfg), "train": asdict(tcfg)}
-    print(("resuming " if ckpt else "") + "config:\n" + json.dumps(config, indent=2))
-    print(
+    say(("resuming " if ckpt else "") + "config:\n" + json.dumps(config, indent=2))
+    say(
         f"data: {data.path} ({data.n_items:,} items, vocabulary "
         f"{data.vocab.display()!r}); examples: "
         + ", ".join(f"{k} {len(v[1]):,}" for k, v in data.splits.items())
     )
+    if ranks.distributed:
+        say(
+            f"{ranks.world_size} processes, {tcfg.batch_size} examples per step in all, "
+            f"BatchNorm statistics {'over all of them' if tcfg.sync_batchnorm else 'per process'}"
+        )
 
-    torch.manual_seed(tcfg.seed)
-    model = MLPLanguageModel(mcfg, generator=torch.Generator().manual_seed(tcfg.seed)).to(device)
+    torch.manual_seed(tcfg.seed + ranks.rank)  # the dropout masks: each rank its own
+    model = MLPLanguageModel(
+        mcfg, generator=torch.Generator().manual_seed(tcfg.seed), verbose=ranks.is_main
+    ).to(device)
+    for module in model.modules():
+        if isinstance(module, nl.BatchNorm1d):
+            module.sync = tcfg.sync_batchnorm
     optimizer = make_optimizer(model, tcfg)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
+    batch_gen = torch.Generator().manual_seed(
+        tcfg.seed + 1
+    )  # the same global batches on every rank
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
 
     progress = Progress()
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
-    diag = Diagnostics(model) if tcfg.diagnose_every > 0 else None
+    diag = Diagnostics(model) if tcfg.diagnose_every > 0 and ranks.is_main else None
     if ckpt:
         load_state(model, optimizer, ckpt)
-        _restore_rng_state(ckpt["rng"], batch_gen, device)
         progress = Progress(**ckpt["progress"])
-        # a killed run may have logged past its checkpoint: keep what the checkpoint covers
-        # (an eval at step k follows update k; a recording at step k precedes update k + 1)
-        _truncate_jsonl(metrics_path, lambda row: row["step"] <= progress.step)
-        kept = _truncate_jsonl(diag_path, lambda row: row["step"] < progress.step)
-        if diag is not None:
-            diag.history = [snapshot_from_dict(row) for row in kept]
-    else:
+        _restore_rng_state(ckpt["rng"], batch_gen, device, ranks, hash((tcfg.seed, progress.step)))
+        if ranks.is_main:
+            # a killed run may have logged past its checkpoint: keep what the checkpoint covers
+            # (an eval at step k follows update k; a recording at step k precedes update k + 1)
+            _truncate_jsonl(metrics_path, lambda row: row["step"] <= progress.step)
+            kept = _truncate_jsonl(diag_path, lambda row: row["step"] < progress.step)
+            if diag is not None:
+                diag.history = [snapshot_from_dict(row) for row in kept]
+    elif ranks.is_main:
         atomic_write_json(out / "config.json", config)
         metrics_path.write_text("")
         diag_path.write_text("")
-    writer = open_tensorboard(out) if tcfg.tensorboard else None
+    writer = open_tensorboard(out) if tcfg.tensorboard and ranks.is_main else None
+    step_model = model  # what the training step calls: the model, or DDP around it
+    if ranks.distributed:
+        step_model = wrap_ddp(model, device)
 
     def checkpoint() -> None:
+        rng = _rng_state(batch_gen, device, ranks)  # on every rank: it gathers theirs
+        if not ranks.is_main:
+            return
         save_checkpoint(
             out,
             {
@@ -358,7 +455,7 @@ def train(
                 "progress": asdict(progress),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "rng": _rng_state(batch_gen, device),
+                "rng": rng,
             },
         )
 
@@ -372,33 +469,45 @@ def train(
         checkpoint()  # a run killed before its first periodic checkpoint can still resume
 
     met_target = progress.time_to_target_s is not None
-    bar = tqdm(total=tcfg.steps, initial=progress.step, unit="step", desc="train", disable=None)
+    bar = tqdm(
+        total=tcfg.steps,
+        initial=progress.step,
+        unit="step",
+        desc="train",
+        disable=None if ranks.is_main else True,
+    )
+    rows = shard(tcfg.batch_size, ranks)  # this rank's rows of every global batch
     segment_start = time.perf_counter()
-    with _SigintFlag() as sigint:
+    with _SigintFlag(also_sigterm=ranks.distributed) as sigint:
         while progress.step < tcfg.steps and not met_target:
             step_start = time.perf_counter()
             lr = lr_at(progress.step, tcfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ix = torch.randint(0, len(Xtr), (tcfg.batch_size,), generator=batch_gen).to(device)
+            ix = torch.randint(0, len(Xtr), (tcfg.batch_size,), generator=batch_gen)
+            ix = ix[rows].to(device)
             xb, yb = Xtr[ix], Ytr[ix]
             recording = diag is not None and progress.step % tcfg.diagnose_every == 0
             if recording:
                 diag.arm()
-            _, loss = model(xb, yb)
+            logits, _ = step_model(xb)
+            # this rank's share of the global mean (on one process, bitwise the mean itself)
+            loss = F.cross_entropy(logits, yb, reduction="sum") / tcfg.batch_size
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             eval_loss = eval_mode_loss(model, xb, yb) if recording else None
             optimizer.step()
-            if recording:
-                snap = diag.collect(progress.step, loss.item(), eval_loss)
+            loss_value, interrupted = _global_outcome(loss, sigint.raised, ranks)
+            if recording:  # this rank's rows: the train-mode loss of what the hooks saw
+                snap = diag.collect(
+                    progress.step, loss.item() * tcfg.batch_size / len(ix), eval_loss
+                )
                 _append_jsonl(diag_path, snapshot_to_dict(snap))
                 if writer is not None:
                     log_snapshot(writer, snap)
             progress.add_step_time(time.perf_counter() - step_start, recording)
             progress.step += 1
             step = progress.step
-            loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"the loss became {loss_value} at step {step}; stopped, and the last good "
@@ -411,7 +520,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
 
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                train_loss, val_loss = evaluate(model, Xtr, Ytr), evaluate(model, Xva, Yva)
+                train_loss = evaluate(model, Xtr, Ytr, ranks)
+                val_loss = evaluate(model, Xva, Yva, ranks)
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise TrainingDiverged(
                         f"the evaluation loss became {val_loss} at step {step}; stopped, and "
@@ -421,18 +531,15 @@ def train(
                 if tcfg.target_val_loss is not None and val_loss <= tcfg.target_val_loss:
                     met_target, progress.time_to_target_s = True, progress.train_time_s
                 row = {"step": step, "train_loss": train_loss, "val_loss": val_loss, "lr": lr}
-                _append_jsonl(metrics_path, row)
+                if ranks.is_main:
+                    _append_jsonl(metrics_path, row)
                 if writer is not None:
                     log_metrics(writer, row)
-                bar.write(
-                    f"step {step:>7,}: train {train_loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}"
-                )
-            if (
-                step % tcfg.checkpoint_every == 0
-                or step == tcfg.steps
-                or met_target
-                or sigint.raised
-            ):
+                if ranks.is_main:
+                    bar.write(
+                        f"step {step:>7,}: train {train_loss:.4f}  val {val_loss:.4f}  lr {lr:.2e}"
+                    )
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps or met_target or interrupted:
                 clock()
                 if not _all_finite(model):  # never overwrite a good checkpoint with a broken model
                     raise TrainingDiverged(
@@ -440,7 +547,7 @@ def train(
                         f"last good checkpoint in {out} is kept (try a lower --lr)"
                     )
                 checkpoint()
-            if sigint.raised:
+            if interrupted:
                 bar.close()
                 raise Interrupted(
                     f"interrupted at step {step}; checkpoint saved, continue with: "
@@ -450,6 +557,8 @@ def train(
     clock()
     if writer is not None:
         writer.close()
+    if not ranks.is_main:
+        return None
     return finish_run(model, data, config, out, progress, wall_start, diag)
 
 

@@ -1,0 +1,200 @@
+"""Data-parallel training on PyTorch's own engine: torchrun, torch.distributed and DDP.
+
+Every process (rank) draws the same global batch from the same generator and
+takes its own contiguous slice of it, so the examples a step sees do not
+depend on the number of processes; ``BatchNorm1d`` combines its statistics
+across ranks (see ``normlab.nn``), so a run on N processes computes what one
+process computes with the same global batch. Rank 0 alone prints and writes.
+
+    torchrun --standalone --nproc-per-node 2 -m normlab train ...   # or: normlab train --nproc 2
+
+What is here: who this process is (``Ranks``), starting and ending the
+process group, the batch slice, sums across ranks, agreeing on an error, and
+the ``--nproc`` launcher.
+"""
+
+import inspect
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from normlab.errors import NormlabError
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in the run: ``rank`` of ``world_size``, ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Ranks()  # one process: rank 0 of 1
+
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def current_ranks() -> Ranks:
+    """The ranks of the initialized default process group, or a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_process_group(device: str) -> Ranks:
+    """Join the run torchrun started: gloo on CPU, NCCL on CUDA (``device`` is auto|cpu|cuda)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise NormlabError("--device cuda asked for, but no CUDA device is available")
+        torch.cuda.set_device(local_rank)  # one GPU per process, before NCCL starts
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return current_ranks()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(n: int, ranks: Ranks) -> slice:
+    """This rank's contiguous rows of ``n``: sizes differ by at most one, the first ranks larger.
+
+    >>> [shard(10, Ranks(r, 3)) for r in range(3)]
+    [slice(0, 4, None), slice(4, 7, None), slice(7, 10, None)]
+    """
+    base, extra = divmod(n, ranks.world_size)
+    start = ranks.rank * base + min(ranks.rank, extra)
+    return slice(start, start + base + (ranks.rank < extra))
+
+
+def all_reduce_sum(t: Tensor, ranks: Ranks) -> Tensor:
+    """``t`` summed over all ranks (in place; returned for chaining); a no-op on one process."""
+    if ranks.distributed:
+        dist.all_reduce(t)
+    return t
+
+
+def agree(error: NormlabError | None, ranks: Ranks) -> None:
+    """Raise on every rank if any rank failed: the lowest failing rank's error, for rank 0 to say.
+
+    For checks that every rank makes (run folder, configuration, data): without
+    this, a rank that failed alone would leave the others waiting in their next
+    collective.
+    """
+    if not ranks.distributed:
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else (type(error).__name__, str(error), error.exit_code)
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, mine)
+    failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+    if failed:
+        rank, (_, message, exit_code) = failed[0]
+        agreed = NormlabError(message if rank == 0 else f"[rank {rank}] {message}")
+        agreed.exit_code = exit_code
+        raise agreed
+
+
+def gather_objects(obj, ranks: Ranks) -> list:
+    """``obj`` from every rank, in rank order, on every rank."""
+    if not ranks.distributed:
+        return [obj]
+    everyone = [None] * ranks.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """DDP around ``model``, summing gradients (see ``allreduce_sum_hook``), buffers left alone.
+
+    Buffers are not re-broadcast before each forward: BatchNorm's running statistics
+    are already equal on every rank, and a broadcast would hide it if they were not.
+    """
+    # torch 2.13 renamed broadcast_buffers; the range in pyproject.toml goes back to 2.4
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        no_buffer_sync = {"forward_sync_buffers": False}
+    else:
+        no_buffer_sync = {"broadcast_buffers": False}
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
+    )
+    ddp.register_comm_hook(None, allreduce_sum_hook)
+    return ddp
+
+
+def allreduce_sum_hook(process_group, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """A DDP communication hook that sums gradients across ranks instead of averaging them.
+
+    Each rank's loss is its share of the global mean (its rows' sum over the
+    global batch size), so the sum over ranks is the global gradient exactly,
+    also when the shards have unequal sizes; activation gradients within a rank
+    are then the true ones too (what the diagnostics measure).
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m normlab ARGV`` on ``nproc`` local processes through torch's launcher.
+
+    The same as ``torchrun --standalone --nproc-per-node NPROC -m normlab ARGV``,
+    except that a failed process is one line here, not the launcher's report.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun does: don't oversubscribe the cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # the workers speak for themselves; the launcher's logging would repeat it as a wall of text
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as torchrun --standalone
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "normlab", *argv)
+    except SignalException as e:  # Ctrl-C: the workers got it too, saved and said so
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()  # the root cause; the others were stopped
+        if failure.exitcode < 0:  # killed by a signal, e.g. Ctrl-C
+            return 128 - failure.exitcode
+        if failure.exitcode not in (1, 2, 130):  # normlab's own codes come with their message
+            print(
+                f"normlab: error: process {rank} of {nproc} failed with exit code "
+                f"{failure.exitcode}",
+                file=sys.stderr,
+            )
+        return failure.exitcode
+    return 0
