@@ -15,7 +15,7 @@ the medians over rounds and the ratios measured in this run: sync against
 no-sync is what synchronized BatchNorm costs, 2 processes against 1 what data
 parallelism costs or gains at this size.
 
-    .venv/bin/python benchmarks/bench_distributed.py [--rounds 3] [--steps 1000]
+    .venv/bin/python benchmarks/bench_distributed.py [--rounds 3] [--steps 500]
 """
 
 import argparse
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-CASES = [("lecture-deep", 32), ("lecture-deep", 256), ("default", 256)]  # preset, global batch
+# preset, global batch: from a step of ~2 ms (all latency) to one where the arithmetic dominates
+CASES = [("lecture-deep", 32), ("default", 256), ("best", 1024)]
 SETUPS = {  # name: (processes, extra flags)
     "1 process": (1, []),
     "1 process, 2 threads": (1, ["--threads", "2"]),  # the same cores as 2 processes
@@ -53,7 +54,7 @@ def step_ms(preset: str, batch_size: int, nproc: int, flags: list[str], steps: i
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument(
         "--threads", type=int, default=1, help="per process (OMP_NUM_THREADS; default 1)"
     )

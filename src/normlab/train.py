@@ -224,17 +224,21 @@ class _SigintFlag:
         self.signals = (signal.SIGINT, signal.SIGTERM) if also_sigterm else (signal.SIGINT,)
 
     def __enter__(self):
-        self.raised = False
+        self.received = set()
         try:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         except ValueError:  # not the main thread: leave the signals alone
             self._previous = {}
         return self
 
+    @property
+    def raised(self) -> bool:
+        return bool(self.received)
+
     def _handle(self, signum, frame):
-        if self.raised:  # a second Ctrl-C: stop now
+        if signum in self.received:  # a second Ctrl-C: stop now (SIGINT then SIGTERM is one)
             raise KeyboardInterrupt
-        self.raised = True
+        self.received.add(signum)
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
@@ -498,10 +502,12 @@ def train(
             eval_loss = eval_mode_loss(model, xb, yb) if recording else None
             optimizer.step()
             loss_value, interrupted = _global_outcome(loss, sigint.raised, ranks)
-            if recording:  # this rank's rows: the train-mode loss of what the hooks saw
-                snap = diag.collect(
-                    progress.step, loss.item() * tcfg.batch_size / len(ix), eval_loss
-                )
+            if recording:
+                # the train-mode loss of the rows the hooks saw: on several processes, this rank's
+                rows_loss = loss_value
+                if ranks.distributed:
+                    rows_loss = loss.item() * tcfg.batch_size / len(ix)
+                snap = diag.collect(progress.step, rows_loss, eval_loss)
                 _append_jsonl(diag_path, snapshot_to_dict(snap))
                 if writer is not None:
                     log_snapshot(writer, snap)
