@@ -46,7 +46,9 @@ def step_ms(preset: str, batch_size: int, nproc: int, flags: list[str], steps: i
         *("--eval-every", str(steps), "--checkpoint-every", str(steps), "--diagnose-every", "0"),
         *("--device", "cpu", *flags),
     ]
-    subprocess.run(command, check=True, capture_output=True)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)}\nexit code {result.returncode}:\n{result.stderr[-3000:]}")
     progress = torch.load(out / "checkpoint.pt", weights_only=True)["progress"]
     return 1000 * progress["plain_step_s"] / progress["plain_steps"]
 

@@ -254,3 +254,28 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(tmp_path):
     straight = _train(tmp_path / "straight", *flags, nproc=2)
     assert resumed["progress"]["step"] == 300
     assert _max_difference(resumed["model"], straight["model"]) == 0.0
+
+
+def test_a_killed_process_is_one_line_not_a_wall_of_tracebacks(tmp_path):
+    out = tmp_path / "run"
+    flags = [*LECTURE_DEEP_50, "--steps", "100000", "--diagnose-every", "1"]
+    command = [sys.executable, "-m", "normlab", "train", "--nproc", "2", "--out", str(out), *flags]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    recordings = out / "diagnostics.jsonl"  # rank 0 is in the training loop
+    deadline = time.monotonic() + 120
+    while not (recordings.exists() and recordings.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # as the OOM killer would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGKILL
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("normlab: error: process ") and "killed (SIGKILL)" in lines[-1]
+    assert all(line.startswith("normlab: error: ") for line in lines), lines

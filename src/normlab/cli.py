@@ -471,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"normlab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Exception as e:
+        from normlab.distributed import describe_failure, launched_by_torchrun
+
+        if not launched_by_torchrun() or os.environ.get("NORMLAB_TRACEBACK") == "1":
+            raise
+        print(f"normlab: error: {describe_failure(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)
         return 130

@@ -16,6 +16,7 @@ the ``--nproc`` launcher.
 import inspect
 import logging
 import os
+import signal
 import sys
 import uuid
 from dataclasses import dataclass
@@ -188,13 +189,19 @@ def launch(nproc: int, argv: list[str]) -> int:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()  # the root cause; the others were stopped
-        if failure.exitcode < 0:  # killed by a signal, e.g. Ctrl-C
+        if failure.exitcode < 0:  # killed by a signal: it could not say so itself
+            name = signal.Signals(-failure.exitcode).name
+            print(f"normlab: error: process {rank} of {nproc} was killed ({name})", file=sys.stderr)
             return 128 - failure.exitcode
-        if failure.exitcode not in (1, 2, 130):  # normlab's own codes come with their message
-            print(
-                f"normlab: error: process {rank} of {nproc} failed with exit code "
-                f"{failure.exitcode}",
-                file=sys.stderr,
-            )
-        return failure.exitcode
+        return failure.exitcode  # the process said why, in one line
     return 0
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line for an unexpected error in one process of a run (its traceback would be one of
+    a wall of them); NORMLAB_TRACEBACK=1 shows the traceback instead."""
+    rank = os.environ.get("RANK", "0")  # the process group may be gone by now
+    first = (str(e).strip().splitlines() or [""])[0]
+    if any(s in first for s in ("Connection reset by peer", "Connection closed by peer")):
+        return f"[rank {rank}] lost contact with another process of this run, which stopped"
+    return f"[rank {rank}] {type(e).__name__}: {first[:300]}"
