@@ -254,6 +254,8 @@ def new_run_folder() -> Path:
 
 
 def cmd_train(args) -> int:
+    import torch.distributed
+
     from normlab import distributed
     from normlab.train import train
 
@@ -281,6 +283,8 @@ def cmd_train(args) -> int:
         out = args.out or Path(distributed.gather_objects(str(new_run_folder()), ranks)[0])
         model_config, train_config = configs_from_args(args)
         train(model_config, train_config, out, resume=args.resume)
+        if ranks.distributed:  # rank 0 writes the report: leave together, none mid-conversation
+            torch.distributed.barrier()
     finally:
         distributed.shutdown()
     return 0
