@@ -190,6 +190,32 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 16384) ->
     return total / len(X)
 
 
+LSUV_BATCH = 1024  # training examples in the one batch --init lsuv measures on
+
+
+def data_init_(model: MLPLanguageModel, X: Tensor, seed: int) -> None:
+    """``--init lsuv``: LSUV on one batch of training contexts; any other init: nothing.
+
+    The batch and the orthonormal matrices come from their own generator, so the
+    batch order (and every other random draw) is the same as with any other init.
+    """
+    if model.config.init != "lsuv":
+        return
+    g = torch.Generator().manual_seed(seed + 2)
+    ix = torch.randint(0, len(X), (LSUV_BATCH,), generator=g)
+    layers = model.lsuv_(X[ix.to(X.device)], generator=g)
+    print(
+        "lsuv: "
+        + "; ".join(
+            f"{r.name} skipped (feeds {r.feeds})"
+            if r.target is None
+            else f"{r.name} var {r.variance:.3f} after {r.feeds} (target {r.target:.3f}, "
+            f"{r.iterations} it)"
+            for r in layers
+        )
+    )
+
+
 class _SigintFlag:
     """Turn the first Ctrl-C into a flag checked between steps, so no step is left half done."""
 
@@ -327,6 +353,8 @@ def train(
     batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
+    if not ckpt:  # a resumed run loads its weights: LSUV happens once, when a run starts
+        data_init_(model, Xtr, tcfg.seed)
 
     progress = Progress()
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
