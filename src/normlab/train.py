@@ -33,6 +33,7 @@ from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.diagnostics import Diagnostics, snapshot_from_dict, snapshot_to_dict
 from normlab.diagnostics import report as diagnostics_report
 from normlab.errors import NormlabError, TrainingDiverged
+from normlab.lsuv import LSUVLayer
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig, check_choices
 from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
 from normlab.sample import format_samples, sample_run
@@ -193,27 +194,29 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 16384) ->
 LSUV_BATCH = 1024  # training examples in the one batch --init lsuv measures on
 
 
-def data_init_(model: MLPLanguageModel, X: Tensor, seed: int) -> None:
+def data_init_(model: MLPLanguageModel, X: Tensor, seed: int) -> list[LSUVLayer] | None:
     """``--init lsuv``: LSUV on one batch of training contexts; any other init: nothing.
 
     The batch and the orthonormal matrices come from their own generator, so the
     batch order (and every other random draw) is the same as with any other init.
     """
     if model.config.init != "lsuv":
-        return
+        return None
     g = torch.Generator().manual_seed(seed + 2)
     ix = torch.randint(0, len(X), (LSUV_BATCH,), generator=g)
     layers = model.lsuv_(X[ix.to(X.device)], generator=g)
-    print(
-        "lsuv: "
-        + "; ".join(
-            f"{r.name} skipped (feeds {r.feeds})"
-            if r.target is None
-            else f"{r.name} var {r.variance:.3f} after {r.feeds} (target {r.target:.3f}, "
-            f"{r.iterations} it)"
-            for r in layers
+    scaled = [r for r in layers if r.target is not None]
+    line = f"lsuv: {len(scaled)} of {len(layers)} hidden layers scaled"
+    if scaled:
+        line += (
+            f", variance after {scaled[0].feeds} {min(r.variance for r in scaled):.3f}–"
+            f"{max(r.variance for r in scaled):.3f} (target {scaled[0].target:.3f}), "
+            f"at most {max(r.iterations for r in scaled)} iterations"
         )
-    )
+    if len(scaled) < len(layers):
+        line += f"; {len(layers) - len(scaled)} skipped: they feed a normalization"
+    print(line)
+    return layers
 
 
 class _SigintFlag:

@@ -20,6 +20,7 @@ from normlab.checkpoint import atomic_write_bytes, atomic_write_json
 from normlab.data import Dataset
 from normlab.diagnostics import ACTIVATIONS, Diagnostics, Snapshot, Thresholds, finite, verdicts
 from normlab.errors import NormlabError
+from normlab.lsuv import LSUVLayer
 from normlab.model import MLPLanguageModel, ModelConfig
 from normlab.train import (
     TrainConfig,
@@ -109,6 +110,7 @@ class Fit:
     step_losses: list[float] = field(default_factory=list)  # the training loss of every step
     diverged_at: int | None = None  # the step whose loss was not finite
     seconds: float = 0.0
+    lsuv: list[LSUVLayer] | None = None  # init=lsuv: what LSUV did, layer by layer
 
 
 def new_model(config: ModelConfig, data: Dataset, seed: int) -> MLPLanguageModel:
@@ -136,7 +138,7 @@ def fit(
     start = time.perf_counter()
     model.to(device).train()
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
-    data_init_(model, Xtr, tcfg.seed)
+    lsuv = data_init_(model, Xtr, tcfg.seed)
     optimizer = make_optimizer(model, tcfg)
     batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
     diag = Diagnostics(model)
@@ -173,6 +175,7 @@ def fit(
         step_losses,
         diverged_at,
         time.perf_counter() - start,
+        lsuv,
     )
 
 
