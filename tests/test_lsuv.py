@@ -109,3 +109,22 @@ def test_bad_arguments():
         lsuv_(model, _batch(), tol=0)
     with pytest.raises(ValueError, match="no Linear"):
         lsuv_(nn.Sequential(nn.Tanh()), torch.randn(4, 3))
+
+
+def test_init_lsuv_from_the_command_line(capsys, tmp_path, tiny):
+    import json
+
+    from normlab.cli import main
+
+    assert main(["diagnose", *tiny, "--norm", "none", "--init", "lsuv", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)  # stdout stays pure JSON
+    tanhs = [x for x in report["snapshot"]["layers"] if x["kind"] == "tanh"]
+    assert all(x["std"] ** 2 == pytest.approx(activation_variance("tanh"), rel=0.25) for x in tanhs)
+    out = str(tmp_path / "run")
+    assert (
+        main(["train", *tiny, "--norm", "none", "--init", "lsuv", "--steps", "20", "--out", out])
+        == 0
+    )
+    assert "lsuv: 2 of 2 hidden layers scaled" in capsys.readouterr().out
+    assert main(["train", "--out", out, "--resume"]) == 0  # finished: LSUV does not run again
+    assert "lsuv:" not in capsys.readouterr().out

@@ -379,6 +379,7 @@ def cmd_diagnose(args) -> int:
     from normlab.model import MLPLanguageModel, ModelConfig
     from normlab.train import (
         TrainConfig,
+        data_init_,
         eval_mode_loss,
         load_run_data,
         load_state,
@@ -408,6 +409,8 @@ def cmd_diagnose(args) -> int:
     optimizer = make_optimizer(model, tcfg)
     if args.run is not None:
         load_state(model, optimizer, ckpt)
+    else:  # --init lsuv: the model as a run starts it
+        data_init_(model, data.splits["train"][0], tcfg.seed, verbose=not args.json)
     model.to(device).train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)

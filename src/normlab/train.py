@@ -194,7 +194,9 @@ def evaluate(model: nn.Module, X: Tensor, Y: Tensor, batch_size: int = 16384) ->
 LSUV_BATCH = 1024  # training examples in the one batch --init lsuv measures on
 
 
-def data_init_(model: MLPLanguageModel, X: Tensor, seed: int) -> list[LSUVLayer] | None:
+def data_init_(
+    model: MLPLanguageModel, X: Tensor, seed: int, verbose: bool = True
+) -> list[LSUVLayer] | None:
     """``--init lsuv``: LSUV on one batch of training contexts; any other init: nothing.
 
     The batch and the orthonormal matrices come from their own generator, so the
@@ -215,7 +217,8 @@ def data_init_(model: MLPLanguageModel, X: Tensor, seed: int) -> list[LSUVLayer]
         )
     if len(scaled) < len(layers):
         line += f"; {len(layers) - len(scaled)} skipped: they feed a normalization"
-    print(line)
+    if verbose:
+        print(line)
     return layers
 
 
