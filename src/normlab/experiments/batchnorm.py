@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from normlab.calibrate import batchnorm_layers, calibrate_batchnorm
 from normlab.data import load_dataset
-from normlab.experiments.common import Context, Table, fit, new_model, train_config
+from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model, train_config
 from normlab.model import ModelConfig
 from normlab.train import evaluate
 
@@ -123,9 +123,7 @@ def run(ctx: Context) -> dict:
     device = ctx.device
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
-    tcfg = train_config(
-        steps=base_steps, batch_size=32, lr=0.1, decay_step=base_steps // 2, seed=ctx.seed
-    )
+    tcfg = lecture_sgd(base_steps, decay_step=base_steps // 2, seed=ctx.seed)
     print(
         f"batchnorm: base network 3 × 100 (Linear → BatchNorm1d → tanh), SGD batch 32, "
         f"{base_steps:,} steps, lr 0.1 → 0.01 at {base_steps // 2:,}, seed {ctx.seed}"

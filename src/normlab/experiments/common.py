@@ -209,5 +209,18 @@ def train_config(**kw) -> TrainConfig:
     return TrainConfig(diagnose_every=0, **kw)
 
 
+def lecture_sgd(steps: int, decay_step: int, seed: int) -> TrainConfig:
+    """The lecture's optimization: plain SGD, batch 32, lr 0.1, then 0.01 from ``decay_step``."""
+    return train_config(
+        steps=steps,
+        batch_size=32,
+        optimizer="sgd",
+        lr=0.1,
+        schedule="step",
+        decay_step=decay_step,
+        seed=seed,
+    )
+
+
 def model_size(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -19,9 +19,9 @@ from normlab.experiments.common import (
     Context,
     Table,
     fit,
+    lecture_sgd,
     new_model,
     step0_health,
-    train_config,
 )
 from normlab.model import ModelConfig
 
@@ -76,15 +76,7 @@ def run(ctx: Context) -> dict:
     )
     cells = []
     for seed in seeds:
-        tcfg = train_config(
-            steps=steps,
-            batch_size=32,
-            optimizer="sgd",
-            lr=0.1,
-            schedule="step",
-            decay_step=steps * 3 // 4,
-            seed=seed,
-        )
+        tcfg = lecture_sgd(steps, decay_step=steps * 3 // 4, seed=seed)
         for variant in VARIANTS:
             for depth in depths:
                 model = new_model(cell_config(variant, depth), data, seed)

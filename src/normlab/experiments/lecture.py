@@ -26,7 +26,7 @@ import torch
 
 from normlab.calibrate import calibrate_batchnorm
 from normlab.data import load_dataset
-from normlab.experiments.common import Context, Table, fit, new_model, train_config
+from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model
 from normlab.model import ModelConfig
 from normlab.train import evaluate
 
@@ -91,15 +91,7 @@ def scale_to_stage(model, stage: Stage) -> None:
 
 def run(ctx: Context) -> dict:
     steps = 2_000 if ctx.quick else 200_000
-    tcfg = train_config(
-        steps=steps,
-        batch_size=32,
-        optimizer="sgd",
-        lr=0.1,
-        schedule="step",
-        decay_step=steps // 2,
-        seed=ctx.seed,
-    )
+    tcfg = lecture_sgd(steps, decay_step=steps // 2, seed=ctx.seed)
     data = load_dataset(None, BLOCK_SIZE)
     print(
         f"lecture: {len(STAGES)} stages × {steps:,} SGD steps (batch 32, lr 0.1 → 0.01 at "
