@@ -185,14 +185,10 @@ def lsuv_(
                 if feeds in NORMALIZATIONS:
                     results.append(LSUVLayer(names[layer], feeds, None, None, 0))
                     continue
-                probe, target = (
-                    (nxt, activation_variance(feeds))
-                    if feeds in ACTIVATIONS
-                    else (
-                        layer,
-                        1.0,
-                    )
-                )
+                if feeds in ACTIVATIONS:  # what the nonlinearity passes on
+                    probe, target = nxt, activation_variance(feeds)
+                else:  # another Linear or the output: the layer's own output, as the paper
+                    probe, target = layer, 1.0
                 iterations, var = 0, _output_variance(model, x, probe)
                 while abs(var / target - 1) > tol and iterations < max_iter and var > 0:
                     layer.weight.mul_(math.sqrt(target / var))

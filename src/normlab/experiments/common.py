@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from normlab.checkpoint import atomic_write_bytes, atomic_write_json
@@ -220,7 +219,3 @@ def lecture_sgd(steps: int, decay_step: int, seed: int) -> TrainConfig:
         decay_step=decay_step,
         seed=seed,
     )
-
-
-def model_size(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
