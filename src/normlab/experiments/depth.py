@@ -160,6 +160,7 @@ def _figure(cells: list[dict], seed: int, depths):
         if points:  # a variant that diverged at every depth has no line
             ax.plot(*zip(*points, strict=True), "o-", label=variant)
     ax.set_xscale("log")
+    ax.minorticks_off()
     ax.set_xticks(list(depths), [str(d) for d in depths])
     ax.set_xlabel("hidden layers")
     ax.set_ylabel("val loss")
