@@ -178,7 +178,7 @@ def fit(
     )
 
 
-def step0_health(snapshot: Snapshot, num_classes: int) -> dict:
+def step0_health(snapshot: Snapshot, num_classes: int | None = None) -> dict:
     """From step 0's diagnostics: the last hidden activation's std and saturation, the
     gradient-std ratio first/last activation layer, and the verdicts that fired."""
     acts = [layer for layer in snapshot.layers if layer.kind in ACTIVATIONS]

@@ -26,7 +26,14 @@ import torch
 
 from normlab.calibrate import calibrate_batchnorm
 from normlab.data import load_dataset
-from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model
+from normlab.experiments.common import (
+    Context,
+    Table,
+    fit,
+    lecture_sgd,
+    new_model,
+    step0_health,
+)
 from normlab.model import ModelConfig
 from normlab.train import evaluate
 
@@ -122,7 +129,7 @@ def run(ctx: Context) -> dict:
             "params": sum(p.numel() for p in model.parameters()),
             "init_loss": result.init_loss,
             # the lecture's saturation measure, on the first batch: |tanh| beyond 0.97
-            "tanh_saturated_step0": result.snapshot.layers[-2].saturated,
+            "tanh_saturated_step0": step0_health(result.snapshot)["saturated_first"],
             "train_loss": result.losses["train"],
             "val_loss": result.losses["val"],
             "lecture_train": lecture_train,
