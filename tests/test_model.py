@@ -150,3 +150,14 @@ def test_lecture_init_with_an_output_batchnorm():
     model = _model(**{**PRESETS["lecture-deep"]["model"], "init": "lecture"})
     torch.testing.assert_close(model.head[1].weight, torch.full((27,), 0.1))
     assert abs(model(*_batch(1024))[1].item() - math.log(27)) < 0.2
+
+
+def test_kaiming_gain_sets_the_hidden_weights_std():
+    for gain in (1.0, 5 / 3):
+        model = _model(init="kaiming", gain=gain, n_layer=3, n_hidden=400, norm="none")
+        w = model.blocks[1][0].weight  # (400, 400)
+        assert w.std().item() == pytest.approx(gain / math.sqrt(400), rel=0.02)
+    with pytest.raises(ConfigError, match="gain must be a positive number with init kaiming"):
+        _model(init="naive", gain=1.0)
+    with pytest.raises(ConfigError, match="gain"):
+        _model(init="kaiming", gain=0.0)

@@ -6,6 +6,7 @@
     normlab bench --preset P ...           training steps per second, as one JSON line
     normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
     normlab propagate                      the signal-propagation table of four inits
+    normlab experiment NAME [--quick]      lecture | depth | batchnorm: see docs/RESULTS.md
 
 Every problem with the input is one line on stderr and exit code 2.
 """
@@ -37,6 +38,7 @@ MODEL_FLAGS = (
     "bias",
     "n_groups",
     "bn_momentum",
+    "gain",
 )
 TRAIN_FLAGS = (
     "steps",
@@ -80,6 +82,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--block-size", type=int, help="context length in characters")
     m.add_argument("--norm", choices=NORMS, help="normalization after each hidden Linear")
     m.add_argument("--init", choices=INITS, help="weight initialization scheme")
+    m.add_argument("--gain", type=float, help="--init kaiming: the hidden weights' gain")
     m.add_argument("--nonlinearity", choices=NONLINEARITIES)
     m.add_argument(
         "--residual",
@@ -202,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layer", type=int, default=50)
     p.add_argument("--width", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+
+    from normlab.experiments import EXPERIMENTS
+
+    p = sub.add_parser(
+        "experiment",
+        help="run one of the experiments behind docs/RESULTS.md",
+        description="Run an experiment: a table as it goes, results.json and figures in --out.",
+    )
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--out", type=Path, help="output folder (default: runs/experiment-NAME-<time>)")
+    p.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
+    p.add_argument("--seed", type=int, default=42, help="model init and batch order")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -243,9 +260,9 @@ def configs_from_args(args: argparse.Namespace):
     return model, train
 
 
-def new_run_folder() -> Path:
-    """``runs/<date-time>``, with a suffix when a run started in the same second."""
-    base = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def new_run_folder(prefix: str = "") -> Path:
+    """``runs/<prefix><date-time>``, with a suffix when a run started in the same second."""
+    base = Path("runs") / (prefix + datetime.now().strftime("%Y%m%d-%H%M%S"))
     out, n = base, 1
     while out.exists():
         n += 1
@@ -394,6 +411,7 @@ def cmd_diagnose(args) -> int:
     from normlab.model import MLPLanguageModel, ModelConfig
     from normlab.train import (
         TrainConfig,
+        data_init_,
         eval_mode_loss,
         load_run_data,
         load_state,
@@ -423,6 +441,8 @@ def cmd_diagnose(args) -> int:
     optimizer = make_optimizer(model, tcfg)
     if args.run is not None:
         load_state(model, optimizer, ckpt)
+    else:  # --init lsuv: the model as a run starts it
+        data_init_(model, data.splits["train"][0], tcfg.seed, verbose=not args.json)
     model.to(device).train()
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, tcfg)
@@ -452,6 +472,21 @@ def cmd_propagate(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from normlab.experiments import run_experiment
+    from normlab.experiments.common import Context, set_threads
+    from normlab.train import resolve_device
+
+    set_threads(args.threads)
+    out = args.out or new_run_folder(f"experiment-{args.name}-")
+    command = f"normlab experiment {args.name} --seed {args.seed} --out {out}"
+    command += (" --quick" if args.quick else "") + f" --device {args.device}"
+    command += f" --threads {args.threads}" if args.threads is not None else ""
+    ctx = Context(args.name, out, args.quick, args.seed, resolve_device(args.device), command)
+    run_experiment(ctx)
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "sample": cmd_sample,
@@ -459,6 +494,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "diagnose": cmd_diagnose,
     "propagate": cmd_propagate,
+    "experiment": cmd_experiment,
 }
 
 

@@ -2,6 +2,10 @@
 
 Given the same generator state each function fills exactly the same values as its
 torch counterpart, so switching between them is invisible.
+
+``lsuv_`` (data-dependent: it runs a model on a batch) lives in
+:mod:`normlab.lsuv`, a layer above this module, and is reachable here as
+``normlab.init.lsuv_``.
 """
 
 import math
@@ -235,3 +239,13 @@ def xavier_uniform_(
     bound = math.sqrt(3.0) * _xavier_std(tensor, gain)
     with torch.no_grad():
         return tensor.uniform_(-bound, bound, generator=generator)
+
+
+def __getattr__(name: str):
+    # normlab.lsuv runs whole models, so it imports normlab.nn, which imports this module:
+    # loaded on first use, not at import time
+    if name in ("lsuv_", "LSUVLayer"):
+        from normlab import lsuv
+
+        return getattr(lsuv, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,10 +15,11 @@ from torch import Tensor, nn
 from normlab import init as nl_init
 from normlab import nn as nl
 from normlab.errors import NormlabError
+from normlab.lsuv import LSUVLayer, lsuv_
 
 NORMS = ("batch", "layer", "group", "none")
 NONLINEARITIES = ("tanh", "relu")
-INITS = ("naive", "lecture", "kaiming")
+INITS = ("naive", "lecture", "kaiming", "lsuv")
 
 
 class ConfigError(NormlabError):
@@ -43,7 +44,8 @@ class ModelConfig:
     norm: str = "batch"  # batch | layer | group | none
     nonlinearity: str = "tanh"  # tanh | relu
     residual: bool = False  # skip connections around hidden blocks of equal width
-    init: str = "kaiming"  # naive (plain randn) | lecture (hand-tuned scales) | kaiming
+    init: str = "kaiming"  # naive (plain randn) | lecture (hand-tuned scales) | kaiming | lsuv
+    gain: float | None = None  # init=kaiming: hidden weights' gain; None: the nonlinearity's
     output_bn: bool = False  # BatchNorm after the output Linear (the lecture's deep net)
     bias: bool | None = None  # hidden Linear biases; None: wherever no BatchNorm follows
     n_groups: int = 4  # groups for norm=group; must divide n_hidden
@@ -63,6 +65,8 @@ class ModelConfig:
                 "a Linear that feeds a BatchNorm needs no bias: the BatchNorm subtracts the batch "
                 "mean, which cancels it (the BatchNorm's own bias takes its place); drop --bias"
             )
+        if self.gain is not None and (self.init != "kaiming" or not self.gain > 0):
+            raise ConfigError(f"gain must be a positive number with init kaiming, got {self.gain}")
         if self.n_groups < 1:
             raise ConfigError(f"n_groups must be at least 1, got {self.n_groups}")
         if self.norm == "group" and self.n_hidden % self.n_groups != 0:
@@ -178,7 +182,11 @@ class MLPLanguageModel(nn.Module):
                 linears[0].weight.mul_(0.2)
                 if linears[0].bias is not None:
                     linears[0].bias.mul_(0.01)
-        if self.config.init == "kaiming":
+        if self.config.gain is not None:  # the layers drew with the nonlinearity's gain
+            rescale = self.config.gain / nl_init.calculate_gain(self.config.nonlinearity)
+            for layer in linears[:-1]:
+                layer.weight.mul_(rescale)
+        if self.config.init in ("kaiming", "lsuv"):  # lsuv_() later replaces the hidden weights
             # The output starts "less confident": its logits near zero, so the loss at
             # step 0 is near ln(vocab_size) rather than confidently wrong.
             nl_init.kaiming_normal_(self.head[0].weight, nonlinearity="linear", generator=g)
@@ -186,6 +194,15 @@ class MLPLanguageModel(nn.Module):
                 self.head[1].weight.mul_(0.1)
             else:
                 self.head[0].weight.mul_(0.1)
+
+    def lsuv_(self, idx: Tensor, generator: torch.Generator | None = None) -> list[LSUVLayer]:
+        """``init=lsuv``: :func:`normlab.lsuv.lsuv_` on the hidden Linears with a real batch.
+
+        Until it runs, an ``init=lsuv`` model holds the ``init=kaiming``
+        weights. The output layer keeps its small Kaiming start (logits near
+        zero), so the two inits differ only in the hidden layers.
+        """
+        return lsuv_(self, idx, layers=[block[0] for block in self.blocks], generator=generator)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,7 +16,7 @@ from normlab.diagnostics import ACTIVATIONS, Report, Snapshot
 FIGSIZE = (7.5, 3.2)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -25,11 +25,16 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> str:
+def png_bytes(fig) -> bytes:
+    """The figure as a PNG file's bytes; the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    return base64.b64encode(buffer.getvalue()).decode()
+    pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _png(fig) -> str:
+    return base64.b64encode(png_bytes(fig)).decode()
 
 
 def _bin_centers(r: float, n: int) -> list[float]:
@@ -39,7 +44,7 @@ def _bin_centers(r: float, n: int) -> list[float]:
 
 def _histogram_figure(series, title: str, xlabel: str) -> str:
     """One line per layer: ``series`` is [(label, range, counts)]."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for label, r, counts in series:
         total = sum(counts) or 1.0
@@ -75,7 +80,7 @@ def weight_gradient_histograms(snap: Snapshot) -> str:
 
 
 def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     for name, points in update_history.items():
         ax.plot([s for s, _ in points], [v for _, v in points], label=name)
@@ -88,7 +93,7 @@ def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> s
 
 
 def loss_figure(metrics: list[dict]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
     steps = [r["step"] for r in metrics]
     for key in ("train_loss", "val_loss"):
@@ -102,7 +107,7 @@ def loss_figure(metrics: list[dict]) -> str:
 
 def signal_propagation_figure(snap: Snapshot) -> str:
     """Activation and gradient std against depth."""
-    plt = _pyplot()
+    plt = pyplot()
     layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
     depth = list(range(1, len(layers) + 1))
     from matplotlib.ticker import MaxNLocator

@@ -44,6 +44,7 @@ from normlab.distributed import (
     wrap_ddp,
 )
 from normlab.errors import NormlabError, TrainingDiverged
+from normlab.lsuv import LSUVLayer
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig, check_choices
 from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
 from normlab.sample import format_samples, sample_run
@@ -211,6 +212,37 @@ def evaluate(
         total += F.cross_entropy(logits, Y[start : start + batch_size], reduction="sum")
     model.train(was_training)
     return all_reduce_sum(total, ranks).item() / n
+
+
+LSUV_BATCH = 1024  # training examples in the one batch --init lsuv measures on
+
+
+def data_init_(
+    model: MLPLanguageModel, X: Tensor, seed: int, verbose: bool = True
+) -> list[LSUVLayer] | None:
+    """``--init lsuv``: LSUV on one batch of training contexts; any other init: nothing.
+
+    The batch and the orthonormal matrices come from their own generator, so the
+    batch order (and every other random draw) is the same as with any other init.
+    """
+    if model.config.init != "lsuv":
+        return None
+    g = torch.Generator().manual_seed(seed + 2)
+    ix = torch.randint(0, len(X), (LSUV_BATCH,), generator=g)
+    layers = model.lsuv_(X[ix.to(X.device)], generator=g)
+    scaled = [r for r in layers if r.target is not None]
+    line = f"lsuv: {len(scaled)} of {len(layers)} hidden layers scaled"
+    if scaled:
+        line += (
+            f", variance after {scaled[0].feeds} {min(r.variance for r in scaled):.3f}–"
+            f"{max(r.variance for r in scaled):.3f} (target {scaled[0].target:.3f}), "
+            f"at most {max(r.iterations for r in scaled)} iterations"
+        )
+    if len(scaled) < len(layers):
+        line += f"; {len(layers) - len(scaled)} skipped: they feed a normalization"
+    if verbose:
+        print(line)
+    return layers
 
 
 class _SigintFlag:
@@ -421,6 +453,8 @@ def train(
     )  # the same global batches on every rank
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
+    if not ckpt:  # a resumed run loads its weights: LSUV happens once, when a run starts
+        data_init_(model, Xtr, tcfg.seed)
 
     progress = Progress()
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
