@@ -226,21 +226,27 @@ def test_a_bad_configuration_is_one_line_from_rank_0(tmp_path, flags, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_saves_and_resume_continues_the_same_run(tmp_path):
-    flags = [*LECTURE_DEEP_50, "--steps", "300", "--eval-every", "300", "--diagnose-every", "1000"]
-    out = tmp_path / "run"
+def _start_in_the_loop(out, flags) -> subprocess.Popen:
+    """``normlab train --nproc 2`` in a session of its own, returned once rank 0 is training."""
     command = [sys.executable, "-m", "normlab", "train", "--nproc", "2", "--out", str(out), *flags]
     proc = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # so that the Ctrl-C below reaches this run alone
+        start_new_session=True,  # so that a signal to its group reaches this run alone
     )
     recordings = out / "diagnostics.jsonl"  # its first line: step 0 is under way
     deadline = time.monotonic() + 120
     while not (recordings.exists() and recordings.read_text()) and time.monotonic() < deadline:
         time.sleep(0.01)
+    return proc
+
+
+def test_ctrl_c_saves_and_resume_continues_the_same_run(tmp_path):
+    flags = [*LECTURE_DEEP_50, "--steps", "300", "--eval-every", "300", "--diagnose-every", "1000"]
+    out = tmp_path / "run"
+    proc = _start_in_the_loop(out, flags)
     os.killpg(proc.pid, signal.SIGINT)  # as a Ctrl-C in a terminal: every process gets it
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
@@ -257,20 +263,8 @@ def test_ctrl_c_saves_and_resume_continues_the_same_run(tmp_path):
 
 
 def test_a_killed_process_is_one_line_not_a_wall_of_tracebacks(tmp_path):
-    out = tmp_path / "run"
     flags = [*LECTURE_DEEP_50, "--steps", "100000", "--diagnose-every", "1"]
-    command = [sys.executable, "-m", "normlab", "train", "--nproc", "2", "--out", str(out), *flags]
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    recordings = out / "diagnostics.jsonl"  # rank 0 is in the training loop
-    deadline = time.monotonic() + 120
-    while not (recordings.exists() and recordings.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = _start_in_the_loop(tmp_path / "run", flags)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
     os.kill(int(workers.stdout.split()[-1]), signal.SIGKILL)  # as the OOM killer would
     _, stderr = proc.communicate(timeout=120)

@@ -454,7 +454,7 @@ def train(
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
     if not ckpt:  # a resumed run loads its weights: LSUV happens once, when a run starts
-        data_init_(model, Xtr, tcfg.seed)
+        data_init_(model, Xtr, tcfg.seed, verbose=ranks.is_main)
 
     progress = Progress()
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
