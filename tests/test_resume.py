@@ -66,9 +66,9 @@ def uninterrupted(tmp_path_factory, tiny):
     return out
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, steps=STEPS):
     ca, cb = load_checkpoint(a), load_checkpoint(b)
-    assert ca["progress"]["step"] == cb["progress"]["step"] == STEPS
+    assert ca["progress"]["step"] == cb["progress"]["step"] == steps
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k
     for pid, state in ca["optimizer"]["state"].items():
@@ -108,3 +108,23 @@ def test_ctrl_c_saves_exits_130_and_resumes_bit_identically(uninterrupted, tmp_p
     assert load_checkpoint(out)["progress"]["step"] == step < STEPS
     subprocess.run(_resume_cmd(out), check=True, capture_output=True)
     _assert_same_run(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, tiny):
+    steps = 10_000  # the compiled step is fast: a run long enough to be killed in the middle
+
+    def command(out):
+        flags = ["--optimizer", "sgd", "--lr", "0.1", "--compile", "--steps", str(steps)]
+        flags += ["--eval-every", "5000", "--checkpoint-every", "100", "--out", str(out)]
+        return [sys.executable, "-m", "normlab", "train", *tiny, *flags]
+
+    straight = tmp_path / "straight"
+    subprocess.run(command(straight), check=True, capture_output=True)
+    out = tmp_path / "killed"
+    delay = random.Random(os.getpid()).uniform(0, 1.0)
+    code, _ = _start_and_signal(command(out), out, signal.SIGKILL, delay)
+    assert code == -signal.SIGKILL
+    assert load_checkpoint(out)["progress"]["step"] < steps
+    subprocess.run(_resume_cmd(out), check=True, capture_output=True)
+    _assert_same_run(straight, out, steps)

@@ -55,6 +55,7 @@ TRAIN_FLAGS = (
     "diagnose_every",
     "tensorboard",
     "sync_batchnorm",
+    "compile",
     "seed",
     "data",
 )
@@ -130,6 +131,11 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
         help="also write TensorBoard event files to the run folder (needs tensorboard)",
     )
     t.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
+    t.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="SGD: the hand-written training step compiled as one graph (default: off)",
+    )
     t.add_argument(
         "--sync-batchnorm",
         action=argparse.BooleanOptionalAction,
@@ -360,8 +366,9 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
+    from normlab.distributed import SINGLE
     from normlab.model import MLPLanguageModel
-    from normlab.train import make_optimizer, resolve_device
+    from normlab.train import fast_step, make_optimizer, resolve_device
 
     model_config, tcfg, data = configs_and_data_from_args(args)
     steps = args.steps or 500
@@ -371,12 +378,16 @@ def cmd_bench(args) -> int:
     model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
     model = model.to(device)
     optimizer = make_optimizer(model, tcfg)
+    fast = fast_step(model, tcfg, SINGLE, print)
     X, Y = (t.to(device) for t in data.splits["train"])
     g = torch.Generator().manual_seed(tcfg.seed)
 
     def run(n):
         for _ in range(n):
             ix = torch.randint(0, len(X), (tcfg.batch_size,), generator=g).to(device)
+            if fast is not None:
+                fast(X[ix], Y[ix], tcfg.lr)
+                continue
             _, loss = model(X[ix], Y[ix])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -384,7 +395,9 @@ def cmd_bench(args) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    run(max(10, steps // 10))  # warm-up
+    start = time.perf_counter()
+    run(max(10, steps // 10))  # warm-up (and the compilation, with --compile)
+    warmup_s = time.perf_counter() - start
     start = time.perf_counter()
     run(steps)
     elapsed = time.perf_counter() - start
@@ -392,6 +405,8 @@ def cmd_bench(args) -> int:
         json.dumps(
             {
                 "steps_per_s": round(steps / elapsed, 1),
+                "warmup_s": round(warmup_s, 2),
+                "compiled": fast is not None,
                 "batch_size": tcfg.batch_size,
                 "preset": tcfg.preset,
                 "steps": steps,

@@ -44,6 +44,7 @@ from normlab.distributed import (
     wrap_ddp,
 )
 from normlab.errors import NormlabError, TrainingDiverged
+from normlab.fast import FastStep, unsupported
 from normlab.lsuv import LSUVLayer
 from normlab.model import ConfigError, MLPLanguageModel, ModelConfig, check_choices
 from normlab.report import log_metrics, log_snapshot, open_tensorboard, render_html, write_report
@@ -106,6 +107,7 @@ class TrainConfig:
     diagnose_every: int = 100  # record per-layer diagnostics every N steps; 0: never
     tensorboard: bool = False  # also write TensorBoard event files
     sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
+    compile: bool = False  # the hand-written SGD step compiled as one graph, where it applies
     target_val_loss: float | None = None  # stop at the first eval at or below this
     seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
     data: str | None = None  # one item per line; None: the bundled names
@@ -347,6 +349,17 @@ def _restore_rng_state(
         torch.cuda.set_rng_state(own["cuda"], device)
 
 
+def fast_step(model: MLPLanguageModel, tcfg: TrainConfig, ranks: Ranks, say) -> FastStep | None:
+    """``--compile``: the compiled hand-written step, or None (with a line why) where it can't."""
+    if not tcfg.compile:
+        return None
+    reason = "several processes" if ranks.distributed else unsupported(model, tcfg.optimizer)
+    if reason is not None:
+        say(f"--compile does not cover {reason}; training with autograd")
+        return None
+    return FastStep(model, tcfg.weight_decay)
+
+
 def _global_outcome(loss: Tensor, interrupted: bool, ranks: Ranks) -> tuple[float, bool]:
     """The loss over the whole batch, and whether any process was interrupted.
 
@@ -476,6 +489,7 @@ def train(
         diag_path.write_text("")
     writer = open_tensorboard(out) if tcfg.tensorboard and ranks.is_main else None
     step_model = model  # what the training step calls: the model, or DDP around it
+    fast = fast_step(model, tcfg, ranks, say)
     if ranks.distributed:
         step_model = wrap_ddp(model, device)
 
@@ -526,15 +540,18 @@ def train(
             ix = ix[rows].to(device)
             xb, yb = Xtr[ix], Ytr[ix]
             recording = diag is not None and progress.step % tcfg.diagnose_every == 0
-            if recording:
-                diag.arm()
-            logits, _ = step_model(xb)
-            # this rank's share of the global mean (on one process, bitwise the mean itself)
-            loss = F.cross_entropy(logits, yb, reduction="sum") / tcfg.batch_size
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            eval_loss = eval_mode_loss(model, xb, yb) if recording else None
-            optimizer.step()
+            if fast is not None and not recording:  # recordings need autograd's hooks
+                loss = fast(xb, yb, lr)
+            else:
+                if recording:
+                    diag.arm()
+                logits, _ = step_model(xb)
+                # this rank's share of the global mean (on one process, bitwise the mean itself)
+                loss = F.cross_entropy(logits, yb, reduction="sum") / tcfg.batch_size
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                eval_loss = eval_mode_loss(model, xb, yb) if recording else None
+                optimizer.step()
             loss_value, interrupted = _global_outcome(loss, sigint.raised, ranks)
             if recording:
                 # the train-mode loss of the rows the hooks saw: on several processes, this rank's

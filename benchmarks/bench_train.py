@@ -1,0 +1,137 @@
+"""Training throughput of lecture-deep: normlab's compiled step against plain torch.nn + SGD.
+
+The baseline is the one the performance issue names, built here from the same
+initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
+torch.optim.SGD. Against it, in the same run:
+
+- normlab, eager: ``MLPLanguageModel`` with its hand-written layers, autograd
+  and torch.optim.SGD (what ``normlab train`` runs without ``--compile``);
+- normlab, compiled: ``normlab.fast.FastStep``, the hand-written whole step
+  compiled as one graph (``normlab train --compile``).
+
+It first checks that the three agree over 100 steps, then times them in
+alternating rounds and prints steps/s, the ratios to the baseline, and the
+compile time (the first calls at each batch size) separately.
+
+    .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--threads 1]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.data import load_dataset
+from normlab.fast import FastStep
+from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.presets import PRESETS
+
+LR = 0.1
+CASES = ((32, 2000), (256, 800), (4096, 60))  # batch size, steps per round
+
+
+def lecture_deep(vocab_size: int) -> MLPLanguageModel:
+    config = ModelConfig(**PRESETS["lecture-deep"]["model"], vocab_size=vocab_size)
+    return MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+
+
+def torch_nn_copy(model: MLPLanguageModel) -> nn.Sequential:
+    """The same network in plain torch.nn layers, with ``model``'s weights."""
+    c = model.config
+    layers, fan_in = [nn.Embedding(c.vocab_size, c.n_embd), nn.Flatten()], c.block_size * c.n_embd
+    for _ in range(c.n_layer):
+        layers += [nn.Linear(fan_in, c.n_hidden, bias=False), nn.BatchNorm1d(c.n_hidden), nn.Tanh()]
+        fan_in = c.n_hidden
+    layers += [nn.Linear(fan_in, c.vocab_size, bias=False), nn.BatchNorm1d(c.vocab_size)]
+    baseline = nn.Sequential(*layers)
+    ours = [p for p in model.parameters()]
+    with torch.no_grad():
+        for p, q in zip(baseline.parameters(), ours, strict=True):
+            p.copy_(q)
+    return baseline
+
+
+def sgd_runner(model: nn.Module, loss_of):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+    def run(x, y):
+        loss = loss_of(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return run
+
+
+def runners(vocab_size: int) -> dict:
+    """The three training steps, each on its own copy of the same initial network."""
+    base = torch_nn_copy(lecture_deep(vocab_size))
+    eager = lecture_deep(vocab_size)
+    fast = FastStep(lecture_deep(vocab_size))
+    return {
+        "torch.nn baseline": sgd_runner(base, lambda x, y: F.cross_entropy(base(x), y)),
+        "normlab eager": sgd_runner(eager, lambda x, y: eager(x, y)[1]),
+        "normlab compiled": lambda x, y: fast(x, y, LR),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset(None, PRESETS["lecture-deep"]["model"]["block_size"])
+    X, Y = data.splits["train"]
+
+    def batches(batch_size, n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return [
+            (X[ix], Y[ix])
+            for ix in (torch.randint(0, len(X), (batch_size,), generator=g) for _ in range(n))
+        ]
+
+    steps = runners(data.vocab.size)  # the same numbers: 100 steps from the same weights
+    worst = 0.0
+    for x, y in batches(32, 100, seed=1):
+        losses = [run(x, y).item() for run in steps.values()]
+        worst = max(worst, max(losses) - min(losses))
+    print(f"largest loss difference over 100 steps of the three: {worst:.2e}")
+    assert worst < 1e-3, "the three training steps disagree"
+
+    for batch_size, n in CASES:
+        steps = runners(data.vocab.size)
+        start = time.perf_counter()
+        for x, y in batches(batch_size, 3):
+            steps["normlab compiled"](x, y)
+        compile_s = time.perf_counter() - start
+        for name, run in steps.items():
+            if name != "normlab compiled":
+                for x, y in batches(batch_size, 3):
+                    run(x, y)
+        rates = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, run in steps.items():
+                data_ = batches(batch_size, n)
+                start = time.perf_counter()
+                for x, y in data_:
+                    run(x, y)
+                rates[name].append(n / (time.perf_counter() - start))
+        base = statistics.median(rates["torch.nn baseline"])
+        line = ", ".join(
+            f"{name} {statistics.median(r):,.0f} steps/s ({statistics.median(r) / base:.2f}×)"
+            for name, r in rates.items()
+        )
+        print(
+            f"batch {batch_size}, {args.threads} thread(s): {line}; compiling took "
+            f"{compile_s:.1f} s",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
