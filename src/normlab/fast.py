@@ -68,84 +68,110 @@ class FastStep:
         self, model: MLPLanguageModel, weight_decay: float = 0.0, compile: bool = True
     ) -> None:
         c = model.config
-        self.model = model
-        self.weight_decay = weight_decay
+        # the tensors the step reads and updates, as one list (fewer guards than module
+        # attributes), and the plan of where each layer's tensors are in it
+        self.tensors: list[Tensor] = [model.embedding.weight]
+        plan = []
+        layers = [(b[0], b[1], True, b.residual) for b in model.blocks]
+        layers.append((model.head[0], model.head[1] if len(model.head) > 1 else None, False, False))
+        for linear, norm, activated, residual in layers:
+            i = len(self.tensors)
+            self.tensors.append(linear.weight)
+            bias = None
+            if linear.bias is not None:
+                bias = len(self.tensors)
+                self.tensors.append(linear.bias)
+            bn = None
+            if isinstance(norm, nl.BatchNorm1d):
+                bn = (len(self.tensors), norm.eps, norm.momentum)
+                self.tensors += [
+                    norm.weight,
+                    norm.bias,
+                    norm.running_mean,
+                    norm.running_var,
+                    norm.num_batches_tracked,
+                ]
+            plan.append((i, bias, bn, activated, residual))
+        self.plan = tuple(plan)
         self.tanh = c.nonlinearity == "tanh"
-        self.layers = []  # per Linear: (Linear, BatchNorm | None, activated, residual)
-        for block in model.blocks:
-            norm = block[1] if isinstance(block[1], nl.BatchNorm1d) else None
-            self.layers.append((block[0], norm, True, block.residual))
-        head_norm = model.head[1] if len(model.head) > 1 else None
-        self.layers.append((model.head[0], head_norm, False, False))
-        self.norms = [norm for _, norm, _, _ in self.layers if norm is not None]
+        self.weight_decay = weight_decay
         self._lr = None
-        self._fn = torch.compile(self._step, dynamic=False) if compile else self._step
+        self._fn = torch.compile(_step, dynamic=False) if compile else _step
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
-        args = (x, y, self._lr)
-        if self._fn is self._step:
+        args = (self.tensors, x, y, self._lr, self.plan, self.tanh, self.weight_decay)
+        if self._fn is _step:
             return self._fn(*args)
         try:
             return self._fn(*args)
         except Exception as e:  # no C++ compiler, an unsupported platform: the same step, eager
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
-            self._fn = self._step
+            self._fn = _step
             return self._fn(*args)
 
-    @torch.no_grad()
-    def _step(self, x: Tensor, y: Tensor, lr: Tensor) -> Tensor:
-        emb = self.model.embedding.weight  # (V, E)
-        B, T = x.shape
-        h = emb[x].view(B, -1)  # (B, T·E)
-        saved, stats = [], []
-        for linear, norm, activated, residual in self.layers:
-            z = h @ linear.weight.t()  # (B, out)
-            if linear.bias is not None:
-                z = z + linear.bias
-            bn = None
-            if norm is not None:
-                z, xhat, invstd, mean, var = _bn_forward(z, norm.weight, norm.bias, norm.eps)
-                bn = (xhat, invstd)
-                stats.append((mean, var))
-            a = (torch.tanh(z) if self.tanh else torch.relu(z)) if activated else z
-            saved.append((h, bn, a))
-            h = h + a if residual else a
-        logp = torch.log_softmax(h, 1)  # (B, V)
-        loss = -logp.gather(1, y[:, None]).mean()
 
-        grads = []  # (tensor, gradient) pairs
-        d = logp.exp()
-        d[torch.arange(B, device=x.device), y] -= 1
-        d = d / B  # ∂loss/∂logits, (B, V)
-        for (linear, norm, activated, residual), (h_in, bn, a) in zip(
-            reversed(self.layers), reversed(saved), strict=True
-        ):
-            dz = d
-            if activated:
-                dz = dz * (1 - a * a) if self.tanh else dz * (a > 0)
-            if norm is not None:
-                dz, dgain, dbias = _bn_backward(dz, *bn, norm.weight)
-                grads += [(norm.weight, dgain), (norm.bias, dbias)]
-            grads.append((linear.weight, dz.t() @ h_in))
-            if linear.bias is not None:
-                grads.append((linear.bias, dz.sum(0)))
-            d = dz @ linear.weight + (d if residual else 0)  # (B, fan_in)
-        demb = torch.zeros_like(emb).index_add_(0, x.reshape(-1), d.reshape(B * T, -1))
-        grads.append((emb, demb))
+@torch.no_grad()
+def _step(tensors, x, y, lr, plan, tanh: bool, weight_decay: float) -> Tensor:
+    """The step itself: ``plan`` holds, per Linear, (weight index, bias index | None,
+    (BatchNorm's first index, eps, momentum) | None, activated, residual)."""
+    emb = tensors[0]  # (V, E)
+    B, T = x.shape
+    h = emb[x].view(B, -1)  # (B, T·E)
+    saved = []
+    for w, b, bn, activated, residual in plan:
+        z = h @ tensors[w].t()  # (B, out)
+        if b is not None:
+            z = z + tensors[b]
+        cache = None
+        if bn is not None:
+            k, eps, momentum = bn
+            z, xhat, invstd, mean, var = _bn_forward(z, tensors[k], tensors[k + 1], eps)
+            cache = (xhat, invstd, mean, var)
+        a = (torch.tanh(z) if tanh else torch.relu(z)) if activated else z
+        saved.append((h, cache, a))
+        h = h + a if residual else a
+    logp = torch.log_softmax(h, 1)  # (B, V)
+    loss = -logp.gather(1, y[:, None]).mean()
 
-        for p, g in grads:  # torch.optim.SGD: decay (L2) on matrices only, as make_optimizer
-            if self.weight_decay and p.dim() >= 2:
-                g = g + self.weight_decay * p
-            p.sub_(lr * g)
-        for norm, (mean, var) in zip(self.norms, stats, strict=True):  # as BatchNorm1d does
-            norm.num_batches_tracked.add_(1)
-            f = norm.momentum
-            if f is None:  # the cumulative average
-                f = 1.0 / norm.num_batches_tracked
-            norm.running_mean.lerp_(mean, f)
-            norm.running_var.lerp_(var * (B / (B - 1)), f)  # unbiased, as torch
-        return loss
+    grads = []  # (index, gradient) pairs
+    V = logp.shape[1]
+    target = (
+        torch.arange(V, device=x.device) == y[:, None]
+    )  # one-hot, (B, V): fuses, unlike indexing
+    d = (logp.exp() - target.to(logp.dtype)) / B  # ∂loss/∂logits, (B, V)
+    for (w, b, bn, activated, residual), (h_in, cache, a) in zip(
+        reversed(plan), reversed(saved), strict=True
+    ):
+        dz = d
+        if activated:
+            dz = dz * (1 - a * a) if tanh else dz * (a > 0)
+        if bn is not None:
+            k = bn[0]
+            dz, dgain, dbias = _bn_backward(dz, cache[0], cache[1], tensors[k])
+            grads += [(k, dgain), (k + 1, dbias)]
+        grads.append((w, dz.t() @ h_in))
+        if b is not None:
+            grads.append((b, dz.sum(0)))
+        d_in = dz @ tensors[w]  # (B, fan_in)
+        d = d_in + d if residual else d_in  # the skip connection passes d on unchanged
+    grads.append((0, torch.zeros_like(emb).index_add_(0, x.reshape(-1), d.reshape(B * T, -1))))
+
+    for i, g in grads:  # torch.optim.SGD: decay (L2) on matrices only, as make_optimizer
+        p = tensors[i]
+        if weight_decay and p.dim() >= 2:
+            g = g + weight_decay * p
+        p.sub_(lr * g)
+    for (_, _, bn, _, _), (_, cache, _) in zip(plan, saved, strict=True):
+        if bn is None:
+            continue
+        k, _, momentum = bn
+        running_mean, running_var, count = tensors[k + 2 : k + 5]
+        count.add_(1)
+        f = 1.0 / count if momentum is None else momentum  # None: the cumulative average
+        running_mean.lerp_(cache[2], f)
+        running_var.lerp_(cache[3] * (B / (B - 1)), f)  # unbiased, as torch
+    return loss
