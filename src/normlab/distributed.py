@@ -107,12 +107,10 @@ def agree(error: NormlabError | None, ranks: Ranks) -> None:
         if error is not None:
             raise error
         return
-    mine = None if error is None else (type(error).__name__, str(error), error.exit_code)
-    everyone = [None] * ranks.world_size
-    dist.all_gather_object(everyone, mine)
-    failed = [(r, e) for r, e in enumerate(everyone) if e is not None]
+    mine = None if error is None else (str(error), error.exit_code)
+    failed = [(r, e) for r, e in enumerate(gather_objects(mine, ranks)) if e is not None]
     if failed:
-        rank, (_, message, exit_code) = failed[0]
+        rank, (message, exit_code) = failed[0]
         agreed = NormlabError(message if rank == 0 else f"[rank {rank}] {message}")
         agreed.exit_code = exit_code
         raise agreed
