@@ -117,6 +117,41 @@ def test_target_val_loss_stops_early(tmp_path, tiny, capsys):
     assert summary["best_val_loss"] <= 3.0 and "reached after" in stdout
 
 
+def test_eval_train_examples_measures_a_fixed_subset_and_leaves_training_alone(
+    tmp_path, tiny, capsys
+):
+    def rows(name, *flags):
+        code, _, _ = run(
+            capsys,
+            "train",
+            *tiny,
+            "--steps",
+            40,
+            "--eval-every",
+            20,
+            *flags,
+            "--out",
+            tmp_path / name,
+        )
+        assert code == 0
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines], json.loads(
+            (tmp_path / name / "summary.json").read_text()
+        )
+
+    whole, whole_summary = rows("whole")
+    part, part_summary = rows("part", "--eval-train-examples", 50)
+    again, _ = rows("again", "--eval-train-examples", 50)
+    assert part == again  # the same 50 examples every time
+    # the same training: val losses and the final whole-split losses are unchanged ...
+    assert [r["val_loss"] for r in part] == [r["val_loss"] for r in whole]
+    assert part_summary["train_loss"] == whole_summary["train_loss"]
+    # ... and only the periodic train loss is measured on the subset
+    assert all(p["train_loss"] != w["train_loss"] for p, w in zip(part, whole, strict=True))
+    code, _, err = run(capsys, "train", *tiny, "--eval-train-examples", 0, "--out", tmp_path / "x")
+    assert code == 2 and "eval-train-examples must be at least 1" in err
+
+
 def test_divergence_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_path, tiny, capsys):
     out = tmp_path / "run"
     code, _, err = run(

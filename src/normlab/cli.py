@@ -50,6 +50,7 @@ TRAIN_FLAGS = (
     "warmup_steps",
     "weight_decay",
     "eval_every",
+    "eval_train_examples",
     "checkpoint_every",
     "target_val_loss",
     "diagnose_every",
@@ -117,6 +118,11 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--warmup-steps", type=int, help="cosine schedule: linear warmup steps")
     t.add_argument("--weight-decay", type=float, help="on embeddings and Linear weights")
     t.add_argument("--eval-every", type=int, help="steps between evaluations on the whole splits")
+    t.add_argument(
+        "--eval-train-examples",
+        type=int,
+        help="the evaluations' train loss on this many fixed training examples (default: all)",
+    )
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     t.add_argument("--target-val-loss", type=float, help="stop at the first eval at or below this")
     t.add_argument("--seed", type=int, help="model init and batch order")
@@ -378,7 +384,7 @@ def cmd_bench(args) -> int:
     model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
     model = model.to(device)
     optimizer = make_optimizer(model, tcfg)
-    fast = fast_step(model, tcfg, SINGLE, print)
+    fast = fast_step(model, optimizer, tcfg, SINGLE, print)
     X, Y = (t.to(device) for t in data.splits["train"])
     g = torch.Generator().manual_seed(tcfg.seed)
 

@@ -1,18 +1,20 @@
-"""A whole SGD training step written out by hand and compiled as one graph (``--compile``).
+"""A whole training step written out by hand and compiled as one graph (``--compile``).
 
 These networks are small: an eager step spends most of its time on the
 per-operator overhead of a hundred small kernels and of the autograd engine,
 not on arithmetic. Here the forward pass, the backward pass (BatchNorm's
-closed-form gradient, the rest by the chain rule), the SGD update and the
-BatchNorm running-statistics update are one function of the model's own
+closed-form gradient, the rest by the chain rule), the optimizer's update and
+the BatchNorm running-statistics update are one function of the model's own
 tensors, which ``torch.compile`` turns into one graph of fused kernels.
 
 It covers ``MLPLanguageModel`` with ``norm`` batch or none, tanh or ReLU,
-residual blocks, hidden biases and an output BatchNorm, trained by plain SGD
-(with weight decay); ``unsupported()`` names what it does not cover, and the
-training loop then takes the autograd path. The parameters are updated in
-place, so the model, its optimizer and its checkpoints are the same objects
-whichever path a step takes (diagnostic recordings take the autograd path).
+residual blocks, hidden biases and an output BatchNorm, trained by the
+optimizers ``make_optimizer`` builds: plain SGD and AdamW, with their weight
+decay; ``unsupported()`` names what it does not cover, and the training loop
+then takes the autograd path. The parameters and AdamW's moments are updated
+in place, in the optimizer's own state, so the model, its optimizer and its
+checkpoints are the same objects whichever path a step takes (diagnostic
+recordings take the autograd path).
 """
 
 import torch
@@ -25,8 +27,8 @@ from normlab.model import MLPLanguageModel
 def unsupported(model: MLPLanguageModel, optimizer: str) -> str | None:
     """Why the fast step cannot train this model with this optimizer, or None if it can."""
     c = model.config
-    if optimizer != "sgd":
-        return f"optimizer {optimizer} (the fast step is plain SGD)"
+    if optimizer not in ("sgd", "adamw"):
+        return f"optimizer {optimizer} (the fast step has sgd and adamw)"
     if c.norm not in ("batch", "none"):
         return f"norm {c.norm} (the fast step has batch or none)"
     if c.dropout > 0:
@@ -35,37 +37,41 @@ def unsupported(model: MLPLanguageModel, optimizer: str) -> str | None:
 
 
 def _bn_forward(z: Tensor, gain: Tensor, bias: Tensor, eps: float):
-    """Training-mode BatchNorm of (B, C): output, x̂, 1/σ, batch mean, biased batch variance."""
-    mean = z.mean(0)  # (C,)
-    centered = z - mean  # (B, C)
-    var = (centered * centered).mean(0)  # (C,)
+    """Training-mode BatchNorm of (C, B), features by batch: output, x̂, 1/σ, batch mean and
+    biased batch variance (C, 1)."""
+    var, mean = torch.var_mean(z, 1, correction=0, keepdim=True)  # (C, 1): one pass
     invstd = torch.rsqrt(var + eps)
-    xhat = centered * invstd  # (B, C)
-    return gain * xhat + bias, xhat, invstd, mean, var
+    xhat = (z - mean) * invstd  # (C, B)
+    return gain[:, None] * xhat + bias[:, None], xhat, invstd, mean, var
 
 
 def _bn_backward(dy: Tensor, xhat: Tensor, invstd: Tensor, gain: Tensor):
-    r"""BatchNorm's closed-form backward, with :math:`g = \partial L/\partial y`:
+    r"""BatchNorm's closed-form backward on (C, B), with :math:`g = \partial L/\partial y`:
 
     .. math::
         \frac{\partial L}{\partial z} = \frac{\gamma}{\sigma B}
             \left(B g - \sum g - \hat{x} \sum g \hat{x}\right)
     """
-    B = dy.shape[0]
-    dbias, dgain = dy.sum(0), (dy * xhat).sum(0)  # (C,)
-    dz = (gain * invstd / B) * (B * dy - dbias - xhat * dgain)  # (B, C)
-    return dz, dgain, dbias
+    B = dy.shape[1]
+    dbias, dgain = dy.sum(1), (dy * xhat).sum(1)  # (C,)
+    dz = (gain[:, None] * invstd / B) * (B * dy - dbias[:, None] - xhat * dgain[:, None])
+    return dz, dgain, dbias  # (C, B), (C,), (C,)
 
 
 class FastStep:
-    """``step(x, y, lr) -> loss``: one SGD step of ``model`` on a batch, in place.
+    """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
+    ``optimizer`` is a ``torch.optim.SGD`` (plain: no momentum) or
+    ``torch.optim.AdamW`` over the model's parameters, as ``make_optimizer``
+    builds them; each parameter's weight decay comes from its group. Build the
+    step after loading a checkpoint into the optimizer: it works on the
+    optimizer's state tensors, creating them in torch's own format when absent.
     ``compile=False`` runs the same function eagerly (for tests and where
     ``torch.compile`` is unavailable).
     """
 
     def __init__(
-        self, model: MLPLanguageModel, weight_decay: float = 0.0, compile: bool = True
+        self, model: MLPLanguageModel, optimizer: torch.optim.Optimizer, compile: bool = True
     ) -> None:
         c = model.config
         # the tensors the step reads and updates, as one list (fewer guards than module
@@ -93,16 +99,58 @@ class FastStep:
                 ]
             plan.append((i, bias, bn, activated, residual))
         self.plan = tuple(plan)
+        self.update = self._update_plan(optimizer)
         self.tanh = c.nonlinearity == "tanh"
-        self.weight_decay = weight_decay
         self._lr = None
-        self._fn = torch.compile(_step, dynamic=False) if compile else _step
+        # inductor's own tanh on CPU is about 2× slower than its exp-based decomposition,
+        # whose error (≤ 2e-7 absolute) is float32 rounding for activations of order 1
+        options = {"cpp.use_decompose_tanh": True}
+        self._fn = torch.compile(_step, dynamic=False, options=options) if compile else _step
+
+    def _update_plan(self, optimizer: torch.optim.Optimizer) -> tuple:
+        """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
+        its weight decay, the index of its AdamW state: exp_avg, exp_avg_sq, step)."""
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        adamw = isinstance(optimizer, torch.optim.AdamW)
+        if not adamw and not isinstance(optimizer, torch.optim.SGD):
+            raise TypeError(f"the fast step has SGD and AdamW, not {type(optimizer).__name__}")
+        for g in optimizer.param_groups:
+            if g.get("momentum") or g.get("amsgrad") or g.get("maximize"):
+                raise TypeError("the fast step has plain SGD, and AdamW without amsgrad")
+        rules = []
+        for i, t in enumerate(list(self.tensors)):
+            group = group_of.get(id(t))
+            if group is None:  # a buffer
+                continue
+            state = None
+            if adamw:
+                moments = optimizer.state[t]
+                # absent before the first step: create them as torch.optim.AdamW(fused=True) does
+                if not moments:
+                    moments["step"] = torch.zeros((), dtype=torch.float32, device=t.device)
+                    moments["exp_avg"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                    moments["exp_avg_sq"] = torch.zeros_like(t, memory_format=torch.preserve_format)
+                state = len(self.tensors)
+                self.tensors += [moments["exp_avg"], moments["exp_avg_sq"], moments["step"]]
+            rules.append((i, float(group["weight_decay"]), state))
+        if len(rules) != len(group_of):
+            raise ValueError("the optimizer holds parameters that are not the model's")
+        if not adamw:
+            return ("sgd", tuple(rules))
+        beta1, beta2 = optimizer.param_groups[0]["betas"]
+        return (
+            "adamw",
+            float(beta1),
+            float(beta2),
+            float(optimizer.param_groups[0]["eps"]),
+            tuple(rules),
+        )
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
         if self._lr is None or self._lr.device != x.device:
-            self._lr = torch.zeros((), device=x.device)
+            self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
-        args = (self.tensors, x, y, self._lr, self.plan, self.tanh, self.weight_decay)
+        args = (self.tensors, x, y, self._lr, self.plan, self.tanh, self.update)
         if self._fn is _step:
             return self._fn(*args)
         try:
@@ -115,17 +163,24 @@ class FastStep:
 
 
 @torch.no_grad()
-def _step(tensors, x, y, lr, plan, tanh: bool, weight_decay: float) -> Tensor:
+def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
     """The step itself: ``plan`` holds, per Linear, (weight index, bias index | None,
-    (BatchNorm's first index, eps, momentum) | None, activated, residual)."""
+    (BatchNorm's first index, eps, momentum) | None, activated, residual); ``update``
+    is ``FastStep._update_plan``'s.
+
+    Activations are kept features by batch, (C, B), the transpose of the model's
+    layout: BatchNorm's sums over the batch then run along contiguous rows, one
+    pass each, where over (B, C) they would stride across the whole tensor once
+    per few columns. The matrix products take either layout at no cost.
+    """
     emb = tensors[0]  # (V, E)
     B, T = x.shape
-    h = emb[x].view(B, -1)  # (B, T·E)
+    h = emb[x].view(B, -1).t()  # (T·E, B), a view: the first product reads it transposed
     saved = []
     for w, b, bn, activated, residual in plan:
-        z = h @ tensors[w].t()  # (B, out)
+        z = tensors[w] @ h  # (out, B)
         if b is not None:
-            z = z + tensors[b]
+            z = z + tensors[b][:, None]
         cache = None
         if bn is not None:
             k, eps, momentum = bn
@@ -134,15 +189,13 @@ def _step(tensors, x, y, lr, plan, tanh: bool, weight_decay: float) -> Tensor:
         a = (torch.tanh(z) if tanh else torch.relu(z)) if activated else z
         saved.append((h, cache, a))
         h = h + a if residual else a
-    logp = torch.log_softmax(h, 1)  # (B, V)
-    loss = -logp.gather(1, y[:, None]).mean()
+    logp = torch.log_softmax(h, 0)  # (V, B)
+    loss = -logp.gather(0, y[None, :]).mean()
 
     grads = []  # (index, gradient) pairs
-    V = logp.shape[1]
-    target = (
-        torch.arange(V, device=x.device) == y[:, None]
-    )  # one-hot, (B, V): fuses, unlike indexing
-    d = (logp.exp() - target.to(logp.dtype)) / B  # ∂loss/∂logits, (B, V)
+    V = logp.shape[0]
+    target = torch.arange(V, device=x.device)[:, None] == y  # one-hot, (V, B): fuses
+    d = (logp.exp() - target.to(logp.dtype)) / B  # ∂loss/∂logits, (V, B)
     for (w, b, bn, activated, residual), (h_in, cache, a) in zip(
         reversed(plan), reversed(saved), strict=True
     ):
@@ -153,18 +206,15 @@ def _step(tensors, x, y, lr, plan, tanh: bool, weight_decay: float) -> Tensor:
             k = bn[0]
             dz, dgain, dbias = _bn_backward(dz, cache[0], cache[1], tensors[k])
             grads += [(k, dgain), (k + 1, dbias)]
-        grads.append((w, dz.t() @ h_in))
+        grads.append((w, dz @ h_in.t()))  # (out, in)
         if b is not None:
-            grads.append((b, dz.sum(0)))
-        d_in = dz @ tensors[w]  # (B, fan_in)
+            grads.append((b, dz.sum(1)))
+        d_in = tensors[w].t() @ dz  # (in, B)
         d = d_in + d if residual else d_in  # the skip connection passes d on unchanged
-    grads.append((0, torch.zeros_like(emb).index_add_(0, x.reshape(-1), d.reshape(B * T, -1))))
+    d_emb = d.t().reshape(B * T, -1)  # (B·T, E)
+    grads.append((0, torch.zeros_like(emb).index_add_(0, x.reshape(-1), d_emb)))
 
-    for i, g in grads:  # torch.optim.SGD: decay (L2) on matrices only, as make_optimizer
-        p = tensors[i]
-        if weight_decay and p.dim() >= 2:
-            g = g + weight_decay * p
-        p.sub_(lr * g)
+    _apply_update(tensors, dict(grads), lr, update)
     for (_, _, bn, _, _), (_, cache, _) in zip(plan, saved, strict=True):
         if bn is None:
             continue
@@ -172,6 +222,42 @@ def _step(tensors, x, y, lr, plan, tanh: bool, weight_decay: float) -> Tensor:
         running_mean, running_var, count = tensors[k + 2 : k + 5]
         count.add_(1)
         f = 1.0 / count if momentum is None else momentum  # None: the cumulative average
-        running_mean.lerp_(cache[2], f)
-        running_var.lerp_(cache[3] * (B / (B - 1)), f)  # unbiased, as torch
+        running_mean.lerp_(cache[2].view(-1), f)
+        running_var.lerp_(cache[3].view(-1) * (B / (B - 1)), f)  # unbiased, as torch
     return loss
+
+
+def _apply_update(tensors, grads: dict, lr: Tensor, update: tuple) -> None:
+    r"""The optimizer's update, in place, with :math:`\eta` the learning rate and
+    :math:`\lambda` the weight decay.
+
+    ``torch.optim.SGD``: decay as L2, :math:`p \leftarrow p - \eta (g + \lambda p)`.
+
+    ``torch.optim.AdamW``: decoupled decay :math:`p \leftarrow p (1 - \eta\lambda)`, the
+    moments :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g` and
+    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`, then at step :math:`t`
+
+    .. math::
+        p \leftarrow p - \frac{\eta}{1 - \beta_1^t}
+            \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
+    """
+    if update[0] == "sgd":
+        for i, decay, _ in update[1]:
+            p, g = tensors[i], grads[i]
+            if decay:
+                g = g + decay * p
+            p.sub_(lr * g)
+        return
+    _, beta1, beta2, eps, rules = update
+    for i, decay, k in rules:
+        p, g = tensors[i], grads[i]
+        exp_avg, exp_avg_sq, step = tensors[k : k + 3]
+        step.add_(1)
+        t = step.double()  # the scalar coefficients in float64, as torch's fused AdamW
+        if decay:
+            p.mul_((1 - lr * decay).to(p.dtype))
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = (lr / (1 - beta1**t)).to(p.dtype)
+        denom = exp_avg_sq.sqrt() / (1 - beta2**t).sqrt().to(p.dtype) + eps
+        p.sub_(step_size * exp_avg / denom)
