@@ -75,6 +75,31 @@ PRESETS: dict[str, dict[str, dict]] = {
             checkpoint_every=1000,
         ),
     },
+    # the shortest wall time to val 2.10 (`normlab train --preset sprint --target-val-loss 2.10`):
+    # one wide layer over a long context, large batches, a short cosine schedule
+    "sprint": {
+        "model": dict(
+            n_embd=24,
+            block_size=8,
+            n_layer=1,
+            n_hidden=256,
+            norm="batch",
+            nonlinearity="tanh",
+            init="kaiming",
+        ),
+        "train": dict(
+            optimizer="adamw",
+            batch_size=1024,
+            lr=1e-2,
+            schedule="cosine",
+            warmup_steps=50,
+            min_lr_ratio=0.0,
+            steps=500,
+            eval_every=100,
+            eval_train_examples=5000,  # the whole train split would cost as much as 50 steps
+            checkpoint_every=500,
+        ),
+    },
     # a first recipe for the lowest loss from a plain BatchNorm MLP, for runs of minutes
     "best": {
         "model": dict(
