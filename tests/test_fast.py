@@ -144,9 +144,9 @@ def test_a_failed_compile_is_one_line_and_the_same_step_uncompiled(names, monkey
     ]
 
 
-def _train(tmp_path, name, *flags):
+def _train(tmp_path, name, *flags, preset="lecture-deep"):
     out = tmp_path / name
-    command = [sys.executable, "-m", "normlab", "train", "--preset", "lecture-deep"]
+    command = [sys.executable, "-m", "normlab", "train", "--preset", preset]
     command += ["--steps", "100", "--eval-every", "100", "--threads", "1", "--device", "cpu"]
     result = subprocess.run(
         [*command, "--out", str(out), *flags], capture_output=True, text=True, timeout=300
@@ -156,16 +156,25 @@ def _train(tmp_path, name, *flags):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_training_over_100_steps(tmp_path):
-    eager, _ = _train(tmp_path, "eager")
-    compiled, _ = _train(tmp_path, "compiled", "--compile")
+@pytest.mark.parametrize(
+    "preset, tol",
+    [("lecture-deep", 1e-4), ("default", 1e-3)],  # SGD; AdamW (its float32 drift: see above)
+)
+def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, preset, tol):
+    eager, _ = _train(tmp_path, "eager", preset=preset)
+    compiled, stdout = _train(tmp_path, "compiled", "--compile", preset=preset)
+    assert "does not cover" not in stdout and "failed" not in stdout
     for log in ("metrics.jsonl",):
         a, b = (json.loads((d / log).read_text().splitlines()[-1]) for d in (eager, compiled))
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=tol)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=tol)
     ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (eager, compiled))
     for name, value in ca["model"].items():
-        torch.testing.assert_close(cb["model"][name], value, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(cb["model"][name], value, atol=10 * tol, rtol=10 * tol, msg=name)
+    state_a, state_b = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys()  # AdamW's moments, saved from the compiled step
+    for i, state in state_a.items():
+        assert torch.equal(state_b[i]["step"], state["step"])
 
 
 def test_compile_says_what_it_does_not_cover_and_trains_anyway(tmp_path):

@@ -7,7 +7,9 @@ import torch
 
 from normlab.checkpoint import load_checkpoint
 from normlab.cli import main
-from normlab.train import TrainConfig, lr_at
+from normlab.model import ModelConfig
+from normlab.presets import PRESETS
+from normlab.train import TrainConfig, check_configs, lr_at
 
 
 def run(capsys, *argv):
@@ -31,6 +33,12 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert lr_at(110, cfg) == pytest.approx(0.1)
     lrs = [lr_at(s, cfg) for s in range(10, 111)]
     assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_a_valid_configuration(name):
+    preset = PRESETS[name]  # an unknown field is a TypeError here, a bad value a ConfigError
+    check_configs(ModelConfig(**preset["model"]), TrainConfig(**preset["train"], preset=name))
 
 
 def test_train_writes_a_complete_run_folder(tmp_path, tiny, capsys):
