@@ -157,10 +157,11 @@ def _train(tmp_path, name, *flags, preset="lecture-deep"):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "preset, tol",
-    [("lecture-deep", 1e-4), ("default", 1e-3)],  # SGD; AdamW (its float32 drift: see above)
+    "preset, tol, weight_tol",
+    # SGD; AdamW, whose float32 drift (see above) moves a weight by up to a few lr = 3e-3
+    [("lecture-deep", 1e-4, 1e-4), ("default", 1e-3, 1e-2)],
 )
-def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, preset, tol):
+def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, preset, tol, weight_tol):
     eager, _ = _train(tmp_path, "eager", preset=preset)
     compiled, stdout = _train(tmp_path, "compiled", "--compile", preset=preset)
     assert "does not cover" not in stdout and "failed" not in stdout
@@ -170,7 +171,7 @@ def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, prese
         assert b["train_loss"] == pytest.approx(a["train_loss"], abs=tol)
     ca, cb = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (eager, compiled))
     for name, value in ca["model"].items():
-        torch.testing.assert_close(cb["model"][name], value, atol=10 * tol, rtol=10 * tol, msg=name)
+        torch.testing.assert_close(cb["model"][name], value, atol=weight_tol, rtol=tol, msg=name)
     state_a, state_b = ca["optimizer"]["state"], cb["optimizer"]["state"]
     assert state_a.keys() == state_b.keys()  # AdamW's moments, saved from the compiled step
     for i, state in state_a.items():

@@ -7,9 +7,9 @@ import torch
 
 from normlab.checkpoint import load_checkpoint
 from normlab.cli import main
-from normlab.model import ModelConfig
+from normlab.model import MLPLanguageModel, ModelConfig
 from normlab.presets import PRESETS
-from normlab.train import TrainConfig, check_configs, lr_at
+from normlab.train import TrainConfig, check_configs, load_state, lr_at, make_optimizer
 
 
 def run(capsys, *argv):
@@ -156,8 +156,29 @@ def test_eval_train_examples_measures_a_fixed_subset_and_leaves_training_alone(
     assert part_summary["train_loss"] == whole_summary["train_loss"]
     # ... and only the periodic train loss is measured on the subset
     assert all(p["train_loss"] != w["train_loss"] for p, w in zip(part, whole, strict=True))
-    code, _, err = run(capsys, "train", *tiny, "--eval-train-examples", 0, "--out", tmp_path / "x")
-    assert code == 2 and "eval-train-examples must be at least 1" in err
+    whole_again, _ = rows("whole-again", "--eval-train-examples", 0)  # 0: the whole split
+    assert whole_again == whole
+    code, _, err = run(capsys, "train", *tiny, "--eval-train-examples", -1, "--out", tmp_path / "x")
+    assert code == 2 and "eval-train-examples must be at least 0" in err
+
+
+def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused():
+    model = MLPLanguageModel(ModelConfig(n_layer=1, n_hidden=8, n_embd=2), verbose=False)
+    old = make_optimizer(model, TrainConfig(optimizer="adamw"))
+    for group in old.param_groups:  # as make_optimizer built it before it fused
+        group["fused"], group["foreach"] = None, False
+    model(torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long))[1].backward()
+    old.step()
+    ckpt = {"model": model.state_dict(), "optimizer": old.state_dict()}
+    assert ckpt["optimizer"]["param_groups"][0]["fused"] is None
+    optimizer = make_optimizer(model, TrainConfig(optimizer="adamw"))
+    load_state(model, optimizer, ckpt)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    for p in model.parameters():
+        assert optimizer.state[p]["step"].dtype == torch.float32
+        assert optimizer.state[p]["step"].device == p.device
+    optimizer.step()  # the fused step accepts the loaded state
+    assert optimizer.state[next(model.parameters())]["step"].item() == 2
 
 
 def test_divergence_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_path, tiny, capsys):

@@ -121,7 +121,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--eval-train-examples",
         type=int,
-        help="the evaluations' train loss on this many fixed training examples (default: all)",
+        help="the evaluations' train loss on this many fixed training examples, 0 for all",
     )
     t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     t.add_argument("--target-val-loss", type=float, help="stop at the first eval at or below this")
@@ -140,7 +140,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        help="SGD: the hand-written training step compiled as one graph (default: off)",
+        help="the hand-written training step (SGD or AdamW) compiled as one graph (default: off)",
     )
     t.add_argument(
         "--sync-batchnorm",

@@ -58,6 +58,20 @@ def _bn_backward(dy: Tensor, xhat: Tensor, invstd: Tensor, gain: Tensor):
     return dz, dgain, dbias  # (C, B), (C,), (C,)
 
 
+def _options() -> dict:
+    """Inductor options for the step.
+
+    Inductor's own vectorized tanh on CPU is about 2× slower than its exp-based
+    decomposition, 1 - 2/(exp(2x) + 1). torch leaves the decomposition off by
+    default (pytorch#148241) because its error is absolute, not relative: up to
+    2e-7, large next to a tiny tanh(x) near 0 but float32 rounding for the
+    activations of order 1 that BatchNorm makes. Older torch has no such option.
+    """
+    if hasattr(torch._inductor.config.cpp, "use_decompose_tanh"):
+        return {"cpp.use_decompose_tanh": True}
+    return {}
+
+
 class FastStep:
     """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
@@ -102,10 +116,7 @@ class FastStep:
         self.update = self._update_plan(optimizer)
         self.tanh = c.nonlinearity == "tanh"
         self._lr = None
-        # inductor's own tanh on CPU is about 2× slower than its exp-based decomposition,
-        # whose error (≤ 2e-7 absolute) is float32 rounding for activations of order 1
-        options = {"cpp.use_decompose_tanh": True}
-        self._fn = torch.compile(_step, dynamic=False, options=options) if compile else _step
+        self._fn = torch.compile(_step, dynamic=False, options=_options()) if compile else _step
 
     def _update_plan(self, optimizer: torch.optim.Optimizer) -> tuple:
         """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
@@ -113,10 +124,10 @@ class FastStep:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         adamw = isinstance(optimizer, torch.optim.AdamW)
         if not adamw and not isinstance(optimizer, torch.optim.SGD):
-            raise TypeError(f"the fast step has SGD and AdamW, not {type(optimizer).__name__}")
+            raise ValueError(f"the fast step has SGD and AdamW, not {type(optimizer).__name__}")
         for g in optimizer.param_groups:
             if g.get("momentum") or g.get("amsgrad") or g.get("maximize"):
-                raise TypeError("the fast step has plain SGD, and AdamW without amsgrad")
+                raise ValueError("the fast step has plain SGD, and AdamW without amsgrad")
         rules = []
         for i, t in enumerate(list(self.tensors)):
             group = group_of.get(id(t))
@@ -171,7 +182,7 @@ def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
     Activations are kept features by batch, (C, B), the transpose of the model's
     layout: BatchNorm's sums over the batch then run along contiguous rows, one
     pass each, where over (B, C) they would stride across the whole tensor once
-    per few columns. The matrix products take either layout at no cost.
+    per few columns. The matrix products read either layout as it is, without copies.
     """
     emb = tensors[0]  # (V, E)
     B, T = x.shape

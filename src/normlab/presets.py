@@ -76,7 +76,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         ),
     },
     # the shortest wall time to val 2.10 (`normlab train --preset sprint --target-val-loss 2.10`):
-    # one wide layer over a long context, large batches, a short cosine schedule
+    # one wide layer over a long context, large batches, a short cosine schedule; eager, as
+    # --compile's first step (the compilation) would take longer than the whole run
     "sprint": {
         "model": dict(
             n_embd=24,

@@ -102,13 +102,15 @@ class TrainConfig:
     warmup_steps: int = 0  # cosine schedule: linear warmup from 0
     min_lr_ratio: float = 0.1  # cosine schedule: the floor, as a fraction of lr
     weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD), on matrices only
-    eval_every: int = 10_000  # train and val loss on the whole splits
-    eval_train_examples: int | None = None  # the evals' train loss on this many fixed examples
+    eval_every: int = 10_000  # train and val loss: val on the whole split
+    eval_train_examples: int = 0  # train loss on this many fixed examples; 0: the whole split
     checkpoint_every: int = 10_000
     diagnose_every: int = 100  # record per-layer diagnostics every N steps; 0: never
     tensorboard: bool = False  # also write TensorBoard event files
     sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
-    compile: bool = False  # the hand-written SGD step compiled as one graph, where it applies
+    compile: bool = (
+        False  # the hand-written step (SGD or AdamW) compiled as one graph, where it applies
+    )
     target_val_loss: float | None = None  # stop at the first eval at or below this
     seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
     data: str | None = None  # one item per line; None: the bundled names
@@ -127,9 +129,10 @@ class TrainConfig:
                 )
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if self.eval_train_examples is not None and self.eval_train_examples < 1:
+        if self.eval_train_examples < 0:
             raise ConfigError(
-                f"eval-train-examples must be at least 1, got {self.eval_train_examples}"
+                f"eval-train-examples must be at least 0 (0: the whole split), got "
+                f"{self.eval_train_examples}"
             )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
@@ -163,6 +166,23 @@ def load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: 
     except (RuntimeError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"the checkpoint does not fit its own config: {reason}") from None
+    if optimizer is not None:
+        _fuse(optimizer)
+
+
+def _fuse(optimizer: torch.optim.Optimizer) -> None:
+    """Make a loaded optimizer the fused one ``make_optimizer`` builds.
+
+    ``load_state_dict`` takes the saved groups' settings, and a checkpoint from
+    before the optimizers were fused says ``fused: None``; the fused AdamW keeps
+    its step counts as float32 on the parameters' device.
+    """
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -231,7 +251,7 @@ def eval_train_subset(X: Tensor, Y: Tensor, cfg: TrainConfig) -> tuple[Tensor, T
     its forward pass can cost more than the training itself.
     """
     n = cfg.eval_train_examples
-    if n is None or n >= len(X):
+    if n == 0 or n >= len(X):
         return X, Y
     g = torch.Generator().manual_seed(cfg.seed + 3)  # its own stream: the batches stay the same
     ix = torch.randperm(len(X), generator=g)[:n].to(X.device)
