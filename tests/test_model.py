@@ -146,6 +146,18 @@ def test_dropout_only_in_training_mode():
         _model(dropout=1.0)
 
 
+def test_embedding_dropout_noises_the_context_in_training_only():
+    model = _model(embed_dropout=0.5, n_layer=1, n_hidden=64, norm="layer")
+    plain = _model(n_layer=1, n_hidden=64, norm="layer")
+    X, _ = _batch(16)
+    assert not torch.equal(model(X)[0], model(X)[0])
+    model.eval()
+    assert torch.equal(model(X)[0], plain(X)[0])  # the same weights; eval: no dropout
+    assert model.state_dict().keys() == plain.state_dict().keys()  # checkpoints unchanged
+    with pytest.raises(ConfigError, match="embed_dropout"):
+        _model(embed_dropout=-0.1)
+
+
 def test_lecture_init_with_an_output_batchnorm():
     model = _model(**{**PRESETS["lecture-deep"]["model"], "init": "lecture"})
     torch.testing.assert_close(model.head[1].weight, torch.full((27,), 0.1))

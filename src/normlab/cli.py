@@ -26,6 +26,7 @@ from normlab.presets import PRESETS
 # flags → config fields; default None means "from the preset"
 MODEL_FLAGS = (
     "dropout",
+    "embed_dropout",
     "n_layer",
     "n_hidden",
     "n_embd",
@@ -104,6 +105,7 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n-groups", type=int, help="groups for --norm group")
     m.add_argument("--bn-momentum", type=float, help="running-statistics momentum")
     m.add_argument("--dropout", type=float, help="dropout after each hidden nonlinearity")
+    m.add_argument("--embed-dropout", type=float, help="dropout on the context's embeddings")
     t = p.add_argument_group("training (default: from the preset)")
     t.add_argument("--steps", type=int, help="optimizer steps")
     t.add_argument("--batch-size", type=int, help="examples per step")

@@ -31,7 +31,7 @@ def unsupported(model: MLPLanguageModel, optimizer: str) -> str | None:
         return f"optimizer {optimizer} (the fast step has sgd and adamw)"
     if c.norm not in ("batch", "none"):
         return f"norm {c.norm} (the fast step has batch or none)"
-    if c.dropout > 0:
+    if c.dropout > 0 or c.embed_dropout > 0:
         return "dropout"
     return None
 

@@ -51,6 +51,7 @@ class ModelConfig:
     n_groups: int = 4  # groups for norm=group; must divide n_hidden
     bn_momentum: float = 0.1  # running-statistics momentum of every BatchNorm
     dropout: float = 0.0  # dropout after each hidden block's nonlinearity (training only)
+    embed_dropout: float = 0.0  # dropout on the flattened context embeddings (training only)
 
     def validate(self) -> None:
         """Raise ConfigError for a field that cannot work, naming the valid choices."""
@@ -75,8 +76,9 @@ class ModelConfig:
             )
         if not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embed_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -117,6 +119,8 @@ class MLPLanguageModel(nn.Module):
             c.vocab_size, c.n_embd, _weight=torch.randn(c.vocab_size, c.n_embd, generator=g)
         )
         self.flatten = nl.FlattenContext()
+        # whole characters' embeddings vanish at random: the context, not one layer, is noised
+        self.embed_dropout = nn.Dropout(c.embed_dropout) if c.embed_dropout > 0 else nn.Identity()
         hidden_bias = c.norm != "batch" if c.bias is None else c.bias
         blocks, fan_in = [], c.block_size * c.n_embd
         for _ in range(c.n_layer):
@@ -209,7 +213,7 @@ class MLPLanguageModel(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         emb = self.embedding(idx)  # (B, T, n_embd)
-        x = self.flatten(emb)  # (B, T * n_embd)
+        x = self.embed_dropout(self.flatten(emb))  # (B, T * n_embd)
         x = self.blocks(x)  # (B, n_hidden)
         logits = self.head(x)  # (B, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits, targets)
