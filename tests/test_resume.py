@@ -28,6 +28,8 @@ def _cmd(tiny, out):
         "adamw",
         "--dropout",
         "0.1",
+        "--ema",  # the moving average too is part of what a resume must restore
+        "0.99",
         "--lr",
         "0.01",
         "--steps",
@@ -69,8 +71,9 @@ def uninterrupted(tmp_path_factory, tiny):
 def _assert_same_run(a, b, steps=STEPS):
     ca, cb = load_checkpoint(a), load_checkpoint(b)
     assert ca["progress"]["step"] == cb["progress"]["step"] == steps
-    for k, v in ca["model"].items():
-        assert torch.equal(v, cb["model"][k]), k
+    for weights in ("model", "train_model"):  # with --ema: the average, and what trains
+        for k, v in ca.get(weights, {}).items():
+            assert torch.equal(v, cb[weights][k]), (weights, k)
     for pid, state in ca["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(v, cb["optimizer"]["state"][pid][k]), (pid, k)

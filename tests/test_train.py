@@ -162,6 +162,27 @@ def test_eval_train_examples_measures_a_fixed_subset_and_leaves_training_alone(
     assert code == 2 and "eval-train-examples must be at least 0" in err
 
 
+def test_ema_evaluates_and_saves_the_average_and_trains_the_weights(tmp_path, tiny, capsys):
+    out, plain = tmp_path / "ema", tmp_path / "plain"
+    flags = ["train", *tiny, "--steps", 60, "--eval-every", 30, "--optimizer", "adamw"]
+    assert run(capsys, *flags, "--lr", 0.01, "--ema", 0.9, "--out", out)[0] == 0
+    assert run(capsys, *flags, "--lr", 0.01, "--out", plain)[0] == 0
+    ckpt, plain_ckpt = load_checkpoint(out), load_checkpoint(plain)
+    for name, value in plain_ckpt["model"].items():  # the average does not steer the training
+        assert torch.equal(ckpt["train_model"][name], value), name
+    assert not torch.equal(
+        ckpt["model"]["blocks.0.0.weight"], ckpt["train_model"]["blocks.0.0.weight"]
+    )
+    # the summary's losses and `normlab eval` are the average's
+    summary = json.loads((out / "summary.json").read_text())
+    code, stdout, _ = run(capsys, "eval", "--run", out, "--json")
+    loss = json.loads(stdout)["running_stats_loss"]
+    assert code == 0 and loss == pytest.approx(summary["val_loss"], abs=1e-12)
+    assert summary["val_loss"] != json.loads((plain / "summary.json").read_text())["val_loss"]
+    code, _, err = run(capsys, *flags, "--ema", 1.0, "--out", tmp_path / "x")
+    assert code == 2 and "ema must be in [0, 1)" in err
+
+
 def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused():
     model = MLPLanguageModel(ModelConfig(n_layer=1, n_hidden=8, n_embd=2), verbose=False)
     old = make_optimizer(model, TrainConfig(optimizer="adamw"))

@@ -50,6 +50,7 @@ TRAIN_FLAGS = (
     "decay_step",
     "warmup_steps",
     "weight_decay",
+    "ema",
     "eval_every",
     "eval_train_examples",
     "checkpoint_every",
@@ -119,6 +120,11 @@ def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--decay-step", type=int, help="step schedule: where the lr drops ×0.1")
     t.add_argument("--warmup-steps", type=int, help="cosine schedule: linear warmup steps")
     t.add_argument("--weight-decay", type=float, help="on embeddings and Linear weights")
+    t.add_argument(
+        "--ema",
+        type=float,
+        help="evaluate a moving average of the weights with this decay, e.g. 0.999; 0: off",
+    )
     t.add_argument("--eval-every", type=int, help="steps between evaluations on the whole splits")
     t.add_argument(
         "--eval-train-examples",

@@ -122,6 +122,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             warmup_steps=500,
             min_lr_ratio=0.02,
             weight_decay=0.1,
+            ema=0.999,  # evaluates the weights' moving average: val 1.9497 against 1.9505
             steps=15_000,
             eval_every=2500,
             checkpoint_every=2500,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from normlab import nn as nl
@@ -102,6 +103,7 @@ class TrainConfig:
     warmup_steps: int = 0  # cosine schedule: linear warmup from 0
     min_lr_ratio: float = 0.1  # cosine schedule: the floor, as a fraction of lr
     weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD), on matrices only
+    ema: float = 0.0  # evaluate and keep a moving average of the weights with this decay; 0: off
     eval_every: int = 10_000  # train and val loss: val on the whole split
     eval_train_examples: int = 0  # train loss on this many fixed examples; 0: the whole split
     checkpoint_every: int = 10_000
@@ -138,6 +140,8 @@ class TrainConfig:
             raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay must be at least 0, got {self.weight_decay}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1) (0: off), got {self.ema}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -158,9 +162,14 @@ def check_configs(model_config: ModelConfig, train_config: TrainConfig) -> None:
 
 
 def load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: dict) -> None:
-    """Load a checkpoint's weights (and optimizer state); a mismatch is a one-line error."""
+    """Load a checkpoint's weights (and optimizer state); a mismatch is a one-line error.
+
+    With an optimizer (to train on), the weights being trained; without one (to
+    evaluate or sample), the weights the run evaluates: under ``--ema``, their average.
+    """
+    weights = ckpt["model"] if optimizer is None else ckpt.get("train_model", ckpt["model"])
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(weights)
         if optimizer is not None:
             optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
@@ -391,6 +400,19 @@ def _restore_rng_state(
         torch.cuda.set_rng_state(own["cuda"], device)
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    r"""``--ema``: a copy of ``model`` whose weights and BatchNorm statistics follow
+    :math:`\bar\theta \leftarrow d\,\bar\theta + (1 - d)\,\theta` after every step
+    (the first step copies), or None when ``decay`` is 0.
+
+    Late in training the weights jitter around a minimum; their average sits
+    nearer its middle, and usually evaluates a little lower.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def fast_step(
     model: MLPLanguageModel,
     optimizer: torch.optim.Optimizer,
@@ -518,12 +540,17 @@ def train(
     if not ckpt:  # a resumed run loads its weights: LSUV happens once, when a run starts
         data_init_(model, Xtr, tcfg.seed, verbose=ranks.is_main)
 
+    averaged = weight_average(model, tcfg.ema)
+    eval_model = model if averaged is None else averaged.module  # what evals and the run report
     progress = Progress()
     metrics_path, diag_path = out / "metrics.jsonl", out / "diagnostics.jsonl"
     diag = Diagnostics(model) if tcfg.diagnose_every > 0 and ranks.is_main else None
     if ckpt:
         load_state(model, optimizer, ckpt)
         progress = Progress(**ckpt["progress"])
+        if averaged is not None:
+            averaged.module.load_state_dict(ckpt["model"])
+            averaged.n_averaged.fill_(progress.step)  # one update per step
         _restore_rng_state(ckpt["rng"], batch_gen, device, ranks, hash((tcfg.seed, progress.step)))
         if ranks.is_main:
             # a killed run may have logged past its checkpoint: keep what the checkpoint covers
@@ -554,7 +581,8 @@ def train(
                 "vocab": list(data.vocab.chars),
                 "data_sha256": data.sha256,
                 "progress": asdict(progress),
-                "model": model.state_dict(),
+                "model": eval_model.state_dict(),  # what eval and sample load
+                **({} if averaged is None else {"train_model": model.state_dict()}),
                 "optimizer": optimizer.state_dict(),
                 "rng": rng,
             },
@@ -601,6 +629,8 @@ def train(
                 loss.backward()
                 eval_loss = eval_mode_loss(model, xb, yb) if recording else None
                 optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             loss_value, interrupted = _global_outcome(loss, sigint.raised, ranks)
             if recording:
                 # the train-mode loss of the rows the hooks saw: on several processes, this rank's
@@ -626,8 +656,8 @@ def train(
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
 
             if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                train_loss = evaluate(model, Xev, Yev, ranks)
-                val_loss = evaluate(model, Xva, Yva, ranks)
+                train_loss = evaluate(eval_model, Xev, Yev, ranks)
+                val_loss = evaluate(eval_model, Xva, Yva, ranks)
                 if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
                     raise TrainingDiverged(
                         f"the evaluation loss became {val_loss} at step {step}; stopped, and "
@@ -665,7 +695,7 @@ def train(
         writer.close()
     if not ranks.is_main:
         return None
-    return finish_run(model, data, config, out, progress, wall_start, diag)
+    return finish_run(eval_model, data, config, out, progress, wall_start, diag)
 
 
 def finish_run(
