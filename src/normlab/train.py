@@ -1,8 +1,9 @@
 """The training loop, its config, and resumable run folders.
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (model, optimizer, step,
-every RNG state, config, vocabulary), ``metrics.jsonl`` (one line per
-evaluation) and ``summary.json``. A run killed at any moment and resumed with
+every RNG state, config, vocabulary; with ``--ema`` the model is the weights'
+moving average and ``train_model`` the trained weights), ``metrics.jsonl`` (one
+line per evaluation) and ``summary.json``. A run killed at any moment and resumed with
 ``--resume`` ends with bit-identical weights and losses to an uninterrupted
 run (same seed, config and thread count, on CPU): the only randomness after
 initialization is the batch sampler's generator, which the checkpoint keeps.
