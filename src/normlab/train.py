@@ -111,9 +111,7 @@ class TrainConfig:
     diagnose_every: int = 100  # record per-layer diagnostics every N steps; 0: never
     tensorboard: bool = False  # also write TensorBoard event files
     sync_batchnorm: bool = True  # several processes: BatchNorm statistics over the global batch
-    compile: bool = (
-        False  # the hand-written step (SGD or AdamW) compiled as one graph, where it applies
-    )
+    compile: bool = False  # the hand-written step (SGD or AdamW) as one graph, where it applies
     target_val_loss: float | None = None  # stop at the first eval at or below this
     seed: int = 42  # model init and batch order (the split always uses 42, as the lectures)
     data: str | None = None  # one item per line; None: the bundled names
@@ -172,26 +170,29 @@ def load_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, ckpt: 
     try:
         model.load_state_dict(weights)
         if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            _load_optimizer_state(optimizer, ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"the checkpoint does not fit its own config: {reason}") from None
-    if optimizer is not None:
-        _fuse(optimizer)
 
 
-def _fuse(optimizer: torch.optim.Optimizer) -> None:
-    """Make a loaded optimizer the fused one ``make_optimizer`` builds.
+IMPLEMENTATION_KEYS = ("fused", "foreach")  # how an optimizer runs, not what it computes
 
-    ``load_state_dict`` takes the saved groups' settings, and a checkpoint from
-    before the optimizers were fused says ``fused: None``; the fused AdamW keeps
-    its step counts as float32 on the parameters' device.
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """The saved state and hyperparameters, run by the implementation built now.
+
+    ``load_state_dict`` takes the saved groups' settings whole, so a checkpoint
+    from before the optimizers were fused would turn ``fused`` off for good; the
+    fused AdamW keeps its step counts as float32 on the parameters' device.
     """
-    for group in optimizer.param_groups:
-        group["fused"], group["foreach"] = True, None
+    built = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, implementation in zip(optimizer.param_groups, built, strict=True):
+        group.update(implementation)
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            if "step" in state:
+            if group.get("fused") and "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
 
 
@@ -532,9 +533,8 @@ def train(
         if isinstance(module, nl.BatchNorm1d):
             module.sync = tcfg.sync_batchnorm
     optimizer = make_optimizer(model, tcfg)
-    batch_gen = torch.Generator().manual_seed(
-        tcfg.seed + 1
-    )  # the same global batches on every rank
+    # the same global batches on every rank
+    batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     Xva, Yva = (t.to(device) for t in data.splits["val"])
     Xev, Yev = eval_train_subset(Xtr, Ytr, tcfg)
