@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from normlab.model import ModelConfig
+from normlab.config import ModelConfig, TrainConfig
 from normlab.presets import PRESETS
-from normlab.train import TrainConfig, train
+from normlab.train import train
 
 CASES = [("lecture-deep", 32, 1), ("default", 256, 2)]  # preset, batch size, threads
 

@@ -13,8 +13,9 @@ import time
 
 import torch
 
+from normlab.config import ModelConfig
 from normlab.data import load_dataset
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.model import MLPLanguageModel
 from normlab.presets import PRESETS
 from normlab.sample import generate
 

@@ -4,10 +4,11 @@ The baseline is the one the performance issue names, built here from the same
 initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
 torch.optim.SGD. Against it, in the same run:
 
-- normlab, eager: ``MLPLanguageModel`` with its hand-written layers, autograd
-  and torch.optim.SGD(fused=True) (what ``normlab train`` runs without ``--compile``);
-- normlab, compiled: ``normlab.fast.FastStep``, the hand-written whole step
-  compiled as one graph (``normlab train --compile``).
+- normlab, eager: ``normlab.step.TrainStep``, the step ``normlab train`` runs
+  without ``--compile``: ``MLPLanguageModel``'s hand-written layers, autograd
+  and the fused SGD of ``make_optimizer``;
+- normlab, compiled: the same ``TrainStep`` with ``normlab.fast.FastStep``, the
+  hand-written whole step compiled as one graph (``normlab train --compile``).
 
 At each batch size it first checks that the three agree over 100 steps (10
 at batch 4096) from the same weights, then times them in alternating rounds
@@ -25,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.config import ModelConfig, TrainConfig
 from normlab.data import load_dataset
 from normlab.fast import FastStep
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.model import MLPLanguageModel
+from normlab.optim import make_optimizer
 from normlab.presets import PRESETS
+from normlab.step import TrainStep
 
 LR = 0.1
 CASES = ((32, 2000), (256, 800), (4096, 60))  # batch size, steps per round
@@ -55,8 +59,8 @@ def torch_nn_copy(model: MLPLanguageModel) -> nn.Sequential:
     return baseline
 
 
-def sgd_runner(model: nn.Module, loss_of, fused: bool | None = None):
-    opt = torch.optim.SGD(model.parameters(), lr=LR, fused=fused)
+def sgd_runner(model: nn.Module, loss_of):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
 
     def run(x, y):
         loss = loss_of(x, y)
@@ -68,17 +72,21 @@ def sgd_runner(model: nn.Module, loss_of, fused: bool | None = None):
     return run
 
 
-def runners(vocab_size: int) -> dict:
+def normlab_runner(model: MLPLanguageModel, batch_size: int, compiled: bool):
+    """normlab train's own step (``TrainStep``), eager or compiled, with its SGD."""
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
+    fast = FastStep(model, optimizer) if compiled else None
+    step = TrainStep(model, optimizer, batch_size, compiled=fast)
+    return lambda x, y: step(x, y, LR).loss
+
+
+def runners(vocab_size: int, batch_size: int) -> dict:
     """The three training steps, each on its own copy of the same initial network."""
     base = torch_nn_copy(lecture_deep(vocab_size))
-    eager = lecture_deep(vocab_size)
-    compiled = lecture_deep(vocab_size)
-    fast = FastStep(compiled, torch.optim.SGD(compiled.parameters(), lr=LR))
     return {
         "torch.nn baseline": sgd_runner(base, lambda x, y: F.cross_entropy(base(x), y)),
-        # as normlab train's make_optimizer: the fused SGD (bitwise the same update)
-        "normlab eager": sgd_runner(eager, lambda x, y: eager(x, y)[1], fused=True),
-        "normlab compiled": lambda x, y: fast(x, y, LR),
+        "normlab eager": normlab_runner(lecture_deep(vocab_size), batch_size, compiled=False),
+        "normlab compiled": normlab_runner(lecture_deep(vocab_size), batch_size, compiled=True),
     }
 
 
@@ -99,7 +107,8 @@ def main():
         ]
 
     for batch_size, n in CASES:
-        steps = runners(data.vocab.size)  # the same numbers: 100 steps from the same weights
+        # the same numbers: 100 steps from the same weights
+        steps = runners(data.vocab.size, batch_size)
         worst, compile_s = 0.0, 0.0
         for x, y in batches(batch_size, 100 if batch_size < 4096 else 10, seed=1):
             losses = []

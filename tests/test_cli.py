@@ -1,12 +1,16 @@
 """Every command end to end in-process, and every bad input: one line on stderr, exit 2."""
 
+import argparse
 import json
 import pickle
+from dataclasses import fields
 
 import pytest
 import torch
 
-from normlab.cli import build_parser, main
+from normlab.cli import build_parser, configs_from_args, main
+from normlab.config import ModelConfig, TrainConfig
+from normlab.presets import PRESETS
 
 
 def run(capsys, *argv):
@@ -298,15 +302,38 @@ def test_more_bad_inputs(tmp_path, tiny, trained, capsys):
 
 
 def test_a_run_checkpoints_at_step_0(tmp_path, tiny, capsys, monkeypatch):
-    import normlab.train
+    import normlab.rundir
 
     saved = []
-    real_save = normlab.train.save_checkpoint
+    real_save = normlab.rundir.save_checkpoint
 
     def recording_save(folder, state):
         saved.append(state["progress"]["step"])
         real_save(folder, state)
 
-    monkeypatch.setattr(normlab.train, "save_checkpoint", recording_save)
+    monkeypatch.setattr(normlab.rundir, "save_checkpoint", recording_save)
     run(capsys, "train", *tiny, "--steps", 5, "--checkpoint-every", 100, "--out", tmp_path / "r")
     assert saved == [0, 5]  # a kill before the first periodic checkpoint can still resume
+
+
+def _train_parser():
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_config_field_has_one_flag_made_from_its_declaration():
+    actions = {a.dest: a for a in _train_parser()._actions}
+    for config in (ModelConfig, TrainConfig):
+        for field in fields(config):
+            if not field.metadata["flag"]:
+                assert field.name not in actions, field.name
+                continue
+            action = actions[field.name]
+            assert action.option_strings[0] == "--" + field.name.replace("_", "-")
+            assert action.help == field.metadata["help"] and action.default is None
+            if field.metadata["choices"]:
+                assert set(action.choices) == set(field.metadata["choices"]) - {None}
+    args = _train_parser().parse_args(["--min-lr-ratio", "0.2", "--no-sync-batchnorm"])
+    model_config, train_config = configs_from_args(args)
+    assert train_config.min_lr_ratio == 0.2 and train_config.sync_batchnorm is False
+    assert model_config == ModelConfig(**PRESETS["default"]["model"])  # the rest: the preset's

@@ -6,8 +6,16 @@ import torch
 from torch import nn
 
 from normlab import nn as nl
-from normlab.diagnostics import Diagnostics, Thresholds, report, snapshot_from_dict
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.config import ModelConfig
+from normlab.diagnostics import (
+    Diagnostics,
+    Thresholds,
+    format_table,
+    judge,
+    snapshot_from_dict,
+    snapshot_to_dict,
+)
+from normlab.model import MLPLanguageModel
 from normlab.presets import PRESETS
 
 
@@ -39,7 +47,7 @@ def test_healthy_lecture_deep_at_step_0_is_quiet():
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     diag.collect(0, loss.item())
-    rep = report(diag, num_classes=27)
+    rep = judge(diag.history, num_classes=27)
     assert rep.verdicts == []
     tanh = [x for x in rep.snapshot.layers if x.kind == "tanh"]
     assert len(tanh) == 5 and all(x.saturated < 0.1 for x in tanh)
@@ -51,7 +59,7 @@ def test_saturated_tanh_fires_and_names_the_layer():
         model[0].weight.mul_(20)
     diag = Diagnostics(model)
     _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
-    (v,) = [v for v in report(diag).verdicts if v.kind == "saturated"]
+    (v,) = [v for v in judge(diag.history).verdicts if v.kind == "saturated"]
     assert v.layer == "1" and v.value > 0.5 and "beyond" in v.message
 
 
@@ -61,7 +69,7 @@ def test_dead_relu_fires():
         model[0].bias.fill_(-100.0)  # never positive
     diag = Diagnostics(model)
     _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
-    dead = [v for v in report(diag).verdicts if v.kind == "dead"]
+    dead = [v for v in judge(diag.history).verdicts if v.kind == "dead"]
     assert dead and dead[0].layer == "1" and dead[0].value == 1.0
 
 
@@ -75,7 +83,7 @@ def test_vanishing_stack_fires():
     model = nn.Sequential(*layers, nn.Linear(32, 5))
     diag = Diagnostics(model)
     _step(model, diag, *_data(d=32), torch.optim.SGD(model.parameters(), lr=0.01))
-    rep = report(diag)
+    rep = judge(diag.history)
     assert "vanishing" in _kinds(rep)
     assert "saturated" not in _kinds(rep)
 
@@ -86,7 +94,7 @@ def test_confident_at_init_fires_on_a_confidently_wrong_output():
         model[0].weight.mul_(50)
     diag = Diagnostics(model)
     _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
-    rep = report(diag, num_classes=5)
+    rep = judge(diag.history, num_classes=5)
     (v,) = [v for v in rep.verdicts if v.kind == "confident-at-init"]
     assert v.value > math.log(5) + 1
 
@@ -97,7 +105,7 @@ def test_update_ratio_off_fires_only_when_sustained():
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-9)  # far too small: ratio near 1e-10
     for step in range(3):
         _step(model, diag, *_data(seed=step), optimizer, step=step)
-        fired = [v for v in report(diag).verdicts if v.kind == "update-ratio-off"]
+        fired = [v for v in judge(diag.history).verdicts if v.kind == "update-ratio-off"]
         assert bool(fired) == (step == 2)
     assert {v.layer for v in fired} == {"0.weight", "2.weight"}
 
@@ -112,10 +120,10 @@ def test_bn_drift_fires_after_the_data_shifts():
         x, y = _data(seed=step)
         model(x)
     _step(model, diag, *_data(seed=99), optimizer, step=40)
-    assert "bn-drift" not in _kinds(report(diag))
+    assert "bn-drift" not in _kinds(judge(diag.history))
     x, y = _data(seed=100)
     _step(model, diag, x + 5.0, y, optimizer, step=41)  # the inputs move: the running mean is stale
-    drift = [v for v in report(diag).verdicts if v.kind == "bn-drift"]
+    drift = [v for v in judge(diag.history).verdicts if v.kind == "bn-drift"]
     assert drift and drift[0].layer == "1"
 
 
@@ -162,19 +170,19 @@ def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_attach_twice_does_not_double_count_and_detach_removes_every_hook():
+def test_arming_twice_does_not_double_count_and_detach_removes_every_hook():
     model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
     diag = Diagnostics(model)
     assert _hook_count(model) == 0  # nothing attached between recordings: no cost
-    diag.attach()
+    diag.arm()
     n_hooks = _hook_count(model)
-    diag.attach()
+    diag.arm()
     assert n_hooks == _hook_count(model) == 5  # four layers and the BatchNorm's pre-hook
     snap = _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
     assert [x.name for x in snap.layers] == ["0", "1", "2", "3"]  # torch's own layers work too
     assert [b.name for b in snap.batchnorms] == ["1"]
     assert _hook_count(model) == 0  # collect() detached them
-    diag.attach()
+    diag.arm()
     diag.detach()
     assert _hook_count(model) == 0
 
@@ -216,25 +224,26 @@ def test_eval_mode_passes_are_not_recorded():
 
 def test_json_round_trip_and_table():
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
-    diag = Diagnostics(model, Thresholds(dead=0.0))  # fires on any dead unit, or none
+    diag = Diagnostics(model)
     _step(model, diag, *_data(), torch.optim.Adam(model.parameters()))
-    rep = report(diag, num_classes=5)
+    rep = judge(diag.history, num_classes=5, thresholds=Thresholds(dead=0.0))  # fires, or none
     data = json.loads(rep.to_json())
     assert data["snapshot"]["step"] == 0 and data["num_classes"] == 5
     assert snapshot_from_dict(data["snapshot"]) == rep.snapshot
-    table = rep.table()
+    table = format_table(rep)
     assert "log10 upd:data" in table and "verdicts" in table
     assert len(data["snapshot"]["layers"][1]["hist"]) == 50
 
 
 def test_percentiles_and_histograms_match_torch():
-    from normlab.diagnostics import BINS, FINE_BINS, PERCENTILES, _histograms, _percentiles
+    from normlab.diagnostics.snapshot import PERCENTILES
+    from normlab.diagnostics.stats import BINS, FINE_BINS, histograms, percentiles
 
     rows = torch.randn(3, 30001) * torch.tensor([[0.5], [2.0], [9.0]]) + 0.5
     r = rows.abs().amax(1)
-    hist = _histograms(rows, r, BINS).view(3, BINS)
-    fine = _histograms(rows, r, FINE_BINS).view(3, FINE_BINS)
-    got = _percentiles(fine, r)
+    hist = histograms(rows, r, BINS).view(3, BINS)
+    fine = histograms(rows, r, FINE_BINS).view(3, FINE_BINS)
+    got = percentiles(fine, r)
     for i in range(3):
         ri = r[i].item()
         torch.testing.assert_close(hist[i], torch.histc(rows[i], BINS, -ri, ri))
@@ -244,8 +253,6 @@ def test_percentiles_and_histograms_match_torch():
 
 def test_snapshot_to_dict_equals_asdict():
     from dataclasses import asdict
-
-    from normlab.diagnostics import snapshot_to_dict
 
     model = nn.Sequential(nn.Linear(10, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 5))
     snap = _step(model, Diagnostics(model), *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
@@ -261,3 +268,41 @@ def test_conv_batchnorm2d_model():
     snap = _step(model, diag, x, y, torch.optim.SGD(model.parameters(), lr=0.1))
     assert [b.name for b in snap.batchnorms] == ["1"]
     assert {x.kind for x in snap.layers} == {"batchnorm", "relu", "linear"}
+
+
+def test_saved_snapshots_can_be_judged_again_with_other_thresholds():
+    model = nn.Sequential(nn.Linear(10, 50), nn.Tanh(), nn.Linear(50, 5))
+    with torch.no_grad():
+        model[0].weight.mul_(3)  # some saturation, below the default threshold
+    diag = Diagnostics(model)
+    _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.01))
+    saved = [json.loads(json.dumps(snapshot_to_dict(s))) for s in diag.history]  # a jsonl row
+    history = [snapshot_from_dict(row) for row in saved]
+    saturated = history[-1].layers[1].saturated
+    assert 0 < saturated < Thresholds().saturated
+    assert "saturated" not in _kinds(judge(history))
+    strict = judge(history, thresholds=Thresholds(saturated=saturated / 2))
+    assert "saturated" in _kinds(strict)
+
+
+def test_batchnorm_settling_is_measured_and_judged_by_the_threshold():
+    model = nn.Sequential(nl.Linear(10, 16, bias=False), nl.BatchNorm1d(16), nl.Tanh())
+    diag = Diagnostics(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    for step in range(5):
+        x, y = _data(seed=step)
+        _step(model, diag, x + 5.0 * step, y, optimizer, step=step, loss_fn=lambda o, _: o.sum())
+    (bn,) = diag.history[-1].batchnorms
+    assert bn.time_constants == pytest.approx(0.4)  # 4 batches tracked before it × momentum 0.1
+    assert "bn-drift" not in _kinds(judge(diag.history))  # not settled at the default 3
+    assert "bn-drift" in _kinds(judge(diag.history, thresholds=Thresholds(bn_settled=0.4)))
+
+
+def test_a_row_of_the_earlier_format_still_reads():
+    model = nn.Sequential(nl.Linear(10, 16, bias=False), nl.BatchNorm1d(16), nl.Tanh())
+    snap = _step(model, Diagnostics(model), *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
+    row = snapshot_to_dict(snap)
+    for bn in row["batchnorms"]:
+        del bn["time_constants"]
+        bn["settled"] = True
+    assert snapshot_from_dict(row).batchnorms[0].time_constants == math.inf

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from normlab.cli import main
+from normlab.config import ModelConfig, TrainConfig
 from normlab.data import load_dataset
 from normlab.experiments import lecture
 from normlab.experiments.common import fit, new_model, train_config
-from normlab.model import ModelConfig
-from normlab.train import TrainConfig, train
+from normlab.schemes import scale_lecture_
+from normlab.train import train
 
 
 def run(capsys, *argv):
@@ -25,7 +26,7 @@ def test_lecture_stages_scale_the_randn_tensors_as_the_lecture_does():
     models = {}
     for stage in lecture.STAGES:
         model = new_model(lecture.stage_config(stage), data, 0)
-        lecture.scale_to_stage(model, stage)
+        scale_lecture_(model, stage.scales)
         models[stage.name] = model
     hidden = {name: m.blocks[0][0] for name, m in models.items()}
     assert hidden["original"].weight.std().item() == pytest.approx(1.0, rel=0.05)

@@ -4,14 +4,23 @@ import pytest
 import torch
 from torch import nn
 
-from normlab import init
+from normlab.config import ModelConfig
 from normlab.lsuv import activation_variance, lsuv_
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.model import MLPLanguageModel
 
 
 def _model(**kw):
     config = ModelConfig(init="lsuv", n_layer=6, n_hidden=64, **kw)
     return MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+
+
+def _hidden(model):
+    return [block[0] for block in model.blocks]
+
+
+def _lsuv(model, x, **kwargs):
+    """LSUV on the hidden Linears, as --init lsuv runs it."""
+    return lsuv_(model, x, layers=_hidden(model), **kwargs)
 
 
 def _batch(n=512, seed=1):
@@ -39,7 +48,7 @@ def test_activation_variance_matches_monte_carlo():
 
 def test_each_tanh_layer_reaches_the_target_variance_within_tolerance():
     model, x = _model(norm="none"), _batch()
-    report = model.lsuv_(x, generator=torch.Generator().manual_seed(2))
+    report = _lsuv(model, x, generator=torch.Generator().manual_seed(2))
     target = activation_variance("tanh")
     assert [r.name for r in report] == [f"blocks.{i}.0" for i in range(6)]
     tanhs = [block[2] for block in model.blocks]
@@ -54,7 +63,7 @@ def test_works_on_a_plain_torch_model_with_relu_and_a_bare_output():
         nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 50), nn.ReLU(), nn.Linear(50, 5)
     )
     x = torch.randn(1000, 20, generator=torch.Generator().manual_seed(0)) * 7 + 3
-    report = init.lsuv_(model, x, generator=torch.Generator().manual_seed(0))
+    report = lsuv_(model, x, generator=torch.Generator().manual_seed(0))
     assert [r.feeds for r in report] == ["relu", "relu", "output"]
     assert report[0].target == pytest.approx(activation_variance("relu"))
     assert report[-1].target == 1.0
@@ -66,7 +75,7 @@ def test_layers_that_feed_a_normalization_are_skipped_and_buffers_untouched():
     for norm in ("batch", "layer"):
         model = _model(norm=norm)
         before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-        report = model.lsuv_(_batch(), generator=torch.Generator().manual_seed(0))
+        report = _lsuv(model, _batch(), generator=torch.Generator().manual_seed(0))
         assert all(r.target is None and r.iterations == 0 for r in report)
         assert {r.feeds for r in report} == {"batchnorm" if norm == "batch" else "norm"}
         for block in model.blocks:  # only the orthonormal start: W Wᵀ = I (rows ≤ columns)
@@ -80,12 +89,10 @@ def test_layers_that_feed_a_normalization_are_skipped_and_buffers_untouched():
 
 def test_the_iteration_cap_is_respected():
     model = _model(norm="none")
-    report = model.lsuv_(_batch())  # default cap
+    report = _lsuv(model, _batch())  # default cap
     assert all(r.iterations <= 10 for r in report)
     model = _model(norm="none")
-    from normlab.lsuv import lsuv_ as raw
-
-    report = raw(model, _batch(), layers=[b[0] for b in model.blocks], tol=1e-12, max_iter=2)
+    report = _lsuv(model, _batch(), tol=1e-12, max_iter=2)
     assert all(r.iterations == 2 for r in report)
 
 
@@ -95,7 +102,7 @@ def test_deterministic_and_leaves_the_global_rng_and_mode_alone():
         model = _model(norm="none", dropout=0.1)
         model.eval()
         state = torch.get_rng_state()
-        model.lsuv_(_batch(), generator=torch.Generator().manual_seed(5))
+        _lsuv(model, _batch(), generator=torch.Generator().manual_seed(5))
         assert torch.equal(torch.get_rng_state(), state)
         assert not model.training
         weights.append([b[0].weight.clone() for b in model.blocks])

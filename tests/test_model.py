@@ -6,7 +6,9 @@ import torch
 
 from normlab import nn as nl
 from normlab.calibrate import calibrate_batchnorm, fold_batchnorm
-from normlab.model import ConfigError, MLPLanguageModel, ModelConfig
+from normlab.config import ModelConfig
+from normlab.errors import ConfigError
+from normlab.model import MLPLanguageModel
 from normlab.presets import PRESETS
 
 

@@ -302,3 +302,15 @@ def test_batchnorm_forward_hooks_fire_once_with_the_input_shape():
     bn.register_forward_hook(lambda _m, inputs, out: shapes.append((inputs[0].shape, out.shape)))
     bn(torch.randn(2, 4, 5))
     assert shapes == [((2, 4, 5), (2, 4, 5))]
+
+
+def test_set_mode_restores_every_submodule_also_after_an_error():
+    model = torch.nn.Sequential(nl.Linear(3, 4), nl.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    model[1].eval()  # a frozen BatchNorm inside a training model keeps its own mode
+    with nl.set_mode(model, training=False):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    with pytest.raises(RuntimeError), nl.set_mode(model, training=True):
+        assert model[1].training
+        raise RuntimeError
+    assert [m.training for m in model.modules()] == [True, True, False, True]

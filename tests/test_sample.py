@@ -1,7 +1,8 @@
 import torch
 
+from normlab.config import ModelConfig
 from normlab.data import Vocab
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.model import MLPLanguageModel
 from normlab.presets import PRESETS
 from normlab.sample import generate
 

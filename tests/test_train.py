@@ -7,9 +7,11 @@ import torch
 
 from normlab.checkpoint import load_checkpoint
 from normlab.cli import main
-from normlab.model import MLPLanguageModel, ModelConfig
+from normlab.config import ModelConfig, TrainConfig, check_configs
+from normlab.model import MLPLanguageModel
+from normlab.optim import lr_at, make_optimizer
 from normlab.presets import PRESETS
-from normlab.train import TrainConfig, check_configs, load_state, lr_at, make_optimizer
+from normlab.train import load_state
 
 
 def run(capsys, *argv):
@@ -159,7 +161,7 @@ def test_eval_train_examples_measures_a_fixed_subset_and_leaves_training_alone(
     whole_again, _ = rows("whole-again", "--eval-train-examples", 0)  # 0: the whole split
     assert whole_again == whole
     code, _, err = run(capsys, "train", *tiny, "--eval-train-examples", -1, "--out", tmp_path / "x")
-    assert code == 2 and "eval-train-examples must be at least 0" in err
+    assert code == 2 and "eval_train_examples must be at least 0" in err
 
 
 def test_ema_evaluates_and_saves_the_average_and_trains_the_weights(tmp_path, tiny, capsys):

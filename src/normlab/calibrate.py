@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from normlab import nn as nl
+from normlab.nn import set_mode
 
 BATCHNORM_TYPES = (nl.BatchNorm1d, nn.modules.batchnorm._BatchNorm)
 LINEAR_TYPES = (nl.Linear, nn.Linear)
@@ -63,15 +64,12 @@ def batchnorm_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
         for m in model.modules()
         if isinstance(m, BATCHNORM_TYPES)
     ]
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with set_mode(model, training=False), torch.no_grad():
             model(example)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return order
 
 
@@ -108,7 +106,12 @@ def calibrate_batchnorm(
         The calibrated BatchNorm layers, in forward order.
 
     Example:
-        >>> calibrate_batchnorm(model, Xtr)
+        >>> from normlab.nn import BatchNorm1d
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), BatchNorm1d(8))
+        >>> X = torch.randn(1000, 4)
+        >>> _ = calibrate_batchnorm(model, X, batch_size=256)
+        >>> torch.allclose(model.eval()(X), model.train()(X), atol=1e-5)
+        True
     """
     if len(inputs) == 0:
         raise ValueError("calibrate_batchnorm needs a non-empty data set")
@@ -119,13 +122,11 @@ def calibrate_batchnorm(
             f"{len(untracked)} BatchNorm layer(s) have track_running_stats=False: "
             "nothing to calibrate"
         )
-    was_training = model.training
     n_batches = (len(inputs) + batch_size - 1) // batch_size
     # tqdm's disable=None shows the bar only on a terminal
     long_pass = len(layers) * n_batches > 50
     disable = (None if long_pass else True) if progress is None else not progress
-    model.eval()
-    try:
+    with set_mode(model, training=False):
         bar = tqdm(total=len(layers) * n_batches, desc="calibrate", unit="batch", disable=disable)
         for layer in layers:
             acc = _MomentAccumulator()
@@ -145,8 +146,6 @@ def calibrate_batchnorm(
             layer.running_mean.copy_(acc.mean)
             layer.running_var.copy_(acc.variance())
         bar.close()
-    finally:
-        model.train(was_training)
     return layers
 
 
@@ -204,7 +203,17 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     not changed.
 
     Example:
-        >>> fast = fold_batchnorm(model)  # same eval outputs, fewer layers
+        >>> from normlab.nn import BatchNorm1d
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchNorm1d(8)).eval()
+        >>> folded = fold_batchnorm(model)
+        >>> folded
+        Sequential(
+          (0): Linear(in_features=4, out_features=8, bias=True)
+          (1): Identity()
+        )
+        >>> X = torch.randn(16, 4)
+        >>> torch.allclose(folded(X), model(X), atol=1e-6)
+        True
     """
     folded_model = copy.deepcopy(model).eval()
     _fold_children(folded_model)

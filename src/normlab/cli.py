@@ -8,61 +8,26 @@
     normlab propagate                      the signal-propagation table of four inits
     normlab experiment NAME [--quick]      lecture | depth | batchnorm: see docs/RESULTS.md
 
-Every problem with the input is one line on stderr and exit code 2.
+The model and training flags are generated from the config fields
+(``normlab.config``): ``--n-layer`` sets ``ModelConfig.n_layer``, with the
+field's help and valid values. Every problem with the input is one line on
+stderr and exit code 2.
 """
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
+import typing
+from dataclasses import Field, fields
 from datetime import datetime
 from pathlib import Path
 
+from normlab.config import ModelConfig, TrainConfig, check_configs, preset_configs
 from normlab.errors import NormlabError
-from normlab.presets import PRESETS
 
-# flags → config fields; default None means "from the preset"
-MODEL_FLAGS = (
-    "dropout",
-    "embed_dropout",
-    "n_layer",
-    "n_hidden",
-    "n_embd",
-    "block_size",
-    "norm",
-    "init",
-    "nonlinearity",
-    "residual",
-    "output_bn",
-    "bias",
-    "n_groups",
-    "bn_momentum",
-    "gain",
-)
-TRAIN_FLAGS = (
-    "steps",
-    "batch_size",
-    "lr",
-    "optimizer",
-    "schedule",
-    "decay_step",
-    "warmup_steps",
-    "weight_decay",
-    "ema",
-    "eval_every",
-    "eval_train_examples",
-    "checkpoint_every",
-    "target_val_loss",
-    "diagnose_every",
-    "tensorboard",
-    "sync_batchnorm",
-    "compile",
-    "seed",
-    "data",
-)
-RUN_FLAGS = ("device", "threads")  # may change on --resume: where it runs, not what it computes
+BENCH_STEPS = 500  # normlab bench without --steps
+METAVARS = {int: "N", float: "X", str: "PATH"}  # the config fields' types; str: the data file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,98 +35,59 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_and_train_flags(p: argparse.ArgumentParser) -> None:
-    from normlab.model import INITS, NONLINEARITIES, NORMS
-    from normlab.train import DEVICES, OPTIMIZERS, SCHEDULES
+def _flag(field: Field) -> str:
+    return "--" + field.name.replace("_", "-")
 
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="named configuration; every flag below overrides one field (default: default)",
-    )
-    m = p.add_argument_group("model (default: from the preset)")
-    m.add_argument("--n-layer", type=int, help="hidden blocks Linear → norm → nonlinearity")
-    m.add_argument("--n-hidden", type=int, help="width of each hidden layer")
-    m.add_argument("--n-embd", type=int, help="embedding dimensions per character")
-    m.add_argument("--block-size", type=int, help="context length in characters")
-    m.add_argument("--norm", choices=NORMS, help="normalization after each hidden Linear")
-    m.add_argument("--init", choices=INITS, help="weight initialization scheme")
-    m.add_argument("--gain", type=float, help="--init kaiming: the hidden weights' gain")
-    m.add_argument("--nonlinearity", choices=NONLINEARITIES)
-    m.add_argument(
-        "--residual",
-        action=argparse.BooleanOptionalAction,
-        help="skip connections around hidden blocks of equal width",
-    )
-    m.add_argument(
-        "--output-bn",
-        action=argparse.BooleanOptionalAction,
-        help="BatchNorm after the output Linear (the lecture's deep net)",
-    )
-    m.add_argument(
-        "--bias",
-        action=argparse.BooleanOptionalAction,
-        help="biases on hidden Linears (default: only where no BatchNorm follows)",
-    )
-    m.add_argument("--n-groups", type=int, help="groups for --norm group")
-    m.add_argument("--bn-momentum", type=float, help="running-statistics momentum")
-    m.add_argument("--dropout", type=float, help="dropout after each hidden nonlinearity")
-    m.add_argument("--embed-dropout", type=float, help="dropout on the context's embeddings")
-    t = p.add_argument_group("training (default: from the preset)")
-    t.add_argument("--steps", type=int, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, help="examples per step")
-    t.add_argument("--lr", type=float, help="peak learning rate")
-    t.add_argument("--optimizer", choices=OPTIMIZERS)
-    t.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        help="step: lr × 0.1 from --decay-step; cosine: warmup, then cosine decay",
-    )
-    t.add_argument("--decay-step", type=int, help="step schedule: where the lr drops ×0.1")
-    t.add_argument("--warmup-steps", type=int, help="cosine schedule: linear warmup steps")
-    t.add_argument("--weight-decay", type=float, help="on embeddings and Linear weights")
-    t.add_argument(
-        "--ema",
-        type=float,
-        help="evaluate a moving average of the weights with this decay, e.g. 0.999; 0: off",
-    )
-    t.add_argument("--eval-every", type=int, help="steps between evaluations on the whole splits")
-    t.add_argument(
-        "--eval-train-examples",
-        type=int,
-        help="the evaluations' train loss on this many fixed training examples, 0 for all",
-    )
-    t.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    t.add_argument("--target-val-loss", type=float, help="stop at the first eval at or below this")
-    t.add_argument("--seed", type=int, help="model init and batch order")
-    t.add_argument(
-        "--diagnose-every",
-        type=int,
-        help="record per-layer diagnostics every N steps, 0 for never (default: 100)",
-    )
-    t.add_argument(
-        "--tensorboard",
-        action=argparse.BooleanOptionalAction,
-        help="also write TensorBoard event files to the run folder (needs tensorboard)",
-    )
-    t.add_argument("--data", help="UTF-8 text file, one item per line (default: bundled names)")
-    t.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        help="the hand-written training step (SGD or AdamW) compiled as one graph (default: off)",
-    )
-    t.add_argument(
-        "--sync-batchnorm",
-        action=argparse.BooleanOptionalAction,
-        help="several processes: BatchNorm statistics over the whole global batch (default: on)",
-    )
-    r = p.add_argument_group("where it runs")
-    r.add_argument("--device", choices=DEVICES, default="auto")
-    r.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+def _add_flag(parser, field: Field, default=None) -> None:
+    """The flag of one config field: its type, choices and help from the field itself."""
+    types = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]
+    kwargs: dict = {"default": default, "help": field.metadata["help"]}
+    if types[0] is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = types[0]
+        kwargs["metavar"] = METAVARS[types[0]]
+    choices = field.metadata["choices"]
+    if choices is not None:
+        kwargs["choices"] = [c for c in choices if c is not None]
+    parser.add_argument(_flag(field), **kwargs)
+
+
+def _config_fields(runtime: bool) -> list[Field]:
+    """The fields that have a flag: what a run computes, or where it runs."""
+    return [
+        f
+        for config in (ModelConfig, TrainConfig)
+        for f in fields(config)
+        if f.metadata["flag"] and f.metadata["runtime"] == runtime and f.name != "preset"
+    ]
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and a flag for every config field; each overrides one field of the preset."""
+    _add_flag(p, next(f for f in fields(TrainConfig) if f.name == "preset"))
+    groups = {
+        ModelConfig: p.add_argument_group("model (default: from the preset)"),
+        TrainConfig: p.add_argument_group("training (default: from the preset)"),
+    }
+    names = {f.name for f in fields(ModelConfig)}
+    for field in _config_fields(runtime=False):
+        _add_flag(groups[ModelConfig if field.name in names else TrainConfig], field)
+    where = p.add_argument_group("where it runs")
+    for field in _config_fields(runtime=True):
+        _add_flag(where, field)
+
+
+def _add_field_flags(p: argparse.ArgumentParser, *names: str) -> None:
+    """Flags of TrainConfig fields for a command without presets, with the fields' defaults."""
+    for field in fields(TrainConfig):
+        if field.name in names:
+            _add_flag(p, field, default=field.default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from normlab.train import DEVICES
+    from normlab.experiments import EXPERIMENTS
 
     parser = _Parser(prog="normlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -171,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (the main job)",
         description="Train an MLP language model; everything goes into a run folder.",
     )
-    _add_model_and_train_flags(p)
+    _add_config_flags(p)
     p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
     p.add_argument(
         "--resume",
@@ -184,6 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on N local processes (torchrun); --batch-size stays the global batch",
     )
 
+    _add_run_commands(sub)
+
+    p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
+    p.add_argument("--n-layer", type=int, default=50)
+    p.add_argument("--width", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run one of the experiments behind docs/RESULTS.md",
+        description="Run an experiment: a table as it goes, results.json and figures in --out.",
+    )
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--out", type=Path, help="output folder (default: runs/experiment-NAME-<time>)")
+    p.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
+    _add_field_flags(p, "seed", "device", "threads")
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """The commands that read a run, or build a model as a run would: sample, eval, bench and
+    diagnose."""
     p = sub.add_parser("sample", help="generate items from a trained run")
     p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
     p.add_argument("-n", "--num", type=int, default=20, help="how many (default: %(default)s)")
@@ -192,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", default="", help="start every sample with this text")
     p.add_argument("--data", help="the run's data file, if it has moved")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_field_flags(p, "device")
 
     p = sub.add_parser("eval", help="loss of a trained run on a split")
     p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
@@ -204,10 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--data", help="the run's data file, if it has moved")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    _add_field_flags(p, "device")
 
-    p = sub.add_parser("bench", help="time training steps; prints one JSON line")
-    _add_model_and_train_flags(p)
+    p = sub.add_parser(
+        "bench",
+        help="time training steps; prints one JSON line",
+        description=f"Time --steps (default {BENCH_STEPS}) steps of the training loop after a "
+        "warm-up; the model and training flags as for train.",
+    )
+    _add_config_flags(p)
 
     p = sub.add_parser(
         "diagnose",
@@ -216,68 +169,38 @@ def build_parser() -> argparse.ArgumentParser:
         "initialization (a preset and model flags) or from a run's checkpoint; then the "
         "per-layer table and the verdicts.",
     )
-    _add_model_and_train_flags(p)
+    _add_config_flags(p)
     p.add_argument("--run", type=Path, help="diagnose this run's checkpoint instead")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
 
-    p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
-    p.add_argument("--n-layer", type=int, default=50)
-    p.add_argument("--width", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-
-    from normlab.experiments import EXPERIMENTS
-
-    p = sub.add_parser(
-        "experiment",
-        help="run one of the experiments behind docs/RESULTS.md",
-        description="Run an experiment: a table as it goes, results.json and figures in --out.",
-    )
-    p.add_argument("name", choices=EXPERIMENTS)
-    p.add_argument("--out", type=Path, help="output folder (default: runs/experiment-NAME-<time>)")
-    p.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
-    p.add_argument("--seed", type=int, default=42, help="model init and batch order")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    return parser
-
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:
     """The model and training flags on the command line (for commands that must not take them)."""
-    given = [n for n in (*MODEL_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None]
-    if args.preset is not None:
-        given.append("preset")
-    return ["--" + n.replace("_", "-") for n in given]
+    given = [f for f in fields(TrainConfig) if f.name == "preset"] + _config_fields(runtime=False)
+    return [_flag(f) for f in given if getattr(args, f.name) is not None]
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The preset's configs with every given flag applied."""
+    model, train = preset_configs(args.preset)
+    for config in (model, train):
+        for f in fields(config):
+            value = getattr(args, f.name, None)
+            if f.name != "preset" and value is not None:
+                setattr(config, f.name, value)
+    return model, train
 
 
 def configs_and_data_from_args(args: argparse.Namespace):
     """Validated configs from the preset and flags, with the data they name loaded."""
     from normlab.data import load_dataset
-    from normlab.train import check_configs
 
     model_config, train_config = configs_from_args(args)
     check_configs(model_config, train_config)
     data = load_dataset(train_config.data, model_config.block_size)
     model_config.vocab_size = data.vocab.size
     return model_config, train_config, data
-
-
-def configs_from_args(args: argparse.Namespace):
-    """The preset's configs with every given flag applied."""
-    from normlab.model import ModelConfig
-    from normlab.train import TrainConfig
-
-    name = args.preset or "default"
-    preset = copy.deepcopy(PRESETS[name])
-    model = ModelConfig(**preset["model"])
-    train = TrainConfig(**preset["train"], preset=name)
-    for name in MODEL_FLAGS:
-        if getattr(args, name, None) is not None:
-            setattr(model, name, getattr(args, name))
-    for name in (*TRAIN_FLAGS, *RUN_FLAGS):
-        if getattr(args, name, None) is not None:
-            setattr(train, name, getattr(args, name))
-    return model, train
 
 
 def new_run_folder(prefix: str = "") -> Path:
@@ -315,7 +238,7 @@ def cmd_train(args) -> int:
         world_size = int(os.environ["WORLD_SIZE"])
         if args.nproc not in (None, world_size):
             raise NormlabError(f"--nproc {args.nproc} under torchrun with {world_size} processes")
-        ranks = distributed.init_process_group(args.device)
+        ranks = distributed.init_process_group(args.device or "auto")
     try:
         out = args.out or Path(distributed.gather_objects(str(new_run_folder()), ranks)[0])
         model_config, train_config = configs_from_args(args)
@@ -327,23 +250,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_run(args):
-    """Model (eval mode, on the device), dataset and checkpoint of a finished run."""
-    from normlab.checkpoint import load_checkpoint
-    from normlab.model import MLPLanguageModel, ModelConfig
-    from normlab.train import load_run_data, load_state, resolve_device
-
-    ckpt = load_checkpoint(args.run)
-    data = load_run_data(ckpt, args.data)
-    model = MLPLanguageModel(ModelConfig.from_dict(ckpt["model_config"]), verbose=False)
-    load_state(model, None, ckpt)
-    return model.to(resolve_device(args.device)).eval(), data, ckpt
-
-
 def cmd_sample(args) -> int:
     from normlab.sample import format_samples, sample_run
+    from normlab.train import load_run
 
-    model, data, _ = _load_run(args)
+    model, data, _ = load_run(args.run, args.data, args.device)
     options = {"temperature": args.temperature, "top_k": args.top_k, "prefix": args.prefix}
     print(format_samples(sample_run(model, data, args.num, args.seed, **options)))
     return 0
@@ -351,9 +262,10 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from normlab.calibrate import calibrate_batchnorm
-    from normlab.train import evaluate
+    from normlab.evaluate import evaluate
+    from normlab.train import load_run
 
-    model, data, ckpt = _load_run(args)
+    model, data, ckpt = load_run(args.run, args.data, args.device)
     device = next(model.parameters()).device
     X, Y = (t.to(device) for t in data.splits[args.split])
     result = {
@@ -378,118 +290,34 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
+    from normlab.bench import bench
 
-    from normlab.distributed import SINGLE
-    from normlab.model import MLPLanguageModel
-    from normlab.train import fast_step, make_optimizer, resolve_device
-
-    model_config, tcfg, data = configs_and_data_from_args(args)
-    steps = args.steps or 500
-    if tcfg.threads is not None:
-        torch.set_num_threads(tcfg.threads)
-    device = resolve_device(tcfg.device)
-    model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
-    model = model.to(device)
-    optimizer = make_optimizer(model, tcfg)
-    fast = fast_step(model, optimizer, tcfg, SINGLE, print)
-    X, Y = (t.to(device) for t in data.splits["train"])
-    g = torch.Generator().manual_seed(tcfg.seed)
-
-    def run(n):
-        for _ in range(n):
-            ix = torch.randint(0, len(X), (tcfg.batch_size,), generator=g).to(device)
-            if fast is not None:
-                fast(X[ix], Y[ix], tcfg.lr)
-                continue
-            _, loss = model(X[ix], Y[ix])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    start = time.perf_counter()
-    run(max(10, steps // 10))  # warm-up (and the compilation, with --compile)
-    warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    run(steps)
-    elapsed = time.perf_counter() - start
-    print(
-        json.dumps(
-            {
-                "steps_per_s": round(steps / elapsed, 1),
-                "warmup_s": round(warmup_s, 2),
-                "compiled": fast is not None,
-                "batch_size": tcfg.batch_size,
-                "preset": tcfg.preset,
-                "steps": steps,
-                "threads": torch.get_num_threads(),
-                "device": str(device),
-            }
-        )
-    )
+    model_config, train_config, data = configs_and_data_from_args(args)
+    print(json.dumps(bench(model_config, train_config, data, args.steps or BENCH_STEPS)))
     return 0
 
 
 def cmd_diagnose(args) -> int:
-    import torch
-
     from normlab.checkpoint import load_checkpoint
-    from normlab.diagnostics import Diagnostics, report
-    from normlab.model import MLPLanguageModel, ModelConfig
-    from normlab.train import (
-        TrainConfig,
-        data_init_,
-        eval_mode_loss,
-        load_run_data,
-        load_state,
-        lr_at,
-        make_optimizer,
-        resolve_device,
-    )
+    from normlab.diagnose import diagnose
+    from normlab.diagnostics import format_table
+    from normlab.train import load_run_data
 
+    ckpt = None
     if args.run is not None:
         given = config_flags_given(args)
         if given:
             raise NormlabError(f"--run diagnoses the run's own model; drop {', '.join(given)}")
         ckpt = load_checkpoint(args.run)
         model_config = ModelConfig.from_dict(ckpt["model_config"])
-        tcfg = TrainConfig.from_dict(ckpt["train_config"])
-        tcfg.device, tcfg.threads = args.device, args.threads
+        train_config = TrainConfig.from_dict(ckpt["train_config"])
+        train_config.device, train_config.threads = args.device or "auto", args.threads
         data = load_run_data(ckpt)
-        step = ckpt["progress"]["step"]
     else:
-        model_config, tcfg, data = configs_and_data_from_args(args)
-        step = 0
-    if tcfg.threads is not None:
-        torch.set_num_threads(tcfg.threads)
-    device = resolve_device(tcfg.device)
-    torch.manual_seed(tcfg.seed)
-    model = MLPLanguageModel(model_config, torch.Generator().manual_seed(tcfg.seed), verbose=False)
-    optimizer = make_optimizer(model, tcfg)
-    if args.run is not None:
-        load_state(model, optimizer, ckpt)
-    else:  # --init lsuv: the model as a run starts it
-        data_init_(model, data.splits["train"][0], tcfg.seed, verbose=not args.json)
-    model.to(device).train()
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, tcfg)
-    X, Y = data.splits["train"]
-    ix = torch.randint(0, len(X), (tcfg.batch_size,), generator=torch.Generator().manual_seed(0))
-    xb, yb = X[ix].to(device), Y[ix].to(device)
-
-    diag = Diagnostics(model)
-    diag.arm()
-    _, loss = model(xb, yb)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    eval_loss = eval_mode_loss(model, xb, yb)
-    optimizer.step()
-    diag.collect(step, loss.item(), eval_loss)
-    result = report(diag, num_classes=data.vocab.size)
-    print(result.to_json() if args.json else result.table())
-    return 1 if args.strict and result.verdicts else 0
+        model_config, train_config, data = configs_and_data_from_args(args)
+    report = diagnose(model_config, train_config, data, ckpt, quiet=args.json)
+    print(report.to_json() if args.json else format_table(report))
+    return 1 if args.strict and report.verdicts else 0
 
 
 def cmd_propagate(args) -> int:

@@ -45,6 +45,11 @@ class Ranks:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def say(self, *args, **kwargs) -> None:
+        """``print`` on rank 0; the other ranks stay quiet."""
+        if self.is_main:
+            print(*args, **kwargs)
+
 
 SINGLE = Ranks()  # one process: rank 0 of 1
 
@@ -114,6 +119,19 @@ def agree(error: NormlabError | None, ranks: Ranks) -> None:
         agreed = NormlabError(message if rank == 0 else f"[rank {rank}] {message}")
         agreed.exit_code = exit_code
         raise agreed
+
+
+def global_outcome(loss: Tensor, interrupted: bool, ranks: Ranks) -> tuple[float, bool]:
+    """The loss over the whole batch, and whether any process was interrupted.
+
+    Every rank then takes the same decisions (stop on a NaN, checkpoint on
+    Ctrl-C), so none is left waiting in a collective the others have left.
+    """
+    if not ranks.distributed:
+        return loss.item(), interrupted
+    flag = torch.tensor(float(interrupted), dtype=torch.float64, device=loss.device)
+    shared = all_reduce_sum(torch.stack((loss.detach().double(), flag)), ranks)  # (2,)
+    return shared[0].item(), bool(shared[1].item())
 
 
 def gather_objects(obj, ranks: Ranks) -> list:

@@ -10,30 +10,102 @@ tensors, which ``torch.compile`` turns into one graph of fused kernels.
 It covers ``MLPLanguageModel`` with ``norm`` batch or none, tanh or ReLU,
 residual blocks, hidden biases and an output BatchNorm, trained by the
 optimizers ``make_optimizer`` builds: plain SGD and AdamW, with their weight
-decay; ``unsupported()`` names what it does not cover, and the training loop
+decay. ``COVERS`` lists, for every config field, the values it covers;
+``unsupported()`` names what a run asks beyond them, and the training step
 then takes the autograd path. The parameters and AdamW's moments are updated
 in place, in the optimizer's own state, so the model, its optimizer and its
 checkpoints are the same objects whichever path a step takes (diagnostic
 recordings take the autograd path).
 """
 
+from dataclasses import fields
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from normlab import nn as nl
+from normlab.config import ModelConfig, TrainConfig
+from normlab.distributed import Ranks
 from normlab.model import MLPLanguageModel
 
+ANY = None
+# Every config field, and the values of it that the compiled step covers (ANY: all).
+# tests/test_fast.py fails when a config gains a field that this table does not mention.
+COVERS: dict[str, tuple | None] = {
+    # the model
+    "vocab_size": ANY,
+    "block_size": ANY,
+    "n_embd": ANY,
+    "n_hidden": ANY,
+    "n_layer": ANY,
+    "norm": ("batch", "none"),
+    "nonlinearity": ("tanh", "relu"),
+    "residual": ANY,
+    "init": ANY,  # the step starts from whatever weights the model holds
+    "gain": ANY,
+    "output_bn": ANY,
+    "bias": ANY,
+    "n_groups": ANY,  # only used by norm group
+    "bn_momentum": ANY,
+    "dropout": (0.0,),
+    "embed_dropout": (0.0,),
+    # the training
+    "steps": ANY,
+    "batch_size": ANY,
+    "optimizer": ("sgd", "adamw"),
+    "lr": ANY,  # passed to every step as a tensor
+    "schedule": ANY,
+    "decay_step": ANY,
+    "warmup_steps": ANY,
+    "min_lr_ratio": ANY,
+    "weight_decay": ANY,
+    "ema": ANY,  # the average is updated after the step, whichever path it took
+    "eval_every": ANY,
+    "eval_train_examples": ANY,
+    "checkpoint_every": ANY,
+    "diagnose_every": ANY,  # a recording step takes the autograd path
+    "tensorboard": ANY,
+    "sync_batchnorm": ANY,  # only several processes use it, and they take the autograd path
+    "compile": ANY,
+    "target_val_loss": ANY,
+    "seed": ANY,
+    "data": ANY,
+    "device": ANY,
+    "threads": ANY,
+    "preset": ANY,
+}
 
-def unsupported(model: MLPLanguageModel, optimizer: str) -> str | None:
-    """Why the fast step cannot train this model with this optimizer, or None if it can."""
-    c = model.config
-    if optimizer not in ("sgd", "adamw"):
-        return f"optimizer {optimizer} (the fast step has sgd and adamw)"
-    if c.norm not in ("batch", "none"):
-        return f"norm {c.norm} (the fast step has batch or none)"
-    if c.dropout > 0 or c.embed_dropout > 0:
-        return "dropout"
+
+def unsupported(model_config: ModelConfig, train_config: TrainConfig, ranks: Ranks) -> str | None:
+    """What the compiled step does not cover in this run (``COVERS``), or None if it covers all."""
+    if ranks.distributed:
+        return "several processes"
+    for config in (model_config, train_config):
+        for f in fields(config):
+            covered, value = COVERS[f.name], getattr(config, f.name)
+            if covered is not ANY and value not in covered:
+                return f"{f.name.replace('_', '-')} {value}"
     return None
+
+
+ACTIVATION_KINDS = {nl.Tanh: "tanh", nl.ReLU: "relu"}
+
+
+def _plan_layer(layers: list[nn.Module]) -> tuple[nn.Module, nn.Module | None, str | None]:
+    """The Linear, BatchNorm and activation of one block or the head, found by type."""
+    linear, norm, activation = None, None, None
+    for layer in layers:
+        if isinstance(layer, nl.Linear) and linear is None:
+            linear = layer
+        elif isinstance(layer, nl.BatchNorm1d) and norm is None:
+            norm = layer
+        elif type(layer) in ACTIVATION_KINDS and activation is None:
+            activation = ACTIVATION_KINDS[type(layer)]
+        elif not isinstance(layer, nn.Identity):
+            raise ValueError(f"the compiled step does not cover a {type(layer).__name__} layer")
+    if linear is None:
+        raise ValueError("the compiled step needs a Linear in every block")
+    return linear, norm, activation
 
 
 def _bn_forward(z: Tensor, gain: Tensor, bias: Tensor, eps: float):
@@ -87,14 +159,13 @@ class FastStep:
     def __init__(
         self, model: MLPLanguageModel, optimizer: torch.optim.Optimizer, compile: bool = True
     ) -> None:
-        c = model.config
         # the tensors the step reads and updates, as one list (fewer guards than module
         # attributes), and the plan of where each layer's tensors are in it
         self.tensors: list[Tensor] = [model.embedding.weight]
         plan = []
-        layers = [(b[0], b[1], True, b.residual) for b in model.blocks]
-        layers.append((model.head[0], model.head[1] if len(model.head) > 1 else None, False, False))
-        for linear, norm, activated, residual in layers:
+        layers = [(*_plan_layer(list(b)), b.residual) for b in model.blocks]
+        layers.append((*_plan_layer(list(model.head)), False))
+        for linear, norm, activation, residual in layers:
             i = len(self.tensors)
             self.tensors.append(linear.weight)
             bias = None
@@ -102,7 +173,7 @@ class FastStep:
                 bias = len(self.tensors)
                 self.tensors.append(linear.bias)
             bn = None
-            if isinstance(norm, nl.BatchNorm1d):
+            if norm is not None:
                 bn = (len(self.tensors), norm.eps, norm.momentum)
                 self.tensors += [
                     norm.weight,
@@ -111,10 +182,9 @@ class FastStep:
                     norm.running_var,
                     norm.num_batches_tracked,
                 ]
-            plan.append((i, bias, bn, activated, residual))
+            plan.append((i, bias, bn, activation, residual))
         self.plan = tuple(plan)
         self.update = self._update_plan(optimizer)
-        self.tanh = c.nonlinearity == "tanh"
         self._lr = None
         self._fn = torch.compile(_step, dynamic=False, options=_options()) if compile else _step
 
@@ -161,7 +231,7 @@ class FastStep:
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
-        args = (self.tensors, x, y, self._lr, self.plan, self.tanh, self.update)
+        args = (self.tensors, x, y, self._lr, self.plan, self.update)
         if self._fn is _step:
             return self._fn(*args)
         try:
@@ -174,10 +244,10 @@ class FastStep:
 
 
 @torch.no_grad()
-def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
+def _step(tensors, x, y, lr, plan, update: tuple) -> Tensor:
     """The step itself: ``plan`` holds, per Linear, (weight index, bias index | None,
-    (BatchNorm's first index, eps, momentum) | None, activated, residual); ``update``
-    is ``FastStep._update_plan``'s.
+    (BatchNorm's first index, eps, momentum) | None, activation "tanh" | "relu" | None,
+    residual); ``update`` is ``FastStep._update_plan``'s.
 
     Activations are kept features by batch, (C, B), the transpose of the model's
     layout: BatchNorm's sums over the batch then run along contiguous rows, one
@@ -188,7 +258,7 @@ def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
     B, T = x.shape
     h = emb[x].view(B, -1).t()  # (T·E, B), a view: the first product reads it transposed
     saved = []
-    for w, b, bn, activated, residual in plan:
+    for w, b, bn, activation, residual in plan:
         z = tensors[w] @ h  # (out, B)
         if b is not None:
             z = z + tensors[b][:, None]
@@ -197,7 +267,11 @@ def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
             k, eps, momentum = bn
             z, xhat, invstd, mean, var = _bn_forward(z, tensors[k], tensors[k + 1], eps)
             cache = (xhat, invstd, mean, var)
-        a = (torch.tanh(z) if tanh else torch.relu(z)) if activated else z
+        a = z
+        if activation == "tanh":
+            a = torch.tanh(z)
+        elif activation == "relu":
+            a = torch.relu(z)
         saved.append((h, cache, a))
         h = h + a if residual else a
     logp = torch.log_softmax(h, 0)  # (V, B)
@@ -207,12 +281,14 @@ def _step(tensors, x, y, lr, plan, tanh: bool, update: tuple) -> Tensor:
     V = logp.shape[0]
     target = torch.arange(V, device=x.device)[:, None] == y  # one-hot, (V, B): fuses
     d = (logp.exp() - target.to(logp.dtype)) / B  # ∂loss/∂logits, (V, B)
-    for (w, b, bn, activated, residual), (h_in, cache, a) in zip(
+    for (w, b, bn, activation, residual), (h_in, cache, a) in zip(
         reversed(plan), reversed(saved), strict=True
     ):
         dz = d
-        if activated:
-            dz = dz * (1 - a * a) if tanh else dz * (a > 0)
+        if activation == "tanh":
+            dz = dz * (1 - a * a)
+        elif activation == "relu":
+            dz = dz * (a > 0)
         if bn is not None:
             k = bn[0]
             dz, dgain, dbias = _bn_backward(dz, cache[0], cache[1], tensors[k])

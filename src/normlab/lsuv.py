@@ -35,9 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from normlab.diagnostics import ACTIVATIONS, layer_kind
-
-NORMALIZATIONS = ("batchnorm", "norm")  # layer_kind()s that divide out the input's scale
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, layer_kind, set_mode
 
 
 @dataclass
@@ -151,7 +149,11 @@ def lsuv_(
         the target, the variance reached, the iterations used.
 
     Example:
-        >>> report = lsuv_(model, X_train[:1024])
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(20, 50), nn.Tanh(), nn.Linear(50, 5))
+        >>> report = lsuv_(model, torch.randn(1000, 20))
+        >>> [(r.name, r.feeds) for r in report]
+        [('0', 'tanh'), ('2', 'output')]
     """
     if tol <= 0 or max_iter < 0:
         raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 0, got {tol} and {max_iter}")
@@ -167,12 +169,11 @@ def lsuv_(
         if layer.bias is not None:
             layer.bias.zero_()
 
-    was_training = model.training
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     devices = [x.device] if x.device.type == "cuda" else []
-    model.train()
     try:
-        with torch.random.fork_rng(devices=devices):  # dropout must not use up the global RNG
+        # training mode: the statistics training will see; dropout must not use up the global RNG
+        with set_mode(model, training=True), torch.random.fork_rng(devices=devices):
             order = _forward_order(model, x)
             missing = [names[m] for m in layers if m not in order]
             if missing:
@@ -196,7 +197,6 @@ def lsuv_(
                     var = _output_variance(model, x, probe)
                 results.append(LSUVLayer(names[layer], feeds, target, var, iterations))
     finally:
-        model.train(was_training)
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     return results

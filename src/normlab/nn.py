@@ -4,9 +4,14 @@
 closed-form backward are written out below, and it matches
 ``torch.nn.BatchNorm1d`` in every observable way (outputs, gradients, running
 statistics, buffers and ``state_dict`` keys), so state dicts load both ways.
+
+Below the layers: the *kind* of every layer the tools recognize (ours and
+torch's), which LSUV and the diagnostics go by, and ``set_mode``, which runs a
+block of code in train or eval mode and then puts every submodule back.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -508,3 +513,57 @@ class FlattenContext(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
         return x.view(B, T * C)
+
+
+# ---------------------------------------------------------------------------- layer kinds
+
+# What a layer does, for the tools that treat layers by kind (diagnostics, LSUV); the first
+# match wins. A layer of no kind is passed over.
+KINDS: tuple[tuple[str, tuple[type[nn.Module], ...]], ...] = (
+    ("tanh", (nn.Tanh, Tanh)),
+    ("sigmoid", (nn.Sigmoid,)),
+    ("relu", (nn.ReLU, ReLU)),
+    ("batchnorm", (BatchNorm1d, nn.modules.batchnorm._BatchNorm)),
+    ("norm", (LayerNorm, GroupNorm, nn.LayerNorm, nn.GroupNorm)),
+    ("linear", (Linear, nn.Linear)),
+)
+ACTIVATIONS = ("tanh", "sigmoid", "relu")  # the kinds that are nonlinearities
+NORMALIZATIONS = ("batchnorm", "norm")  # the kinds that divide out their input's scale
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind of ``module`` (see ``KINDS``), or None for a layer of no known kind.
+
+    Example:
+        >>> layer_kind(torch.nn.Tanh()), layer_kind(BatchNorm1d(3)), layer_kind(torch.nn.Flatten())
+        ('tanh', 'batchnorm', None)
+    """
+    for kind, types in KINDS:
+        if isinstance(module, types):
+            return kind
+    return None
+
+
+# ---------------------------------------------------------------------------- modes
+
+
+@contextlib.contextmanager
+def set_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """Run a block with ``module`` in train (``True``) or eval mode, then restore every
+    submodule's own mode, also when the block raises.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.5))
+        >>> with set_mode(model, training=False):
+        ...     model[1].training
+        False
+        >>> model[1].training
+        True
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, training_before in modes:
+            m.training = training_before

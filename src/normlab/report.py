@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 
 from normlab.checkpoint import atomic_write_bytes
-from normlab.diagnostics import ACTIVATIONS, Report, Snapshot
+from normlab.diagnostics import Report, Snapshot, format_table
+from normlab.nn import ACTIVATIONS
 
 FIGSIZE = (7.5, 3.2)
 
@@ -198,7 +199,7 @@ def render_html(
             "<h2>Update:data ratio</h2>",
             _img(update_ratio_figure(diag.update_history), "update to data ratio over time"),
             "<h2>Diagnostics table</h2>",
-            f"<pre>{html.escape(diag.table())}</pre>",
+            f"<pre>{html.escape(format_table(diag))}</pre>",
         ]
     if samples:
         rows = [(s or "(empty)", "in train" if seen else "new") for s, seen in samples]

@@ -11,6 +11,7 @@ import torch
 
 from normlab.data import BOUNDARY, Dataset, Vocab
 from normlab.errors import NormlabError
+from normlab.nn import set_mode
 
 
 @torch.no_grad()
@@ -41,29 +42,26 @@ def generate(
         )
     block_size = model.config.block_size
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    prefix_ids = vocab.encode(prefix)
-    context = [BOUNDARY] * block_size + prefix_ids
+    context = [BOUNDARY] * block_size + vocab.encode(prefix)
     idx = torch.tensor(context[-block_size:], device=device).repeat(n, 1)  # (n, block_size)
     out = torch.zeros(n, max_len, dtype=torch.long)  # (n, max_len); 0 = boundary, ends an item
     rows = torch.arange(n)  # the samples still growing; finished ones leave the batch
-    for t in range(max_len):
-        logits, _ = model(idx)  # (rows, vocab)
-        logits = logits.float().cpu() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, top_k).values[:, -1:]  # (rows, 1)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (rows,)
-        out[rows, t] = next_id
-        growing = next_id != BOUNDARY
-        if not growing.any():
-            break
-        rows = rows[growing]
-        next_id = next_id[growing].to(device)
-        idx = torch.cat([idx[growing.to(device), 1:], next_id.unsqueeze(1)], dim=1)
-    model.train(was_training)
+    with set_mode(model, training=False):  # running statistics: each sample on its own
+        for t in range(max_len):
+            logits, _ = model(idx)  # (rows, vocab)
+            logits = logits.float().cpu() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, top_k).values[:, -1:]  # (rows, 1)
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (rows,)
+            out[rows, t] = next_id
+            growing = next_id != BOUNDARY
+            if not growing.any():
+                break
+            rows = rows[growing]
+            next_id = next_id[growing].to(device)
+            idx = torch.cat([idx[growing.to(device), 1:], next_id.unsqueeze(1)], dim=1)
     return [prefix + vocab.decode(row) for row in out.tolist()]
 
 

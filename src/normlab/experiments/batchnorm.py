@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from normlab.calibrate import batchnorm_layers, calibrate_batchnorm
+from normlab.config import ModelConfig
 from normlab.data import load_dataset
+from normlab.evaluate import evaluate
 from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model, train_config
-from normlab.model import ModelConfig
-from normlab.train import evaluate
+from normlab.nn import set_mode
 
 MOMENTA = (0.1, 0.01, 0.001, None)
 BASE_STEPS, QUICK_BASE_STEPS = 40_000, 300
@@ -117,6 +118,32 @@ def distance(stats, reference) -> list[dict]:
     return rows
 
 
+def by_momentum(model, tracker: MomentumTracker, calibrated, Xva: Tensor, Yva: Tensor) -> list:
+    """Measurement 2: each momentum's running statistics against the calibrated ones."""
+    table = Table(
+        "2. running statistics by momentum at batch 32, against the calibrated ones",
+        [("momentum", 8), ("mean Δ in stds", 14), ("rel. var Δ", 10), ("val loss", 8)],
+    )
+    momentum_rows = []
+    for m in MOMENTA:
+        rows = distance(tracker.stats[m], calibrated)
+        row = {
+            "momentum": m,
+            "layers": rows,
+            "max_mean_diff_in_stds": max(r["max_mean_diff_in_stds"] for r in rows),
+            "max_rel_var_diff": max(r["max_rel_var_diff"] for r in rows),
+            "val_loss": evaluate(_with_stats(model, tracker.stats[m]), Xva, Yva),
+        }
+        momentum_rows.append(row)
+        table.row(
+            "None" if m is None else str(m),
+            row["max_mean_diff_in_stds"],
+            row["max_rel_var_diff"],
+            row["val_loss"],
+        )
+    return momentum_rows
+
+
 def run(ctx: Context) -> dict:
     base_steps = QUICK_BASE_STEPS if ctx.quick else BASE_STEPS
     data = load_dataset(None, 3)
@@ -167,34 +194,11 @@ def run(ctx: Context) -> dict:
         f"{rc['train_loss_full_batch_train_mode']:.6f}"
     )
 
-    table = Table(
-        "2. running statistics by momentum at batch 32, against the calibrated ones",
-        [("momentum", 8), ("mean Δ in stds", 14), ("rel. var Δ", 10), ("val loss", 8)],
-    )
-    own = tracker.stats[0.1]
     results["tracker_matches_model_buffers"] = max(
         max((a - b).abs().max().item(), (v - w).abs().max().item())
-        for (a, v), (b, w) in zip(own, running, strict=True)
+        for (a, v), (b, w) in zip(tracker.stats[0.1], running, strict=True)
     )
-    momentum_rows = []
-    for m in MOMENTA:
-        rows = distance(tracker.stats[m], calibrated)
-        row = {
-            "momentum": m,
-            "layers": rows,
-            "max_mean_diff_in_stds": max(r["max_mean_diff_in_stds"] for r in rows),
-            "max_rel_var_diff": max(r["max_rel_var_diff"] for r in rows),
-            "val_loss": evaluate(_with_stats(model, tracker.stats[m]), Xva, Yva),
-        }
-        momentum_rows.append(row)
-        table.row(
-            "None" if m is None else str(m),
-            row["max_mean_diff_in_stds"],
-            row["max_rel_var_diff"],
-            row["val_loss"],
-        )
-    results["momentum"] = momentum_rows
-
+    results["momentum"] = by_momentum(model, tracker, calibrated, Xva, Yva)
     results["gap"] = gap_by_batch_size(ctx)
     results["bias_before_bn"] = bias_before_batchnorm(ctx, data, tcfg, base)
     results["single_example"] = single_example(model, Xva, ctx.quick)
@@ -219,16 +223,20 @@ def bias_before_batchnorm(ctx: Context, data, tcfg, base) -> dict:
         linear = block[0]
         linear.bias = nn.Parameter(torch.randn(linear.out_features, generator=g))
         biases.append(linear.bias)
-    worst = {"bias": 0.0, "weight": 0.0}
+    worst = {"bias": 0.0, "weight": 0.0}  # the largest gradient of any bias, and of any weight
 
-    def record(_step):  # the largest gradient of any bias, and of any weight for scale
-        worst["bias"] = max(worst["bias"], max(b.grad.abs().max().item() for b in biases))
-        worst["weight"] = max(
-            worst["weight"], max(block[0].weight.grad.abs().max().item() for block in model.blocks)
-        )
+    def track(kind: str):
+        def hook(grad):
+            worst[kind] = max(worst[kind], grad.abs().max().item())
 
+        return hook
+
+    handles = [b.register_hook(track("bias")) for b in biases]
+    handles += [block[0].weight.register_hook(track("weight")) for block in model.blocks]
     initial = [b.detach().clone() for b in biases]
-    with_bias = fit(model, data, tcfg, ctx.device, desc="with bias", after_backward=record)
+    with_bias = fit(model, data, tcfg, ctx.device, desc="with bias")
+    for handle in handles:
+        handle.remove()
     diffs = [abs(a - b) for a, b in zip(base.step_losses, with_bias.step_losses, strict=True)]
     row = {
         "max_step_loss_diff": max(diffs),
@@ -255,10 +263,9 @@ def bias_before_batchnorm(ctx: Context, data, tcfg, base) -> dict:
 def single_example(model: nn.Module, X: Tensor, quick: bool) -> dict:
     """Eval-mode logits of each example alone vs the same examples in one batch."""
     n = min(len(X), QUICK_SINGLE_EXAMPLES if quick else SINGLE_EXAMPLES)
-    model.eval()
-    batched, _ = model(X[:n])  # (n, vocab)
-    alone = torch.cat([model(X[i : i + 1])[0] for i in range(n)])  # (n, vocab)
-    model.train()
+    with set_mode(model, training=False):
+        batched, _ = model(X[:n])  # (n, vocab)
+        alone = torch.cat([model(X[i : i + 1])[0] for i in range(n)])  # (n, vocab)
     row = {
         "examples": n,
         "max_abs_logit_diff": (batched - alone).abs().max().item(),

@@ -1,35 +1,30 @@
 """What every experiment shares: its output folder, a table printed as it goes, and ``fit``.
 
-``fit`` is ``normlab train``'s loop without the run folder: the same model
-seed, batch generator, learning-rate schedule, LSUV batch and step order, so a
-cell trained here gives the same losses as ``normlab train`` with the same
-config (``tests/test_experiments.py`` checks it), and the diagnostics of step 0.
+``fit`` trains a cell with ``normlab train``'s own loop and step
+(``normlab.train.run_loop``), in memory instead of a run folder, so a cell
+gives the same losses as ``normlab train`` with the same config
+(``tests/test_experiments.py`` checks it), and whatever a run can do (EMA,
+``--compile``) a cell can do too.
 """
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from normlab.checkpoint import atomic_write_bytes, atomic_write_json
+from normlab.config import ModelConfig, TrainConfig, check_configs
 from normlab.data import Dataset
-from normlab.diagnostics import ACTIVATIONS, Diagnostics, Snapshot, Thresholds, finite, verdicts
-from normlab.errors import NormlabError
+from normlab.diagnostics import Snapshot, Thresholds, finite, verdicts
+from normlab.distributed import SINGLE
+from normlab.errors import NormlabError, TrainingDiverged
 from normlab.lsuv import LSUVLayer
-from normlab.model import MLPLanguageModel, ModelConfig
-from normlab.train import (
-    TrainConfig,
-    check_configs,
-    data_init_,
-    eval_mode_loss,
-    evaluate,
-    lr_at,
-    make_optimizer,
-)
+from normlab.model import MLPLanguageModel
+from normlab.nn import ACTIVATIONS
+from normlab.train import MemoryLog, run_loop, start_training
 
 RESULTS_NAME = "results.json"
 
@@ -103,7 +98,7 @@ def _cell(x) -> str:
 class Fit:
     """The outcome of one training run."""
 
-    losses: dict[str, float]  # split → loss at the end (eval mode); NaN where it diverged
+    losses: dict[str, float]  # train and val loss at the end (eval mode); NaN where it diverged
     init_loss: float  # the first batch's loss, before any update
     snapshot: Snapshot  # the diagnostics of step 0
     step_losses: list[float] = field(default_factory=list)  # the training loss of every step
@@ -115,7 +110,6 @@ class Fit:
 def new_model(config: ModelConfig, data: Dataset, seed: int) -> MLPLanguageModel:
     """The model ``normlab train`` would build for this config and seed."""
     config.vocab_size = data.vocab.size
-    torch.manual_seed(seed)  # only dropout draws from the global RNG
     return MLPLanguageModel(config, torch.Generator().manual_seed(seed), verbose=False)
 
 
@@ -124,57 +118,34 @@ def fit(
     data: Dataset,
     tcfg: TrainConfig,
     device: torch.device,
-    splits: tuple[str, ...] = ("train", "val"),
     desc: str = "train",
-    after_backward: Callable[[int], None] | None = None,
 ) -> Fit:
-    """Train ``model`` as ``normlab train`` would, then evaluate it on ``splits``.
+    """Train ``model`` as ``normlab train`` would, and evaluate it at the end.
 
-    ``after_backward(step)`` runs between the backward pass and the update,
-    with the gradients in place. A non-finite loss stops the run.
+    The cell evaluates once, after its last step (its train loss on the whole
+    split, or on ``eval_train_examples`` of it), records diagnostics at step 0,
+    and saves nothing. A non-finite loss stops it: ``diverged_at`` is that step.
     """
+    tcfg = replace(tcfg, device=device.type, eval_every=tcfg.steps, checkpoint_every=tcfg.steps)
     check_configs(model.config, tcfg)
     start = time.perf_counter()
-    model.to(device).train()
-    Xtr, Ytr = (t.to(device) for t in data.splits["train"])
-    lsuv = data_init_(model, Xtr, tcfg.seed)
-    optimizer = make_optimizer(model, tcfg)
-    batch_gen = torch.Generator().manual_seed(tcfg.seed + 1)
-    diag = Diagnostics(model)
-    step_losses: list[float] = []
-    snapshot, diverged_at = None, None
-    for step in tqdm(range(tcfg.steps), desc=desc, unit="step", leave=False, disable=None):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tcfg)
-        ix = torch.randint(0, len(Xtr), (tcfg.batch_size,), generator=batch_gen).to(device)
-        xb, yb = Xtr[ix], Ytr[ix]
-        if step == 0:
-            diag.arm()
-        _, loss = model(xb, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(step)
-        eval_loss = eval_mode_loss(model, xb, yb) if step == 0 else None
-        optimizer.step()
-        if step == 0:
-            snapshot = diag.collect(0, loss.item(), eval_loss)
-        step_losses.append(loss.item())
-        if not math.isfinite(step_losses[-1]):
-            diverged_at = step
-            break
-    losses = {name: math.nan for name in splits}
-    if diverged_at is None:
-        for name in splits:
-            losses[name] = evaluate(model, *(t.to(device) for t in data.splits[name]))
+    t = start_training(model.config, tcfg, data, SINGLE, model=model)
+    log = MemoryLog(desc)
+    diverged_at = None
+    try:
+        run_loop(t, log)
+    except TrainingDiverged:
+        diverged_at = t.progress.step - 1
+    last = log.rows[-1] if log.rows and diverged_at is None else {}
+    losses = {name: last.get(f"{name}_loss", math.nan) for name in ("train", "val")}
     return Fit(
         losses,
-        step_losses[0],
-        snapshot,
-        step_losses,
+        log.step_losses[0],
+        t.diagnostics.history[0],
+        log.step_losses,
         diverged_at,
         time.perf_counter() - start,
-        lsuv,
+        t.lsuv,
     )
 
 
@@ -204,8 +175,9 @@ def set_threads(threads: int | None) -> None:
 
 
 def train_config(**kw) -> TrainConfig:
-    """A TrainConfig for an experiment cell: no run-folder cadences apply."""
-    return TrainConfig(diagnose_every=0, **kw)
+    """A TrainConfig for an experiment cell: diagnostics at step 0 only."""
+    steps = kw.pop("steps")
+    return TrainConfig(steps=steps, diagnose_every=steps, **kw)
 
 
 def lecture_sgd(steps: int, decay_step: int, seed: int) -> TrainConfig:

@@ -22,10 +22,10 @@ import copy
 import math
 from dataclasses import asdict, dataclass
 
-import torch
-
 from normlab.calibrate import calibrate_batchnorm
+from normlab.config import ModelConfig
 from normlab.data import load_dataset
+from normlab.evaluate import evaluate
 from normlab.experiments.common import (
     Context,
     Table,
@@ -34,8 +34,7 @@ from normlab.experiments.common import (
     new_model,
     step0_health,
 )
-from normlab.model import ModelConfig
-from normlab.train import evaluate
+from normlab.schemes import LectureScales, scale_lecture_
 
 # the lecture's loss log (train, val), makemore part 3, "loss log" cell
 LECTURE = {
@@ -51,23 +50,23 @@ N_EMBD, BLOCK_SIZE, N_HIDDEN = 10, 3, 200
 
 @dataclass(frozen=True)
 class Stage:
-    """Multipliers on the lecture's ``randn`` tensors; ``hidden_b`` None: no hidden bias."""
+    """The lecture's scales on the naive model's ``randn`` tensors (the ``lecture`` init's
+    recipe, stage by stage); ``hidden_bias`` False: no hidden bias."""
 
     name: str
-    hidden_w: float
-    hidden_b: float | None
-    head_w: float
-    head_b: float
+    scales: LectureScales
+    hidden_bias: bool = True
     batchnorm: bool = False
 
 
 KAIMING = (5 / 3) / math.sqrt(N_EMBD * BLOCK_SIZE)  # tanh gain / sqrt(fan_in)
+KAIMING_SCALES = LectureScales(hidden_weight=KAIMING, hidden_bias=1.0)  # no bias to scale
 STAGES = (
-    Stage("original", 1.0, 1.0, 1.0, 1.0),
-    Stage("softmax fix", 1.0, 1.0, 0.01, 0.0),
-    Stage("tanh fix", 0.2, 0.01, 0.01, 0.0),
-    Stage("kaiming", KAIMING, None, 0.01, 0.0),
-    Stage("batchnorm", KAIMING, None, 0.01, 0.0, batchnorm=True),
+    Stage("original", LectureScales(1.0, 1.0, 1.0, 1.0)),
+    Stage("softmax fix", LectureScales(hidden_weight=1.0, hidden_bias=1.0)),
+    Stage("tanh fix", LectureScales()),  # the lecture's final recipe: init lecture
+    Stage("kaiming", KAIMING_SCALES, hidden_bias=False),
+    Stage("batchnorm", KAIMING_SCALES, hidden_bias=False, batchnorm=True),
 )
 
 
@@ -80,20 +79,9 @@ def stage_config(stage: Stage) -> ModelConfig:
         norm="batch" if stage.batchnorm else "none",
         nonlinearity="tanh",
         init="naive",  # every tensor plain randn, biases included
-        bias=stage.hidden_b is not None,
+        bias=stage.hidden_bias,
         bn_momentum=0.001,
     )
-
-
-@torch.no_grad()
-def scale_to_stage(model, stage: Stage) -> None:
-    """Multiply the naive model's randn tensors by the stage's factors."""
-    hidden, head = model.blocks[0][0], model.head[0]
-    hidden.weight.mul_(stage.hidden_w)
-    if hidden.bias is not None:
-        hidden.bias.mul_(stage.hidden_b)
-    head.weight.mul_(stage.head_w)
-    head.bias.mul_(stage.head_b)
 
 
 def run(ctx: Context) -> dict:
@@ -120,12 +108,12 @@ def run(ctx: Context) -> dict:
     rows = []
     for stage in STAGES:
         model = new_model(stage_config(stage), data, ctx.seed)
-        scale_to_stage(model, stage)
+        scale_lecture_(model, stage.scales)
         result = fit(model, data, tcfg, ctx.device, desc=stage.name)
         lecture_train, lecture_val = LECTURE[stage.name]
         row = {
             "stage": stage.name,
-            "scales": asdict(stage),
+            "scales": asdict(stage.scales),
             "params": sum(p.numel() for p in model.parameters()),
             "init_loss": result.init_loss,
             # the lecture's saturation measure, on the first batch: |tanh| beyond 0.97

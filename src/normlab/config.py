@@ -1,0 +1,250 @@
+"""The model's and the training's configuration: every field declared once.
+
+Each field carries its default, its help and its valid values in one place,
+``option(...)``; ``validate`` checks them, and the CLI generates a flag per
+field from the same metadata (``--n-layer`` for ``n_layer``), as nanoGPT's
+configurator turns its globals into overrides. Both configs are printed at
+the start of a run and stored in every checkpoint.
+"""
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from normlab.errors import ConfigError
+from normlab.presets import PRESETS
+
+NORMS = ("batch", "layer", "group", "none")
+NONLINEARITIES = ("tanh", "relu")
+INITS = ("naive", "lecture", "kaiming", "lsuv")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    flag: bool = True,
+    runtime: bool = False,
+) -> Any:
+    """A config field: its default, its help, and the values it may take.
+
+    Args:
+        default: the value when neither a preset nor a flag sets it.
+        help: one line for ``--help`` and for readers of the dataclass.
+        choices: the only valid values.
+        low, high: bounds of a number (``None``: unbounded); a bounded float must be finite.
+        open_low, open_high: exclude the bound itself.
+        flag: generate a command-line flag for it.
+        runtime: where a run computes, not what: it may change on ``--resume``.
+    """
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "bounds": (low, high, open_low, open_high),
+        "flag": flag,
+        "runtime": runtime,
+    }
+    return field(default=default, metadata=metadata)
+
+
+def _interval(low, high, open_low: bool, open_high: bool) -> str:
+    if high is None:
+        if open_low and low == 0:
+            return "a positive number"
+        return f"greater than {low}" if open_low else f"at least {low}"
+    return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+
+
+def validate_fields(config) -> None:
+    """Raise ConfigError for a field outside its choices or bounds, naming what is valid."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        choices = f.metadata["choices"]
+        if choices is not None and value not in choices:
+            valid = ", ".join(map(str, choices))
+            raise ConfigError(f"unknown {f.name} {value!r}; valid choices: {valid}")
+        low, high, open_low, open_high = f.metadata["bounds"]
+        if value is None or (low is None and high is None):
+            continue
+        finite = not isinstance(value, float) or math.isfinite(value)
+        above = low is None or (value > low if open_low else value >= low)
+        below = high is None or (value < high if open_high else value <= high)
+        if not (finite and above and below):
+            wanted = _interval(low, high, open_low, open_high)
+            raise ConfigError(f"{f.name} must be {wanted}, got {value}")
+
+
+class _Config:
+    """What both configs share: checks and a tolerant ``from_dict``."""
+
+    def validate(self) -> None:
+        validate_fields(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """The config stored in a checkpoint; fields it lacks keep their defaults."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def defaults(cls) -> dict:
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+@dataclass
+class ModelConfig(_Config):
+    """The language model: ``normlab.model.MLPLanguageModel`` builds exactly this."""
+
+    vocab_size: int = option(
+        27, "filled in from the data: characters + the boundary token", low=1, flag=False
+    )
+    block_size: int = option(3, "context length: how many characters predict the next one", low=1)
+    n_embd: int = option(10, "embedding dimensions per character", low=1)
+    n_hidden: int = option(100, "width of each hidden layer", low=1)
+    n_layer: int = option(5, "hidden blocks Linear → norm → nonlinearity", low=0)
+    norm: str = option("batch", "normalization after each hidden Linear", choices=NORMS)
+    nonlinearity: str = option("tanh", "the hidden blocks' nonlinearity", choices=NONLINEARITIES)
+    residual: bool = option(False, "skip connections around hidden blocks of equal width")
+    init: str = option(
+        "kaiming",
+        "weight initialization: naive (plain randn), lecture (hand-tuned scales), kaiming, lsuv",
+        choices=INITS,
+    )
+    gain: float | None = option(
+        None, "init kaiming: the hidden weights' gain (default: the nonlinearity's)"
+    )
+    output_bn: bool = option(False, "BatchNorm after the output Linear (the lecture's deep net)")
+    bias: bool | None = option(
+        None, "biases on hidden Linears (default: only where no BatchNorm follows)"
+    )
+    n_groups: int = option(4, "groups for norm group; must divide n_hidden", low=1)
+    bn_momentum: float = option(
+        0.1, "running-statistics momentum of every BatchNorm", low=0, high=1
+    )
+    dropout: float = option(
+        0.0, "dropout after each hidden nonlinearity (training only)", low=0, high=1, open_high=True
+    )
+    embed_dropout: float = option(
+        0.0, "dropout on the context's embeddings (training only)", low=0, high=1, open_high=True
+    )
+
+    def validate(self) -> None:
+        """Raise ConfigError for a field, or a combination of fields, that cannot work."""
+        validate_fields(self)
+        if self.norm == "batch" and self.bias:
+            raise ConfigError(
+                "a Linear that feeds a BatchNorm needs no bias: the BatchNorm subtracts the batch "
+                "mean, which cancels it (the BatchNorm's own bias takes its place); drop --bias"
+            )
+        if self.gain is not None and (self.init != "kaiming" or not self.gain > 0):
+            raise ConfigError(f"gain must be a positive number with init kaiming, got {self.gain}")
+        if self.norm == "group" and self.n_hidden % self.n_groups != 0:
+            raise ConfigError(
+                f"n_hidden ({self.n_hidden}) must be divisible by n_groups ({self.n_groups})"
+            )
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        return self.norm == "batch" or self.output_bn
+
+
+@dataclass
+class TrainConfig(_Config):
+    """The optimization, the cadences of a run, and where it runs."""
+
+    steps: int = option(200_000, "optimizer steps", low=1)
+    batch_size: int = option(
+        32, "examples per step (on several processes: the global batch)", low=1
+    )
+    optimizer: str = option("sgd", "sgd (plain, as in the lecture) or adamw", choices=OPTIMIZERS)
+    lr: float = option(0.1, "peak learning rate", low=0, open_low=True)
+    schedule: str = option(
+        "step",
+        "step: lr × 0.1 from decay_step; cosine: warmup, then cosine decay to the floor",
+        choices=SCHEDULES,
+    )
+    decay_step: int | None = option(
+        None, "step schedule: where the lr drops × 0.1 (default: never)", low=0
+    )
+    warmup_steps: int = option(0, "cosine schedule: linear warmup steps from 0", low=0)
+    min_lr_ratio: float = option(
+        0.1, "cosine schedule: the floor, as a fraction of lr", low=0, high=1
+    )
+    weight_decay: float = option(
+        0.0, "decoupled (AdamW) or L2 (SGD), on embeddings and Linear weights only", low=0
+    )
+    ema: float = option(
+        0.0,
+        "evaluate and save a moving average of the weights with this decay, e.g. 0.999; 0: off",
+        low=0,
+        high=1,
+        open_high=True,
+    )
+    eval_every: int = option(10_000, "steps between evaluations on the whole splits", low=1)
+    eval_train_examples: int = option(
+        0, "the evaluations' train loss on this many fixed training examples; 0: all", low=0
+    )
+    checkpoint_every: int = option(10_000, "steps between checkpoints", low=1)
+    diagnose_every: int = option(100, "record per-layer diagnostics every N steps; 0: never", low=0)
+    tensorboard: bool = option(
+        False, "also write TensorBoard event files to the run folder (needs tensorboard)"
+    )
+    sync_batchnorm: bool = option(
+        True, "several processes: BatchNorm statistics over the whole global batch"
+    )
+    compile: bool = option(
+        False, "the hand-written training step (SGD or AdamW) compiled as one graph"
+    )
+    target_val_loss: float | None = option(None, "stop at the first evaluation at or below this")
+    seed: int = option(42, "model init and batch order (the split always uses 42, as the lectures)")
+    data: str | None = option(
+        None, "UTF-8 text file, one item per line (default: the bundled names)"
+    )
+    device: str = option("auto", "auto: CUDA where there is one", choices=DEVICES, runtime=True)
+    threads: int | None = option(
+        None, "torch CPU threads (default: torch's choice)", low=1, runtime=True
+    )
+    preset: str | None = option(
+        None,
+        "the named configuration that every other flag overrides (default: default)",
+        choices=(None, *sorted(PRESETS)),
+    )
+
+
+def check_configs(model_config: ModelConfig, train_config: TrainConfig) -> None:
+    """Validate both configs and what they ask of each other."""
+    train_config.validate()
+    model_config.validate()
+    if model_config.uses_batchnorm and train_config.batch_size < 2:
+        raise ConfigError(
+            f"BatchNorm normalizes over the batch and needs at least 2 examples in it, got "
+            f"--batch-size {train_config.batch_size}"
+        )
+
+
+def preset_configs(name: str | None) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a preset (``None``: ``default``); fields it leaves out keep their defaults.
+
+    Example:
+        >>> model_config, train_config = preset_configs("lecture-deep")
+        >>> model_config.n_layer, train_config.optimizer, train_config.preset
+        (5, 'sgd', 'lecture-deep')
+    """
+    name = name or "default"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; valid choices: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    return ModelConfig(**preset["model"]), TrainConfig(**preset["train"], preset=name)
+
+
+def config_dict(model_config: ModelConfig, train_config: TrainConfig) -> dict:
+    """Both configs as one dict, as printed at start and saved in ``config.json``."""
+    return {"model": asdict(model_config), "train": asdict(train_config)}

@@ -1,0 +1,35 @@
+"""``normlab diagnose``: one recorded training step of a model, at initialization or from a run."""
+
+import torch
+
+from normlab.config import ModelConfig, TrainConfig
+from normlab.data import Dataset
+from normlab.diagnostics import Diagnostics, Report, judge
+from normlab.distributed import SINGLE
+from normlab.optim import lr_at
+from normlab.train import start_training
+
+
+def diagnose(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: Dataset,
+    ckpt: dict | None = None,
+    quiet: bool = False,
+) -> Report:
+    """Record one training step (forward, backward, update) on a fixed batch and judge it.
+
+    Without ``ckpt`` the model is as a run starts it (LSUV included); with one,
+    as the run left it, at its learning rate of that step. The batch is drawn
+    from its own generator (seed 0), so every diagnosis of a model sees the
+    same examples.
+    """
+    t = start_training(model_config, train_config, data, SINGLE, ckpt=ckpt, quiet=quiet)
+    X, Y = data.splits["train"]
+    g = torch.Generator().manual_seed(0)
+    ix = torch.randint(0, len(X), (train_config.batch_size,), generator=g)
+    device = next(t.model.parameters()).device
+    step = t.progress.step
+    record = Diagnostics(t.model)
+    t.step(X[ix].to(device), Y[ix].to(device), lr_at(step, train_config), record, step)
+    return judge(record.history, num_classes=data.vocab.size)

@@ -1,0 +1,207 @@
+"""``Diagnostics``: hooks on any ``nn.Module`` that record one training step into a Snapshot."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from normlab.diagnostics import stats
+from normlab.diagnostics.snapshot import (
+    PERCENTILES,
+    BatchNormStats,
+    LayerStats,
+    ParamStats,
+    Snapshot,
+)
+from normlab.nn import layer_kind
+
+
+class Diagnostics:
+    """Hooks on a model that record one training step's statistics.
+
+    Works on any ``nn.Module``: the outputs of the layers with a kind
+    (``normlab.nn.layer_kind``: activations, normalizations and Linear layers,
+    normlab's or torch's) and every parameter are recorded. ``arm()`` attaches
+    the hooks and ``collect()`` detaches them, so the model runs at full speed
+    between recordings; only training-mode passes are recorded, and a layer
+    called twice in one pass on its first call. Every snapshot is kept in
+    ``history``.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> diag = Diagnostics(model)
+        >>> diag.arm()  # the next forward, backward and optimizer step are recorded
+        >>> model(torch.randn(32, 8)).square().mean().backward()
+        >>> optimizer.step()
+        >>> snapshot = diag.collect(step=0)
+        >>> [(layer.name, layer.kind) for layer in snapshot.layers]
+        [('0', 'linear'), ('1', 'tanh')]
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = [(n, m, layer_kind(m)) for n, m in model.named_modules() if layer_kind(m)]
+        self.history: list[Snapshot] = []
+        self._handles: list = []
+        self._armed = False
+        self._outputs: dict[str, Tensor] = {}
+        self._grads: dict[str, Tensor] = {}
+        self._batchnorm: dict[str, tuple] = {}
+        self._before: dict[str, Tensor] = {}
+
+    # -- hooks
+    def _attach(self) -> None:
+        if self._handles:  # already attached: attaching again must not double-count
+            return
+        for name, module, kind in self.layers:
+            self._handles.append(module.register_forward_hook(self._forward_hook(name)))
+            if kind == "batchnorm":
+                self._handles.append(module.register_forward_pre_hook(self._bn_hook(name)))
+
+    def detach(self) -> None:
+        """Remove every hook; an armed recording is dropped."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._armed = False
+
+    def _recording(self, module: nn.Module) -> bool:
+        return self._armed and module.training
+
+    def _forward_hook(self, name: str):
+        def hook(module, _inputs, out):
+            if not self._recording(module) or name in self._outputs or not torch.is_tensor(out):
+                return
+            self._outputs[name] = out.detach()  # measured in collect(), grouped by shape
+            if out.requires_grad:
+
+                def grad_hook(grad):
+                    self._grads.setdefault(name, grad.detach())
+
+                out.register_hook(grad_hook)
+
+        return hook
+
+    def _bn_hook(self, name: str):
+        def hook(module, inputs):
+            tracked = module.running_mean is not None and module.track_running_stats
+            if self._recording(module) and name not in self._batchnorm and tracked:
+                # the running statistics before this batch moves them; measured in collect()
+                self._batchnorm[name] = (
+                    inputs[0].detach(),
+                    module.running_mean.clone(),
+                    module.running_var.clone(),
+                    module.eps,
+                    module.momentum,
+                    module.num_batches_tracked.clone(),
+                )
+
+        return hook
+
+    # -- one recording
+    def arm(self) -> None:
+        """Record the next training-mode forward and backward pass and the optimizer step."""
+        self._attach()
+        self._outputs, self._grads, self._batchnorm = {}, {}, {}
+        self._before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._armed = True
+
+    def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
+        """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
+        if not self._armed:
+            raise RuntimeError("Diagnostics.collect() without arm()")
+        self.detach()  # hooks cost time on every call: they stay only for a recording
+        kinds = {name: kind for name, _, kind in self.layers}
+        rows: dict[tuple, stats.Columns] = {}
+        measured = (
+            (
+                "out",
+                self._outputs,
+                lambda names, ts: stats.output_stats([kinds[n] for n in names], ts),
+            ),
+            ("grad", self._grads, lambda _, ts: stats.spread_stats(ts)),
+            (
+                "bn",
+                {name: captured[0] for name, captured in self._batchnorm.items()},
+                lambda names, _: stats.batchnorm_stats([self._batchnorm[n] for n in names]),
+            ),
+        )
+        for what, named, measure in measured:
+            for name, columns in stats.grouped(named, measure).items():
+                rows[(what, name)] = columns
+        params = dict(self.model.named_parameters())
+        param_rows = stats.grouped(
+            params, lambda names, ps: stats.param_stats([self._before[n] for n in names], ps)
+        )
+        for name in params:
+            rows[("param", name)] = param_rows[name]
+        snapshot = self._snapshot(stats.to_host(rows), step, loss, eval_loss)
+        self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
+        self.history.append(snapshot)
+        return snapshot
+
+    def _snapshot(self, host: dict, step: int, loss, eval_loss) -> Snapshot:
+        """The Snapshot of the host's columns, layers in the model's module order."""
+        layers, batchnorms = [], []
+        for name, _, kind in self.layers:
+            if ("out", name) in host:
+                layers.append(
+                    _layer_stats(name, kind, host[("out", name)], host.get(("grad", name)))
+                )
+            if ("bn", name) in host:
+                bn = host[("bn", name)]
+                batchnorms.append(
+                    BatchNormStats(name, bn["mean_drift"], bn["var_ratio"], bn["time_constants"])
+                )
+        params = [
+            _param_stats(name, list(p.shape), host[("param", name)])
+            for name, p in self.model.named_parameters()
+        ]
+        return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
+
+
+def _layer_stats(name: str, kind: str, out: dict, grad: dict | None) -> LayerStats:
+    saturated = {"tanh": out["tanh_saturated"], "sigmoid": out["sigmoid_saturated"]}.get(kind)
+    layer = LayerStats(
+        name=name,
+        kind=kind,
+        mean=out["mean"],
+        std=out["std"],
+        percentiles={f"p{p}": out[f"p{p}"] for p in PERCENTILES},
+        saturated=saturated,
+        dead=out["dead"] if kind == "relu" else None,
+        hist_range=out["hist_range"],
+        hist=_counts(out["hist"]),
+    )
+    if grad is not None:
+        layer.grad_mean, layer.grad_std = grad["mean"], grad["std"]
+        layer.grad_hist_range, layer.grad_hist = grad["range"], _counts(grad["hist"])
+    return layer
+
+
+def _param_stats(name: str, shape: list[int], columns: dict) -> ParamStats:
+    data_std, update_std, grad_std = (
+        _none_if_nan(columns[c]) for c in ("data_std", "update_std", "grad_std")
+    )
+    # a constant tensor (a fresh BatchNorm gain) has no spread to compare with
+    spread = data_std is not None and data_std > 1e-6
+    return ParamStats(
+        name=name,
+        shape=shape,
+        data_std=data_std or 0.0,
+        grad_std=grad_std,
+        grad_to_data=grad_std / data_std if spread and grad_std is not None else None,
+        update_to_data=update_std / data_std if spread and update_std is not None else None,
+        grad_hist_range=_none_if_nan(columns["grad_range"]),
+        grad_hist=_counts(columns["grad_hist"]) if grad_std is not None else None,
+    )
+
+
+def _counts(values: list[float]) -> list[int]:
+    """Histogram counts as ints: exact, and half the size in diagnostics.jsonl."""
+    return [int(c) for c in values]
+
+
+def _none_if_nan(x: float) -> float | None:
+    return None if math.isnan(x) else x

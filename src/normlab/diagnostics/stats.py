@@ -1,0 +1,172 @@
+"""The statistics of one recording, computed on the device for groups of same-shaped tensors.
+
+A model's hidden layers mostly share one shape, so each statistic is computed
+for a whole group at once: a few dozen operations per recording instead of a
+few dozen per layer, which is what keeps a recording cheap on the CPU. Every
+function returns named columns, ``{column: (G,) or (G, k) tensor}``, one row
+per tensor of the group; ``to_host`` brings all of them to the host in one
+transfer and hands them back by name.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from normlab.diagnostics.snapshot import PERCENTILES
+
+SATURATION = 0.97  # |tanh| beyond this passes less than 6% of the gradient
+BINS = 50  # histogram bins kept per layer
+FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
+HIST_SAMPLE = 16_384  # histograms and percentiles use at most about 2× this many values a row
+
+Columns = dict[str, Tensor]
+
+
+def histograms(rows: Tensor, r: Tensor, bins: int) -> Tensor:
+    """Counts of each row of ``rows`` (G, N) in ``bins`` equal bins over ``[-r, r]`` (r: (G,)).
+
+    Returns ``(G · bins,)``, row after row.
+    """
+    rows = rows[:, :: max(1, rows.shape[1] // HIST_SAMPLE)]  # an even subsample of a big layer
+    G = rows.shape[0]
+    # bin = floor((x + r) / (2r) · bins); values beyond ±r land in the end bins, NaN in bin 0
+    position = ((rows / r[:, None] + 1) * (bins / 2)).nan_to_num_(0)
+    idx = position.floor_().clamp_(0, bins - 1).long()
+    idx += torch.arange(G, device=rows.device)[:, None] * bins  # each row its own block
+    counts = torch.zeros(G * bins, device=rows.device)
+    return counts.scatter_add_(0, idx.flatten(), torch.ones(idx.numel(), device=rows.device))
+
+
+def percentiles(fine_hist: Tensor, r: Tensor) -> Tensor:
+    """PERCENTILES (G, P) read off FINE_BINS histograms (G, FINE_BINS) over ``[-r, r]``.
+
+    Interpolated within a bin, so exact to a bin width (0.2% of the range): a sort
+    would be exact, but on the CPU it costs more than all the rest of a recording.
+    """
+    cdf = fine_hist.cumsum(1) / fine_hist.sum(1, keepdim=True)  # (G, FINE_BINS)
+    q = torch.tensor(PERCENTILES, device=cdf.device, dtype=cdf.dtype) / 100
+    q = q.expand(cdf.shape[0], -1).contiguous()  # (G, P)
+    i = torch.searchsorted(cdf, q).clamp_(max=FINE_BINS - 1)  # first bin reaching each q
+    below = torch.where(i > 0, cdf.gather(1, (i - 1).clamp(min=0)), torch.zeros_like(q))
+    within = ((q - below) / (cdf.gather(1, i) - below).clamp_min(1e-12)).clamp_(0, 1)
+    return -r[:, None] + (i + within) * (2 * r[:, None] / FINE_BINS)
+
+
+def row_std(rows: Tensor) -> Tensor:
+    """Sample std of each row of (G, N); on the CPU several times faster than ``std(1)``."""
+    centered = rows - rows.mean(1, keepdim=True)
+    return (centered.square().sum(1) / max(rows.shape[1] - 1, 1)).sqrt()
+
+
+def output_stats(kinds: list[str], outputs: list[Tensor]) -> Columns:
+    """Per layer: mean, std, percentiles, saturation of tanh and sigmoid, dead ReLU units,
+    histogram range and histogram. ``outputs`` all have one shape ``(B, ...)``."""
+    x = torch.stack([o.float().reshape(o.shape[0], -1) for o in outputs])  # (G, B, units)
+    flat = x.flatten(1)  # (G, N)
+    bounded = torch.tensor([k in ("tanh", "sigmoid") for k in kinds], device=x.device)
+    # tanh and sigmoid share the range [-1, 1], so their plots compare; others span their max
+    r = torch.where(bounded, 1.0, flat.abs().amax(1).clamp_min(1e-12))  # (G,)
+    fine = histograms(flat, r, FINE_BINS).view(-1, FINE_BINS)  # (G, FINE_BINS)
+    nan = torch.full_like(r, math.nan)  # each fraction is measured where some layer needs it
+    return {
+        "mean": flat.mean(1),
+        "std": row_std(flat),
+        **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
+        "tanh_saturated": (flat.abs() > SATURATION).float().mean(1) if "tanh" in kinds else nan,
+        "sigmoid_saturated": ((flat - 0.5).abs() > SATURATION - 0.5).float().mean(1)
+        if "sigmoid" in kinds
+        else nan,
+        "dead": 1 - (x > 0).any(dim=1).float().mean(1) if "relu" in kinds else nan,
+        "hist_range": r,
+        "hist": fine.view(-1, BINS, FINE_BINS // BINS).sum(2),  # (G, BINS)
+    }
+
+
+def spread_stats(tensors: list[Tensor]) -> Columns:
+    """Per tensor: mean, std, range (max |x|) and histogram. One shape for all."""
+    rows = torch.stack([t.detach().float().flatten() for t in tensors])  # (G, N)
+    r = rows.abs().amax(1).clamp_min(1e-30)
+    return {
+        "mean": rows.mean(1),
+        "std": row_std(rows),
+        "range": r,
+        "hist": histograms(rows, r, BINS).view(-1, BINS),
+    }
+
+
+def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
+    """Per parameter: data std, update std, gradient std, range and histogram.
+
+    One shape for all; a parameter without a gradient has NaN gradient columns.
+    """
+    b = torch.stack([t.float().reshape(-1) for t in before])  # (G, N)
+    a = torch.stack([t.detach().float().reshape(-1) for t in params])
+    grads = [p.grad if p.grad is not None else torch.full_like(p, math.nan) for p in params]
+    spread = spread_stats(grads)
+    return {
+        "data_std": row_std(b),
+        "update_std": row_std(a - b),
+        "grad_std": spread["std"],
+        "grad_range": spread["range"],
+        "grad_hist": spread["hist"],
+    }
+
+
+def batchnorm_stats(captured: list[tuple]) -> Columns:
+    """Per BatchNorm: mean drift, variance ratio and time constants; one input shape for all.
+
+    ``captured`` holds (input, running_mean, running_var, eps, momentum, batches tracked),
+    the running statistics as they were before this batch updated them.
+    """
+    x = torch.stack([c[0].float() for c in captured])  # (G, B, C, *spatial)
+    dims = (1, *range(3, x.dim()))  # every axis but the layer and the feature (BatchNorm1d/2d/3d)
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims)  # (G, C), biased: what the batch normalizes with
+    mean = mean.flatten(1)  # (G, C)
+    running_mean = torch.stack([c[1] for c in captured]).float()
+    running_var = torch.stack([c[2] for c in captured]).float()
+    eps = torch.tensor([[c[3]] for c in captured], device=x.device)  # (G, 1)
+    ratio = (running_var + eps) / (var + eps)
+    # time constants seen: batches × momentum (a cumulative average counts as momentum 0.1)
+    factor = torch.tensor([c[4] if c[4] is not None else 0.1 for c in captured], device=x.device)
+    return {
+        "mean_drift": ((running_mean - mean).abs() / (var + eps).sqrt()).amax(1),
+        "var_ratio": torch.maximum(ratio, 1 / ratio).amax(1),
+        "time_constants": torch.stack([c[5] for c in captured]).float() * factor,
+    }
+
+
+def grouped(named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]], Columns]):
+    """Apply ``stats(names, tensors)`` to each group of same-shaped tensors of ``named``.
+
+    Returns ``{name: {column: its row}}``.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for name, t in named.items():
+        groups.setdefault((tuple(t.shape), t.device), []).append(name)
+    rows: dict[str, Columns] = {}
+    for names in groups.values():
+        columns = stats(names, [named[n] for n in names])
+        for i, name in enumerate(names):
+            rows[name] = {column: values[i] for column, values in columns.items()}
+    return rows
+
+
+def to_host(rows: dict[tuple, Columns]) -> dict[tuple, dict[str, float | list[float]]]:
+    """Every row's columns as Python numbers, in one transfer from the device.
+
+    A 0-dim column becomes a float, a longer one a list.
+    """
+    parts = [(key, column, t) for key, columns in rows.items() for column, t in columns.items()]
+    if not parts:
+        return {}
+    values = torch.cat([t.reshape(-1) for _, _, t in parts]).cpu().tolist()
+    host: dict[tuple, dict] = {key: {} for key in rows}
+    offset = 0
+    for key, column, t in parts:
+        n = t.numel()
+        host[key][column] = values[offset] if t.dim() == 0 else values[offset : offset + n]
+        offset += n
+    return host

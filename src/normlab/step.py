@@ -1,0 +1,132 @@
+"""One training step: the only place where a batch becomes an update.
+
+``normlab train``, ``experiment``, ``bench`` and ``diagnose`` all train through
+``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
+running statistics move in the forward pass), the weights' moving average,
+and on request a diagnostics recording. Under several processes the forward
+runs through DDP; where ``--compile`` applies (``normlab.fast.unsupported``)
+the same call runs the compiled step instead, except on recording steps,
+which need autograd's hooks.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from normlab.config import ModelConfig, TrainConfig
+from normlab.diagnostics import Diagnostics, Snapshot
+from normlab.distributed import SINGLE, Ranks, wrap_ddp
+from normlab.fast import FastStep, unsupported
+from normlab.model import MLPLanguageModel
+from normlab.nn import set_mode
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # this process's share of the global batch's mean loss (0-dim, on the device)
+    snapshot: Snapshot | None  # the recording, on a recording step
+
+
+class TrainStep:
+    """``step(x, y, lr, record=None, index=0) -> StepResult``: one optimizer step on a batch.
+
+    Each process's loss is its rows' summed cross-entropy over the *global*
+    batch size, so on one process it is the batch mean, and under DDP (which
+    sums gradients, see ``normlab.distributed``) the gradient is the global
+    batch's exactly, also with unequal slices.
+
+    Args:
+        model: the model to train.
+        optimizer: its optimizer (``normlab.optim.make_optimizer``).
+        batch_size: the global batch size.
+        ranks: this process's place among several (DDP when there are).
+        averaged: a moving average of the weights to update after every step, or None.
+        compiled: the compiled step for this model and optimizer, or None.
+
+    Example:
+        >>> from normlab.config import ModelConfig, TrainConfig
+        >>> from normlab.optim import make_optimizer
+        >>> model = MLPLanguageModel(ModelConfig(n_layer=2, n_hidden=16), verbose=False)
+        >>> step = TrainStep(model, make_optimizer(model, TrainConfig()), batch_size=32)
+        >>> x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
+        >>> result = step(x, y, lr=0.1)
+        >>> result.loss.shape, result.snapshot
+        (torch.Size([]), None)
+    """
+
+    def __init__(
+        self,
+        model: MLPLanguageModel,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        ranks: Ranks = SINGLE,
+        averaged: torch.optim.swa_utils.AveragedModel | None = None,
+        compiled: FastStep | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.batch_size = batch_size
+        self.averaged = averaged
+        self.compiled = compiled
+        device = next(model.parameters()).device
+        self.forward_model = wrap_ddp(model, device) if ranks.distributed else model
+
+    def __call__(
+        self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None = None, index: int = 0
+    ) -> StepResult:
+        """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``record``, record the
+        step into it as step ``index``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        snapshot = None
+        if self.compiled is not None and record is None:
+            loss = self.compiled(x, y, lr)
+        else:
+            if record is not None:
+                record.arm()
+            logits, _ = self.forward_model(x)
+            loss = F.cross_entropy(logits, y, reduction="sum") / self.batch_size
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            eval_loss = _eval_mode_loss(self.model, x, y) if record is not None else None
+            self.optimizer.step()
+            if record is not None:
+                snapshot = record.collect(index, self._rows_loss(loss, len(x)), eval_loss)
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
+        return StepResult(loss, snapshot)
+
+    def _rows_loss(self, loss: Tensor, rows: int) -> float:
+        """The mean loss of this process's rows (what a recording's hooks saw)."""
+        if rows == self.batch_size:
+            return loss.item()
+        return loss.item() * self.batch_size / rows
+
+
+@torch.no_grad()
+def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> float:
+    """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
+    with set_mode(model, training=False):
+        _, loss = model(x, y)
+    return loss.item()
+
+
+def compiled_step(
+    model: MLPLanguageModel,
+    optimizer: torch.optim.Optimizer,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    ranks: Ranks,
+    say=print,
+) -> FastStep | None:
+    """``--compile``: the compiled step, or None where it is off or does not cover the run
+    (with one line why, through ``say``). Build it after loading a checkpoint."""
+    if not train_config.compile:
+        return None
+    reason = unsupported(model_config, train_config, ranks)
+    if reason is not None:
+        say(f"--compile does not cover {reason}; training with autograd")
+        return None
+    return FastStep(model, optimizer)

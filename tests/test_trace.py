@@ -1,0 +1,57 @@
+"""The same seed, config and thread count give the numbers recorded in tests/data, bit for bit.
+
+``lecture_deep_trace.json`` holds the evaluations and the final weights' hash of
+100 ``lecture-deep`` steps, eager and ``--compile``, recorded by its
+``command``. Float arithmetic is only reproducible bit for bit with the same
+kernels: on another torch version or CPU instruction set the losses are held to
+1e-5 instead, and the weights' hash is not compared.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from normlab.checkpoint import load_checkpoint
+from normlab.cli import main
+
+TRACE = json.loads((Path(__file__).parent / "data" / "lecture_deep_trace.json").read_text())
+SAME_KERNELS = TRACE["recorded_with"] == {
+    "torch": torch.__version__,
+    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+}
+
+
+def _weights_sha256(run: Path) -> str:
+    h = hashlib.sha256()
+    for name, value in load_checkpoint(run)["model"].items():
+        h.update(name.encode())
+        h.update(value.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check(tmp_path, capsys, path: str, *flags: str) -> None:
+    out = tmp_path / path
+    argv = [*TRACE["command"].split()[1:], *flags, "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = TRACE[path]
+    if SAME_KERNELS:
+        assert rows == expected["metrics"]
+        assert _weights_sha256(out) == expected["weights_sha256"]
+    else:
+        assert [r["step"] for r in rows] == [r["step"] for r in expected["metrics"]]
+        for row, want in zip(rows, expected["metrics"], strict=True):
+            assert row["val_loss"] == pytest.approx(want["val_loss"], abs=1e-5)
+
+
+def test_eager_training_gives_the_recorded_numbers(tmp_path, capsys):
+    _check(tmp_path, capsys, "eager")
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_recorded_numbers(tmp_path, capsys):
+    _check(tmp_path, capsys, "compiled", "--compile")
