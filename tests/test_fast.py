@@ -192,3 +192,25 @@ def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, prese
 def test_compile_says_what_it_does_not_cover_and_trains_anyway(tmp_path):
     _, stdout = _train(tmp_path, "dropout", "--compile", "--dropout", "0.1")
     assert "--compile does not cover dropout 0.1; training with autograd" in stdout
+
+
+def test_a_compiled_step_that_fails_after_updating_is_not_applied_twice(names, monkeypatch, capsys):
+    def updates_then_fails(fn, **kwargs):
+        def compiled(*args):
+            fn(*args)  # the whole step, its in-place updates included
+            raise RuntimeError("the compiled kernel failed at run time")
+
+        return compiled
+
+    monkeypatch.setattr(fast_module.torch, "compile", updates_then_fails)
+    a, b = _models(names)
+    adamw = TrainConfig(optimizer="adamw", lr=0.01)
+    failing = FastStep(a, make_optimizer(a, adamw))
+    eager = FastStep(b, make_optimizer(b, adamw), compile=False)
+    for x, y in _batches(names, 3):
+        assert torch.equal(failing(x, y, 0.01), eager(x, y, 0.01))
+    for name, value in b.state_dict().items():  # weights, running statistics, counts
+        assert torch.equal(a.state_dict()[name], value), name
+    assert (
+        "torch.compile failed (the compiled kernel failed at run time)" in capsys.readouterr().out
+    )

@@ -101,12 +101,15 @@ def test_sigkill_at_any_moment_then_resume_is_bit_identical(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_exits_130_and_resumes_bit_identically(uninterrupted, tmp_path, tiny):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_and_resumes_bit_identically(uninterrupted, tmp_path, tiny, sig):
+    # SIGTERM is what a job scheduler sends before it kills a job: the run saves, as for Ctrl-C
     out = tmp_path / "interrupted"
-    code, err = _start_and_signal(_cmd(tiny, out), out, signal.SIGINT, 0.2)
-    assert code == 130
+    code, err = _start_and_signal(_cmd(tiny, out), out, sig, 0.2)
+    assert code == 128 + sig  # 130, 143: the shell's status for a process ended by the signal
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "interrupted at step" in lines[0] and "--resume" in lines[0]
+    assert len(lines) == 1 and f"interrupted by {sig.name} at step" in lines[0], err
+    assert "--resume" in lines[0]
     step = int(lines[0].split("at step ")[1].split(";")[0])
     assert load_checkpoint(out)["progress"]["step"] == step < STEPS
     subprocess.run(_resume_cmd(out), check=True, capture_output=True)

@@ -17,6 +17,7 @@ stderr and exit code 2.
 import argparse
 import json
 import os
+import signal
 import sys
 import typing
 from dataclasses import Field, fields
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in --out from its checkpoint, with its stored config",
+        help="continue the run in --out from its checkpoint, with its stored config; with "
+        "--steps N, train on to N steps in all",
     )
     p.add_argument(
         "--nproc",
@@ -222,10 +224,11 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.out is None:
             raise NormlabError("--resume needs --out DIR, the run folder to continue")
-        given = config_flags_given(args)
+        given = [flag for flag in config_flags_given(args) if flag != "--steps"]
         if given:
             raise NormlabError(
-                f"--resume continues the run's stored config; drop {', '.join(given)}"
+                f"--resume continues the run's stored config (--steps N excepted, to train on "
+                f"to N steps); drop {', '.join(given)}"
             )
     if args.nproc is not None and args.nproc < 1:
         raise NormlabError(f"--nproc must be at least 1, got {args.nproc}")
@@ -242,7 +245,8 @@ def cmd_train(args) -> int:
     try:
         out = args.out or Path(distributed.gather_objects(str(new_run_folder()), ranks)[0])
         model_config, train_config = configs_from_args(args)
-        train(model_config, train_config, out, resume=args.resume)
+        steps = args.steps if args.resume else None
+        train(model_config, train_config, out, resume=args.resume, steps=steps)
         if ranks.distributed:  # rank 0 writes the report: leave together, none mid-conversation
             torch.distributed.barrier()
     finally:
@@ -363,6 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # stdout was closed (`normlab sample | head`): stop quietly, with the status a Unix
+        # tool killed by SIGPIPE has; stdout goes to /dev/null so nothing fails on the way out
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except NormlabError as e:
         # under torchrun every process meets the same error (they agree on it): rank 0 says it
         if os.environ.get("RANK", "0") == "0":

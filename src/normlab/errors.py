@@ -1,5 +1,7 @@
 """The exception types that the CLI turns into a one-line message and an exit code."""
 
+import signal
+
 
 class NormlabError(Exception):
     """A problem with the user's input (flags, data, config, checkpoint).
@@ -15,6 +17,13 @@ class ConfigError(NormlabError):
     """A model or training configuration that cannot work."""
 
 
+class StorageError(NormlabError):
+    """The run folder could not be written (a full disk, a read-only or vanished folder); what
+    was written before is kept."""
+
+    exit_code = 1
+
+
 class TrainingDiverged(NormlabError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -22,6 +31,9 @@ class TrainingDiverged(NormlabError):
 
 
 class Interrupted(NormlabError):
-    """Ctrl-C: the run stopped between two steps; exit code 130 as for any SIGINT."""
+    """Ctrl-C or SIGTERM: the run stopped between two steps. The exit code is the shell's for
+    that signal, 128 + its number: 130 for SIGINT, 143 for SIGTERM."""
 
-    exit_code = 130
+    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -187,6 +187,7 @@ class FastStep:
         self.update = self._update_plan(optimizer)
         self._lr = None
         self._fn = torch.compile(_step, dynamic=False, options=_options()) if compile else _step
+        self._proven = False  # a compiled step has run: no more falling back
 
     def _update_plan(self, optimizer: torch.optim.Optimizer) -> tuple:
         """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
@@ -232,15 +233,24 @@ class FastStep:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
         args = (self.tensors, x, y, self._lr, self.plan, self.update)
-        if self._fn is _step:
+        if self._fn is _step or self._proven:
             return self._fn(*args)
+        # Until a compiled step has run once, keep what it updates in place: a step that fails
+        # (no C++ compiler, an unsupported platform) may have updated some tensors already,
+        # and the uncompiled retry must start from the same state.
+        saved = [t.clone() for t in self.tensors]
         try:
-            return self._fn(*args)
-        except Exception as e:  # no C++ compiler, an unsupported platform: the same step, eager
+            loss = self._fn(*args)
+        except Exception as e:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
             print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
+            with torch.no_grad():
+                for t, before in zip(self.tensors, saved, strict=True):
+                    t.copy_(before)
             self._fn = _step
             return self._fn(*args)
+        self._proven = True
+        return loss
 
 
 @torch.no_grad()

@@ -8,11 +8,22 @@ appended a line at a time; a resumed run first cuts them back to what its
 checkpoint covers, so a run killed at any moment and resumed logs exactly what
 an uninterrupted run logs. Under several processes rank 0 alone writes.
 
-``StopSignals`` turns Ctrl-C into a flag that the loop checks between steps.
+A running run holds a lock on its folder (``.normlab.lock``, which names its
+process): a second run or a resume on the same folder is refused. The kernel
+drops the lock when the process ends, however it ends, so a killed run leaves
+nothing stale behind. An OS error on the folder (a full disk, a read-only or
+removed folder) is one line naming the file and the cause.
+
+``StopSignals`` turns Ctrl-C and SIGTERM into a flag that the loop checks
+between steps, so a run stops on a whole step and saves its checkpoint.
 """
 
+import contextlib
+import fcntl
 import json
+import os
 import signal
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -27,29 +38,75 @@ from normlab.checkpoint import (
 )
 from normlab.diagnostics import Snapshot, snapshot_from_dict, snapshot_to_dict
 from normlab.distributed import Ranks
-from normlab.errors import NormlabError
+from normlab.errors import NormlabError, StorageError
 from normlab.report import log_metrics, log_snapshot, open_tensorboard
 
 METRICS_NAME, DIAGNOSTICS_NAME = "metrics.jsonl", "diagnostics.jsonl"
+LOCK_NAME = ".normlab.lock"
+
+
+@contextlib.contextmanager
+def _writing(path: Path, what: str = "write"):
+    """An OSError on ``path`` as one line: the file and the cause."""
+    try:
+        yield
+    except OSError as e:
+        raise StorageError(f"cannot {what} {path}: {e.strerror or e}") from None
 
 
 class RunFolder:
     """The files of one run, written by rank 0 only; the training loop logs into it.
 
     The loop calls ``progress_bar``, ``step``, ``metrics`` and ``save``;
-    ``train()`` calls the rest.
+    ``train()`` calls the rest, in a ``with`` block that closes the folder (and lets the
+    lock go) however the run ends.
     """
 
     def __init__(self, path: Path, ranks: Ranks) -> None:
         self.path = Path(path)
         self.writes = ranks.is_main
         self.tensorboard = None
+        self._lock: int | None = None  # the lock file's descriptor while this run holds it
+
+    def __enter__(self) -> "RunFolder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def lock(self) -> None:
+        """Hold the folder (creating it) for this run, or raise naming the process that does.
+
+        ``flock`` is the kernel's: it ends with the process that holds it, so a lock
+        left by a killed run is free, and two processes can never both hold it.
+        """
+        if not self.writes:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise NormlabError(f"--out {self.path} is a file; the run folder must be a folder")
+        path = self.path / LOCK_NAME
+        with _writing(path, "lock"):
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise NormlabError(
+                f"{self.path} is in use by another normlab run (process {holder}); wait for it "
+                "to end, or choose another --out"
+            ) from None
+        except OSError as e:  # a filesystem without locks: the run goes on unguarded
+            print(f"normlab: warning: cannot lock {path} ({e.strerror})", file=sys.stderr)
+        with _writing(path, "lock"):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
 
     # -- starting or resuming
     def check_new(self) -> None:
-        """Refuse a folder that is a file or already holds a run."""
-        if self.path.exists() and not self.path.is_dir():
-            raise NormlabError(f"--out {self.path} is a file; the run folder must be a folder")
+        """Refuse a folder that already holds a run."""
         if (self.path / CHECKPOINT_NAME).exists():
             raise NormlabError(
                 f"{self.path} already holds a run; continue it with --resume, or choose another "
@@ -63,9 +120,11 @@ class RunFolder:
         """A new run: ``config.json`` and empty logs."""
         if self.writes:
             self._open(tensorboard)
-            atomic_write_json(self.path / "config.json", config)
-            (self.path / METRICS_NAME).write_text("")
-            (self.path / DIAGNOSTICS_NAME).write_text("")
+            with _writing(self.path / "config.json"):
+                atomic_write_json(self.path / "config.json", config)
+            for name in (METRICS_NAME, DIAGNOSTICS_NAME):
+                with _writing(self.path / name):
+                    (self.path / name).write_text("")
 
     def resume(self, step: int, tensorboard: bool) -> list[Snapshot]:
         """A resumed run at ``step``: the logs cut back to what the checkpoint covers
@@ -79,8 +138,8 @@ class RunFolder:
         return [snapshot_from_dict(row) for row in kept]
 
     def _open(self, tensorboard: bool) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.path)
+        with _writing(self.path):
+            remove_stale_temporaries(self.path)
         if tensorboard:
             self.tensorboard = open_tensorboard(self.path)
 
@@ -115,8 +174,14 @@ class RunFolder:
 
     def save(self, state: dict) -> None:
         """The checkpoint (``state`` from every rank, written by rank 0)."""
-        if self.writes:
+        if not self.writes:
+            return
+        path = self.path / CHECKPOINT_NAME
+        try:
             save_checkpoint(self.path, state)
+        except OSError as e:
+            kept = "; the last good checkpoint is kept" if path.exists() else ""
+            raise StorageError(f"cannot write {path}: {e.strerror or e}{kept}") from None
 
     @property
     def kept(self) -> str:
@@ -132,15 +197,22 @@ class RunFolder:
         return _read_jsonl(self.path / METRICS_NAME)
 
     def write_summary(self, summary: dict) -> None:
-        atomic_write_json(self.path / "summary.json", summary)
+        with _writing(self.path / "summary.json"):
+            atomic_write_json(self.path / "summary.json", summary)
 
     def write_report(self, page: str) -> None:
-        atomic_write_bytes(self.path / "report.html", page.encode())
+        with _writing(self.path / "report.html"):
+            atomic_write_bytes(self.path / "report.html", page.encode())
 
     def close(self) -> None:
+        """Close the TensorBoard files and let the folder go (the lock file stays, unlocked)."""
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            with _writing(self.path / "tensorboard"):
+                self.tensorboard.close()
             self.tensorboard = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -158,27 +230,28 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _truncate_jsonl(path: Path, keep) -> list[dict]:
     """Rewrite ``path`` (atomically) with only the rows for which ``keep(row)`` holds."""
     rows = [row for row in _read_jsonl(path) if keep(row)]
-    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+    with _writing(path):
+        atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
     return rows
 
 
 def _append_jsonl(path: Path, row: dict) -> None:
-    with path.open("a") as f:
+    with _writing(path), path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 class StopSignals:
-    """Turn the first Ctrl-C into a flag checked between steps, so no step is left half done.
+    """Turn the first Ctrl-C or SIGTERM into a flag checked between steps, so no step is left
+    half done and the run saves its checkpoint.
 
-    With ``also_sigterm`` SIGTERM counts as Ctrl-C: torchrun answers a Ctrl-C by
-    sending SIGTERM to its workers, which then still save their checkpoint.
+    SIGTERM is what Slurm, Kubernetes and systemd send before they kill a job, and what
+    torchrun sends its workers on Ctrl-C. A second signal of the same kind stops at once.
     """
 
-    def __init__(self, also_sigterm: bool = False) -> None:
-        self.signals = (signal.SIGINT, signal.SIGTERM) if also_sigterm else (signal.SIGINT,)
+    signals = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.received = set()
+        self.received: list[int] = []
         try:
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         except ValueError:  # not the main thread: leave the signals alone
@@ -189,10 +262,15 @@ class StopSignals:
     def raised(self) -> bool:
         return bool(self.received)
 
+    @property
+    def first(self) -> int:
+        """The first signal received (SIGINT if none)."""
+        return self.received[0] if self.received else signal.SIGINT
+
     def _handle(self, signum, frame):
-        if signum in self.received:  # a second Ctrl-C: stop now (SIGINT then SIGTERM is one)
+        if signum in self.received:  # the same signal again: stop now (SIGINT then SIGTERM is one)
             raise KeyboardInterrupt
-        self.received.add(signum)
+        self.received.append(signum)
 
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():

@@ -14,8 +14,9 @@ checkpoint keeps.
 
 import json
 import math
+import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -281,7 +282,7 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
     cfg, progress = t.train_config, t.progress
     bar = log.progress_bar(cfg.steps, progress.step)
     lap = time.perf_counter()
-    with StopSignals(also_sigterm=t.ranks.distributed) as signals:
+    with StopSignals() as signals:
         while progress.step < cfg.steps and progress.time_to_target_s is None:
             started = time.perf_counter()
             lr = lr_at(progress.step, cfg)
@@ -329,7 +330,9 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
                 log.save(t.checkpoint_state())
             if interrupted:
                 bar.close()
-                raise Interrupted(f"interrupted at step {step}; {log.resume_hint}")
+                name = signal.Signals(signals.first).name
+                hint = log.resume_hint
+                raise Interrupted(f"interrupted by {name} at step {step}; {hint}", signals.first)
             if done:
                 break
     bar.close()
@@ -358,29 +361,81 @@ def load_run(
 
 
 def prepare_run(
-    model_config: ModelConfig, train_config: TrainConfig, folder: RunFolder, resume: bool
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    folder: RunFolder,
+    resume: bool,
+    steps: int | None,
+    ranks: Ranks,
 ) -> tuple[ModelConfig, TrainConfig, dict | None, Dataset]:
-    """Check the run folder, load the checkpoint when resuming, and load the data."""
-    ckpt = None
+    """Lock the run folder and check it, load the checkpoint when resuming, and load the data.
+
+    ``steps`` (resuming only) continues the run to that many steps in all.
+    """
     if resume:
+        if folder.path.is_dir():
+            folder.lock()
         ckpt = folder.load_checkpoint()
         model_config = ModelConfig.from_dict(ckpt["model_config"])
-        stored = TrainConfig.from_dict(ckpt["train_config"])
-        # where it runs may change on resume; what it computes may not
-        stored.device, stored.threads = train_config.device, train_config.threads or stored.threads
-        train_config = stored
+        train_config = resumed_config(ckpt, train_config, steps, ranks.say)
+        _check_run(model_config, train_config, ranks)
+        data = load_run_data(ckpt)
     else:
+        ckpt = None
+        _check_run(model_config, train_config, ranks)
+        data = load_dataset(train_config.data, model_config.block_size)
+        folder.lock()  # creates the folder: only once the configs and the data are good
         folder.check_new()
-    check_configs(model_config, train_config)
-    data = load_run_data(ckpt) if ckpt else load_dataset(train_config.data, model_config.block_size)
     model_config.vocab_size = data.vocab.size
     return model_config, train_config, ckpt, data
 
 
+def _check_run(model_config: ModelConfig, train_config: TrainConfig, ranks: Ranks) -> None:
+    """The configs, and what they ask of the processes and the device."""
+    check_configs(model_config, train_config)
+    if train_config.batch_size < ranks.world_size:
+        raise ConfigError(
+            f"--batch-size {train_config.batch_size} is the global batch and needs at least one "
+            f"example for each of the {ranks.world_size} processes"
+        )
+    resolve_device(train_config.device, ranks)
+
+
+def resumed_config(ckpt: dict, given: TrainConfig, steps: int | None, say=print) -> TrainConfig:
+    """The stored training config, with where it runs taken from ``given``, and with
+    ``steps`` in all where the run continues past its end."""
+    stored = TrainConfig.from_dict(ckpt["train_config"])
+    # where it runs may change on resume; what it computes may not
+    stored.device, stored.threads = given.device, given.threads or stored.threads
+    done = ckpt["progress"]["step"]
+    if steps is None:
+        return stored
+    if ckpt["progress"]["time_to_target_s"] is not None:
+        raise ConfigError(
+            f"the run stopped at step {done:,} on reaching its target val loss "
+            f"{stored.target_val_loss}; --steps does not continue it"
+        )
+    if steps <= done:
+        raise ConfigError(f"the run is at step {done:,}; --steps must be more than that")
+    if stored.schedule == "cosine":  # the schedule spans the new total from its start
+        before, after = lr_at(done, stored), lr_at(done, replace(stored, steps=steps))
+        say(
+            f"cosine schedule over {steps:,} steps instead of {stored.steps:,}: the learning rate "
+            f"at step {done:,} goes from {before:.3g} to {after:.3g}"
+        )
+    stored.steps = steps
+    return stored
+
+
 def train(
-    model_config: ModelConfig, train_config: TrainConfig, out: Path, resume: bool = False
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    steps: int | None = None,
 ) -> dict | None:
-    """Train (or resume) a run in the folder ``out`` and return its summary.
+    """Train (or resume) a run in the folder ``out`` and return its summary; resuming,
+    ``steps`` continues it to that many steps in all.
 
     Under ``torch.distributed`` with several processes (e.g. torchrun), every
     process calls this: each takes its slice of every global batch, DDP sums the
@@ -388,45 +443,48 @@ def train(
     """
     wall_start = time.perf_counter()
     ranks = current_ranks()
-    folder = RunFolder(out, ranks)
-    error = None
-    try:
-        mcfg, tcfg, ckpt, data = prepare_run(model_config, train_config, folder, resume)
-        if tcfg.batch_size < ranks.world_size:
-            raise ConfigError(
-                f"--batch-size {tcfg.batch_size} is the global batch and needs at least one "
-                f"example for each of the {ranks.world_size} processes"
-            )
-        resolve_device(tcfg.device, ranks)
-    except NormlabError as e:
-        error = e
-    agree(error, ranks)  # every process stops here if any one failed its checks
-    config = config_dict(mcfg, tcfg)
+    with RunFolder(out, ranks) as folder:
+        error = None
+        try:
+            args = (model_config, train_config, folder, resume, steps, ranks)
+            mcfg, tcfg, ckpt, data = prepare_run(*args)
+        except NormlabError as e:
+            error = e
+        agree(error, ranks)  # every process stops here if any one failed its checks
+        config = config_dict(mcfg, tcfg)
+        _say_what_runs(config, data, ckpt, ranks)
+        t = start_training(mcfg, tcfg, data, ranks, ckpt=ckpt)
+        if ckpt:
+            if t.progress.step >= tcfg.steps:
+                ranks.say(
+                    f"the run ended at step {t.progress.step:,}; to train on, resume with "
+                    f"--steps N (more than {t.progress.step:,})"
+                )
+            history = folder.resume(t.progress.step, tcfg.tensorboard)
+            if t.diagnostics is not None:
+                t.diagnostics.history = history
+        else:
+            folder.start(config, tcfg.tensorboard)
+            folder.save(t.checkpoint_state())  # a run killed before its first checkpoint resumes
+        run_loop(t, folder)
+        if not ranks.is_main:
+            return None
+        return finish_run(t, folder, config, wall_start)
+
+
+def _say_what_runs(config: dict, data: Dataset, ckpt: dict | None, ranks: Ranks) -> None:
+    """The config, the data and the processes, printed at the start of a run."""
     ranks.say(("resuming " if ckpt else "") + "config:\n" + json.dumps(config, indent=2))
     ranks.say(
         f"data: {data.path} ({data.n_items:,} items, vocabulary {data.vocab.display()!r}); "
         "examples: " + ", ".join(f"{k} {len(v[1]):,}" for k, v in data.splits.items())
     )
     if ranks.distributed:
+        synced = config["train"]["sync_batchnorm"]
         ranks.say(
-            f"{ranks.world_size} processes, {tcfg.batch_size} examples per step in all, "
-            f"BatchNorm statistics {'over all of them' if tcfg.sync_batchnorm else 'per process'}"
+            f"{ranks.world_size} processes, {config['train']['batch_size']} examples per step "
+            f"in all, BatchNorm statistics {'over all of them' if synced else 'per process'}"
         )
-    t = start_training(mcfg, tcfg, data, ranks, ckpt=ckpt)
-    if ckpt:
-        history = folder.resume(t.progress.step, tcfg.tensorboard)
-        if t.diagnostics is not None:
-            t.diagnostics.history = history
-    else:
-        folder.start(config, tcfg.tensorboard)
-        folder.save(t.checkpoint_state())  # a run killed before its first checkpoint resumes
-    try:
-        run_loop(t, folder)
-    finally:
-        folder.close()
-    if not ranks.is_main:
-        return None
-    return finish_run(t, folder, config, wall_start)
 
 
 def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) -> dict:
