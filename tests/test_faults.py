@@ -9,10 +9,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from processes import start_run
 
 from normlab.checkpoint import load_checkpoint
 from normlab.cli import main
@@ -119,21 +119,10 @@ def _train_cmd(tiny, out, steps=3000):
     ]  # fmt: skip
 
 
-def _started(cmd, out) -> subprocess.Popen:
-    """A run in the background, once it has written its first checkpoint."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return proc
-
-
 @pytest.mark.slow
 def test_a_folder_removed_under_a_running_run_is_one_line(tmp_path, tiny):
     out = tmp_path / "run"
-    proc = _started(_train_cmd(tiny, out), out)
+    proc = start_run(_train_cmd(tiny, out), out)
     shutil.rmtree(out)
     _, err = proc.communicate(timeout=120)
     line = _one_line(err)
@@ -143,7 +132,7 @@ def test_a_folder_removed_under_a_running_run_is_one_line(tmp_path, tiny):
 @pytest.mark.slow
 def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, tiny):
     out = tmp_path / "run"
-    first = _started(_train_cmd(tiny, out), out)
+    first = start_run(_train_cmd(tiny, out), out)
     try:
         resume = [*_train_cmd(tiny, out)[:4], "--out", out, "--resume"]
         for cmd in (_train_cmd(tiny, out), resume):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from processes import start_run
 
 from normlab.checkpoint import load_checkpoint
 
@@ -49,12 +50,7 @@ def _resume_cmd(out):
 
 def _start_and_signal(cmd, out, sig, delay):
     """Start a run, wait for its first checkpoint, wait ``delay`` s more, send ``sig``."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
+    proc = start_run(cmd, out)
     time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
