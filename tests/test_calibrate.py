@@ -2,29 +2,17 @@ import copy
 
 import pytest
 import torch
+from models import SequenceModel, conv_net, deep_bn_net
 from torch import nn
 
 from normlab import nn as nl
-from normlab.calibrate import batchnorm_layers, calibrate_batchnorm, fold_batchnorm
-
-
-def _deep_bn_net(dtype=torch.float32, torch_layers=False):
-    Linear = nn.Linear if torch_layers else nl.Linear
-    BN = nn.BatchNorm1d if torch_layers else nl.BatchNorm1d
-    layers = []
-    for fan_in in (12, 16, 16):
-        layers += [Linear(fan_in, 16, bias=False), BN(16), nn.Tanh()]
-    layers += [Linear(16, 5), BN(5)]
-    net = nn.Sequential(*layers).to(dtype)
-    for _ in range(5):  # give the running statistics something to be off from
-        net(torch.randn(32, 12, dtype=dtype) * 2 + 0.5)
-    return net
+from normlab.calibrate import batchnorm_layers, calibrate_batchnorm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("torch_layers", [False, True])
 def test_calibrated_eval_equals_full_batch_statistics(dtype, torch_layers):
-    net = _deep_bn_net(dtype, torch_layers)
+    net = deep_bn_net(dtype, torch_layers)
     data = torch.randn(1000, 12, dtype=dtype) * 2 + 0.5
     full_batch = copy.deepcopy(net).train()  # one batch of all the data: full-data statistics
     with torch.no_grad():
@@ -40,7 +28,7 @@ def test_calibrated_eval_equals_full_batch_statistics(dtype, torch_layers):
 
 
 def test_calibration_statistics_are_population_moments_of_first_layer():
-    net = _deep_bn_net(torch.float64)
+    net = deep_bn_net(torch.float64)
     data = torch.randn(500, 12, dtype=torch.float64) + 3
     calibrate_batchnorm(net.eval(), data, batch_size=64)
     assert not net.training
@@ -50,7 +38,7 @@ def test_calibration_statistics_are_population_moments_of_first_layer():
 
 
 def test_batch_size_does_not_change_result():
-    net = _deep_bn_net(torch.float64)
+    net = deep_bn_net(torch.float64)
     data = torch.randn(300, 12, dtype=torch.float64)
     a, b = copy.deepcopy(net), copy.deepcopy(net)
     calibrate_batchnorm(a, data, batch_size=7)
@@ -80,38 +68,55 @@ def test_untracked_batchnorm_is_refused():
         calibrate_batchnorm(net, torch.randn(10, 3))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_fold_matches_unfolded_eval_and_torch_fusion(dtype):
-    net = _deep_bn_net(dtype).eval()
-    before = copy.deepcopy(net.state_dict())
-    folded = fold_batchnorm(net)
-    x = torch.randn(64, 12, dtype=dtype)
+# ---------------------------------------------------------------------------- any model
+
+
+def _full_batch_outputs(model, run):
+    """The train-mode outputs with all the data as one batch: the population statistics."""
+    full = copy.deepcopy(model).train()
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
-    assert sum(isinstance(m, nl.BatchNorm1d) for m in folded.modules()) == 0
-    for k, v in net.state_dict().items():  # the original is untouched
-        assert torch.equal(v, before[k])
-    # layer by layer, the same numbers as torch's own fusion
-    for i in (0, 3, 6, 9):
-        lin = nn.Linear(net[i].in_features, net[i].out_features, dtype=dtype).eval()
-        with torch.no_grad():
-            lin.weight.copy_(net[i].weight)
-            lin.bias.copy_(net[i].bias if net[i].bias is not None else torch.zeros_like(lin.bias))
-        bn = nn.BatchNorm1d(net[i + 1].num_features, dtype=dtype).eval()
-        bn.load_state_dict(net[i + 1].state_dict())
-        ref = torch.nn.utils.fusion.fuse_linear_bn_eval(lin, bn)
-        torch.testing.assert_close(folded[i].weight, ref.weight)
-        torch.testing.assert_close(folded[i].bias, ref.bias)
+        return run(full)
 
 
-def test_fold_leaves_untracked_batchnorm():
-    net = nn.Sequential(nl.Linear(3, 4), nl.BatchNorm1d(4, track_running_stats=False)).eval()
-    folded = fold_batchnorm(net)
-    assert isinstance(folded[1], nl.BatchNorm1d)
+def test_a_conv_net_calibrates_from_a_dataloader_of_pairs():
+    model = conv_net()
+    X = torch.randn(120, 3, 8, 8, dtype=torch.float64) * 2 + 1
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, torch.zeros(len(X))), batch_size=32
+    )
+    expected = _full_batch_outputs(model, lambda m: m(X))
+    layers = calibrate_batchnorm(model, loader, forward_fn=lambda m, batch: m(batch[0]))
+    assert [type(m).__name__ for m in layers] == ["BatchNorm2d", "BatchNorm2d", "BatchNorm1d"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(X), expected, atol=1e-10, rtol=1e-10)
 
 
-def test_fold_draws_no_random_numbers():
-    net = _deep_bn_net().eval()
-    state = torch.get_rng_state()
-    fold_batchnorm(net)
-    assert torch.equal(torch.get_rng_state(), state)
+def test_a_sequence_model_calibrates_over_batch_and_time_from_dict_batches():
+    model = SequenceModel().double()
+    idx = torch.randint(0, 27, (200, 8))  # (B, T)
+    batches = [{"idx": idx[i : i + 64]} for i in range(0, len(idx), 64)]  # model(**batch)
+    expected = _full_batch_outputs(model, lambda m: m(idx))
+    calibrate_batchnorm(model, batches)
+    h = model.linear(model.embedding(idx)).detach()  # (B, T, 16)
+    torch.testing.assert_close(model.norm.running_mean, h.mean((0, 1)))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_bad_input_names_the_layer_or_the_batch_and_leaves_the_model_as_it_was():
+    with pytest.raises(ValueError, match="runs no BatchNorm"):
+        calibrate_batchnorm(nn.Sequential(nn.Linear(3, 2)), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="non-empty data set"):
+        calibrate_batchnorm(conv_net(), torch.randn(0, 3, 8, 8, dtype=torch.float64))
+    untracked = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="BatchNorm 1 has track_running_stats=False"):
+        calibrate_batchnorm(untracked, torch.randn(8, 3))
+    with pytest.raises(ValueError, match="not an iterator"):
+        calibrate_batchnorm(conv_net(), (x for x in [torch.randn(4, 3, 8, 8)]))
+    model = conv_net()
+    before = copy.deepcopy(model.state_dict())
+    good = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="rejected batch 2"):  # the third batch has 5 channels
+        calibrate_batchnorm(model, [good, good, torch.randn(4, 5, 8, 8, dtype=torch.float64)])
+    for name, value in model.state_dict().items():  # never half calibrated
+        assert torch.equal(value, before[name]), name

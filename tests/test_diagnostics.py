@@ -267,7 +267,7 @@ def test_conv_batchnorm2d_model():
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,))
     snap = _step(model, diag, x, y, torch.optim.SGD(model.parameters(), lr=0.1))
     assert [b.name for b in snap.batchnorms] == ["1"]
-    assert {x.kind for x in snap.layers} == {"batchnorm", "relu", "linear"}
+    assert {x.kind for x in snap.layers} == {"conv", "batchnorm", "relu", "linear"}
 
 
 def test_saved_snapshots_can_be_judged_again_with_other_thresholds():

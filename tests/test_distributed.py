@@ -35,11 +35,11 @@ def test_shards_partition_the_batch_in_order_with_sizes_within_one(n, world_size
     assert max(sizes) - min(sizes) <= 1
 
 
-# ---------------------------------------------------------------------------- BatchNorm1d, N ranks
+# ------------------------------------------------------------------------- SyncBatchNorm, N ranks
 
 
 def _batchnorm_rank(rank, world_size, init_file, shape, result_dir):
-    """One rank: its rows of a fixed batch through a synced BatchNorm1d, in float32 and float64."""
+    """One rank: its rows of a fixed batch through a SyncBatchNorm, in float32 and float64."""
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
@@ -53,7 +53,7 @@ def _batchnorm_forward_backward(rank, world_size, dtype, shape, result_dir):
     x = torch.randn(*shape, dtype=dtype) * 3 + 1  # the global batch, the same on every rank
     w = torch.randn(*shape, dtype=dtype)  # the loss Σ w·y over the global batch
     rows = shard(shape[0], Ranks(rank, world_size))
-    bn = nl.BatchNorm1d(shape[1], dtype=dtype)
+    bn = nl.SyncBatchNorm(shape[1], dtype=dtype)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
@@ -74,9 +74,12 @@ def _batchnorm_forward_backward(rank, world_size, dtype, shape, result_dir):
     )
 
 
-@pytest.mark.parametrize(("world_size", "shape"), [(2, (32, 20)), (3, (7, 5)), (2, (5, 4, 3))])
+@pytest.mark.parametrize(
+    ("world_size", "shape"), [(2, (32, 20)), (3, (7, 5)), (2, (5, 4, 3)), (3, (4, 3, 5, 5))]
+)
 def test_synced_batchnorm_on_n_ranks_equals_torch_on_the_whole_batch(tmp_path, world_size, shape):
-    # (7, 5) on 3 ranks: 3, 2 and 2 rows; (5, 4, 3) is (N, C, L), 3 and 2 examples of 3 positions
+    # (7, 5) on 3 ranks: 3, 2 and 2 rows; (5, 4, 3) is (N, C, L), 3 and 2 examples of 3
+    # positions; (4, 3, 5, 5) is (N, C, H, W) on 3 ranks: 2, 1 and 1 examples
     mp.spawn(
         _batchnorm_rank, args=(world_size, tmp_path / "init", shape, tmp_path), nprocs=world_size
     )
@@ -92,7 +95,8 @@ def _check_against_torch(results, dtype, shape):
     torch.manual_seed(0)
     x = (torch.randn(*shape, dtype=dtype) * 3 + 1).requires_grad_()
     w = torch.randn(*shape, dtype=dtype)
-    ref = torch.nn.BatchNorm1d(shape[1], dtype=dtype)
+    reference = torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d
+    ref = reference(shape[1], dtype=dtype)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
         ref.bias.uniform_(-0.5, 0.5)
@@ -111,6 +115,63 @@ def _check_against_torch(results, dtype, shape):
         torch.testing.assert_close(r["running_var"], ref.running_var, **tol)
         assert torch.equal(r["running_mean"], results[0]["running_mean"])
         assert torch.equal(r["running_var"], results[0]["running_var"])
+
+
+def _plain_batchnorm_rank(rank, world_size, init_file, result_dir):
+    """A BatchNorm1d under a process group: its own rows' statistics, as torch's."""
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank)) + rank
+    ours, theirs = nl.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
+    torch.save({"ours": ours(x), "theirs": theirs(x)}, result_dir / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_batchnorm_is_synced_only_when_asked(tmp_path):
+    # as in torch: a BatchNorm1d never talks to the other processes; SyncBatchNorm does
+    mp.spawn(_plain_batchnorm_rank, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(result["ours"], result["theirs"], atol=1e-5, rtol=1e-5)
+
+
+def _conv_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 6, 3, padding=1),
+        torch.nn.BatchNorm2d(6),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(6, 4, 3, stride=2),
+        nl.BatchNorm2d(4),
+    ).double()
+
+
+def _calibrate_rank(rank, world_size, init_file, result_dir):
+    """Each rank calibrates on its own, uneven, shard of one data set."""
+    from normlab.calibrate import calibrate_batchnorm
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    X = torch.randn(50, 3, 7, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = _conv_net()
+    calibrate_batchnorm(model, X[shard(len(X), Ranks(rank, world_size))], batch_size=7)
+    torch.save(model.state_dict(), result_dir / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_calibration_on_n_ranks_gives_every_rank_the_whole_data_sets_statistics(tmp_path):
+    from normlab.calibrate import calibrate_batchnorm
+
+    mp.spawn(_calibrate_rank, args=(3, tmp_path / "init", tmp_path), nprocs=3)  # 17, 17, 16
+    X = torch.randn(50, 3, 7, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    one = _conv_net()
+    calibrate_batchnorm(one, X, batch_size=50)
+    for rank in range(3):
+        state = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        for name, value in one.state_dict().items():
+            torch.testing.assert_close(state[name], value, atol=1e-12, rtol=1e-12, msg=name)
 
 
 # ---------------------------------------------------------------------------- whole runs

@@ -5,7 +5,7 @@ import torch
 
 from normlab import init
 
-SHAPES = [(7, 5), (64, 30), (8, 3, 5), (4, 2, 3, 3)]
+SHAPES = [(7, 5), (64, 30), (8, 3, 5), (4, 2, 3, 3), (6, 4, 2, 3, 3)]  # Linear, Conv1d, 2d, 3d
 
 
 def _pair(shape, seed=0):

@@ -135,3 +135,20 @@ def test_init_lsuv_from_the_command_line(capsys, tmp_path, tiny):
     assert "lsuv: 2 of 2 hidden layers scaled" in capsys.readouterr().out
     assert main(["train", "--out", out, "--resume"]) == 0  # finished: LSUV does not run again
     assert "lsuv:" not in capsys.readouterr().out
+
+
+def test_works_over_the_convolutions_of_a_conv_net_and_a_resnet():
+    from models import ResNetLike
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 6 * 6, 5),
+    )  # fmt: skip
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    report = lsuv_(model, x, generator=torch.Generator().manual_seed(0))
+    assert [(r.name, r.feeds) for r in report] == [("0", "relu"), ("2", "relu"), ("5", "output")]
+    assert all(abs(r.variance / r.target - 1) <= 0.02 for r in report)
+    # a ResNet: every conv feeds a BatchNorm (skipped); the classifier is scaled
+    report = lsuv_(ResNetLike(), x, generator=torch.Generator().manual_seed(0))
+    assert len(report) == 7 and [r.feeds for r in report].count("batchnorm") == 6
+    assert report[-1].name == "fc" and report[-1].target == 1.0

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from normlab import nn as nl
-from normlab.calibrate import calibrate_batchnorm, fold_batchnorm
+from normlab.calibrate import calibrate_batchnorm
 from normlab.config import ModelConfig
 from normlab.errors import ConfigError
+from normlab.fold import fold_batchnorm
 from normlab.model import MLPLanguageModel
 from normlab.presets import PRESETS
 

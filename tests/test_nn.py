@@ -166,7 +166,7 @@ def test_batchnorm_running_stats_not_trained_by_backprop():
 
 def test_batchnorm_single_example_in_training_is_refused():
     bn = nl.BatchNorm1d(5)
-    with pytest.raises(ValueError, match=r"at least 2 values per feature.*eval"):
+    with pytest.raises(ValueError, match=r"at least 2 values per channel.*eval"):
         bn(torch.randn(1, 5))
     with pytest.raises(ValueError, match="at least 2 values"):
         bn(torch.randn(1, 5, 1))

@@ -1,24 +1,26 @@
-"""BatchNorm statistics after training: exact calibration over a data set, and folding.
+"""BatchNorm statistics after training: exact calibration over a data set, for any model.
 
-``calibrate_batchnorm`` is the lecture's post-training calibration done exactly:
-every BatchNorm layer gets the population mean and variance of its input over
-the whole data set, layer by layer in forward order. ``fold_batchnorm`` turns
-each ``Linear → BatchNorm1d`` pair into one ``Linear`` for inference.
+``calibrate_batchnorm`` is the lecture's post-training calibration done
+exactly: every BatchNorm layer (of any rank, normlab's or torch's) gets the
+population mean and variance of its input over the whole data set, layer by
+layer in forward order, with the layers before it already calibrated. Under
+``torch.distributed`` the statistics are those of every process's data
+together. Folding BatchNorms into their neighbours for inference is
+``normlab.fold``.
 """
 
-import contextlib
-import copy
-import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from normlab import nn as nl
 from normlab.nn import set_mode
 
-BATCHNORM_TYPES = (nl.BatchNorm1d, nn.modules.batchnorm._BatchNorm)
-LINEAR_TYPES = (nl.Linear, nn.Linear)
+BATCHNORM_TYPES = (nl.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm)
+Batch = Tensor | tuple | list | dict
 
 
 class _StopForward(Exception):
@@ -26,10 +28,10 @@ class _StopForward(Exception):
 
 
 class _MomentAccumulator:
-    """Per-feature count, mean and sum of squared deviations, merged batch by batch in float64.
+    """Per-channel count, mean and sum of squared deviations, merged batch by batch in float64.
 
     Chan et al.'s parallel update keeps the variance exact without the
-    cancellation of ``E[x²] - E[x]²``.
+    cancellation of ``E[x²] - E[x]²``; the same update merges processes.
     """
 
     def __init__(self) -> None:
@@ -37,12 +39,21 @@ class _MomentAccumulator:
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
+    def add(self, x: Tensor, channel_dim: int) -> None:
         x = x.detach().double()
-        dims = (0,) if x.dim() == 2 else (0, 2)
-        n = x.numel() // x.size(1)
+        dims = tuple(d for d in range(x.dim()) if d != channel_dim % x.dim())
+        n = x.numel() // x.size(channel_dim)
+        if n == 0:
+            return
         mean = x.mean(dims)  # (C,)
-        m2 = ((x - mean.view(1, -1, *([1] * (x.dim() - 2)))) ** 2).sum(dims)  # (C,)
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        m2 = ((x - mean.view(shape)) ** 2).sum(dims)  # (C,)
+        self.merge(n, mean, m2)
+
+    def merge(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        if n == 0:
+            return
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -52,12 +63,67 @@ class _MomentAccumulator:
         self.m2 = self.m2 + m2 + delta**2 * (self.count * n / total)
         self.count = total
 
+    def merge_processes(self, group=None) -> None:
+        """Every process's counts and moments merged, in rank order, on every process."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) < 2:
+            return
+        C = torch.tensor([0 if self.mean is None else self.mean.numel()])
+        dist.all_reduce(C, op=dist.ReduceOp.MAX, group=group)
+        mine = torch.zeros(1 + 2 * int(C), dtype=torch.float64)
+        if self.mean is not None:
+            mine = torch.cat((mine.new_tensor([self.count]), self.mean.cpu(), self.m2.cpu()))
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(everyone, mine, group=group)
+        device = None if self.mean is None else self.mean.device
+        self.count, self.mean, self.m2 = 0, None, None
+        for row in everyone:
+            c = int(C)
+            self.merge(int(row[0]), row[1 : 1 + c].to(device), row[1 + c :].to(device))
+
     def variance(self) -> Tensor:
         return self.m2 / self.count  # the population (biased) variance
 
 
-def batchnorm_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
-    """The BatchNorm layers of ``model`` in the order its forward pass runs them."""
+def _batches(data: Tensor | Iterable[Batch], batch_size: int) -> Iterable[Batch]:
+    if isinstance(data, Tensor):
+        return (data[i : i + batch_size] for i in range(0, len(data), batch_size))
+    return data
+
+
+def _call(model: nn.Module, batch: Batch):
+    """``model(batch)`` for a tensor, ``model(*batch)`` for a tuple or list, ``model(**batch)``
+    for a dict."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
+
+
+def _channel_dim(layer: nn.Module) -> int:
+    return -1 if getattr(layer, "channels_last", False) else 1
+
+
+def _forward_passes(
+    model: nn.Module, data, batch_size: int, forward_fn: Callable
+) -> Iterator[tuple[int, Batch]]:
+    """Run ``forward_fn(model, batch)`` on every batch, naming the batch the model rejects."""
+    for i, batch in enumerate(_batches(data, batch_size)):
+        try:
+            forward_fn(model, batch)
+        except _StopForward:
+            pass
+        except Exception as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"calibrate_batchnorm: the model rejected batch {i}: {reason}") from e
+        yield i, batch
+
+
+def batchnorm_layers(
+    model: nn.Module, data, batch_size: int = 4096, forward_fn: Callable = _call
+) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` in the order its forward pass runs them on the first
+    batch of ``data`` (a tensor, or an iterable of batches)."""
     order: list[nn.Module] = []
     hooks = [
         m.register_forward_pre_hook(lambda m, _args: order.append(m) if m not in order else None)
@@ -66,7 +132,7 @@ def batchnorm_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
     ]
     try:
         with set_mode(model, training=False), torch.no_grad():
-            model(example)
+            next(iter(_forward_passes(model, data, batch_size, forward_fn)), None)
     finally:
         for h in hooks:
             h.remove()
@@ -76,145 +142,111 @@ def batchnorm_layers(model: nn.Module, example: Tensor) -> list[nn.Module]:
 @torch.no_grad()
 def calibrate_batchnorm(
     model: nn.Module,
-    inputs: Tensor,
+    data: Tensor | Iterable[Batch],
     batch_size: int = 4096,
+    forward_fn: Callable[[nn.Module, Batch], object] = _call,
     progress: bool | None = None,
 ) -> list[nn.Module]:
-    r"""Set every BatchNorm's running statistics to the exact population statistics of ``inputs``.
+    r"""Set every BatchNorm's running statistics to the exact population statistics of ``data``.
 
-    For each BatchNorm layer, in forward order, the whole data set is passed
-    through the model in eval mode (so every upstream BatchNorm already uses its
-    calibrated statistics) and the layer's input moments are accumulated in
-    float64:
+    For each BatchNorm layer, in forward order, the data set is passed through
+    the model in eval mode (so every upstream BatchNorm already uses its
+    calibrated statistics) up to that layer, and its input's moments per
+    channel, over every other dimension, are accumulated in float64:
 
     .. math::
         \mu = \frac{1}{N}\sum_i x_i, \qquad \sigma^2 = \frac{1}{N}\sum_i (x_i - \mu)^2
 
     ``running_mean ← μ`` and ``running_var ← σ²``, the population variance: the
-    statistics a single batch holding all of ``inputs`` would normalize with, so
-    eval-mode outputs equal train-mode outputs on that one full batch. (Unlike
+    statistics a single batch holding all of ``data`` would normalize with, so
+    eval-mode outputs equal train-mode outputs on that one batch. (Unlike
     ``torch.optim.swa_utils.update_bn``, upstream layers are not left in train
-    mode while a layer is measured.) The model's train/eval mode is restored.
+    mode while a layer is measured.)
+
+    Cost: one pass over the data per BatchNorm, each stopping at the layer it
+    measures: for L layers, at most L forward passes. Under ``torch.distributed``
+    every process passes its own data, and the counts and moments of every
+    process are merged after each layer, so every process gets the statistics
+    of all the data, whatever each holds. If any batch fails, the model's
+    statistics are put back as they were. The model's train/eval modes are restored.
 
     Args:
-        model: any module whose BatchNorm layers track running statistics.
-        inputs: the data set, ``(N, *)``, passed to ``model`` in slices.
-        batch_size: the slice size; it changes speed, not the result.
+        model: any module with BatchNorm layers (normlab's or torch's, any rank,
+            ``SyncBatchNorm`` included) that track running statistics.
+        data: a tensor ``(N, *)``, passed to ``model`` in slices of ``batch_size``;
+            or any iterable of batches, such as a ``DataLoader``. A batch that is a
+            tensor is passed as ``model(batch)``, a tuple or list as
+            ``model(*batch)``, a dict as ``model(**batch)``.
+        batch_size: the slice size for a tensor; it changes speed, not the result.
+        forward_fn: ``forward_fn(model, batch)`` runs a batch, for models called
+            some other way (say, ``lambda m, b: m(b[0])`` for ``(inputs, labels)`` pairs).
         progress: show a tqdm bar (``None``: only for long passes on a terminal).
 
     Returns:
         The calibrated BatchNorm layers, in forward order.
 
+    Raises:
+        ValueError: the model has no BatchNorm, one has no running statistics, the
+            data set is empty, or the model rejects a batch (the message names it).
+
     Example:
-        >>> from normlab.nn import BatchNorm1d
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8, bias=False), BatchNorm1d(8))
-        >>> X = torch.randn(1000, 4)
-        >>> _ = calibrate_batchnorm(model, X, batch_size=256)
+        >>> from normlab.nn import BatchNorm2d
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), BatchNorm2d(8))
+        >>> X = torch.randn(64, 3, 8, 8)
+        >>> _ = calibrate_batchnorm(model, X, batch_size=16)
         >>> torch.allclose(model.eval()(X), model.train()(X), atol=1e-5)
         True
     """
-    if len(inputs) == 0:
-        raise ValueError("calibrate_batchnorm needs a non-empty data set")
-    layers = batchnorm_layers(model, inputs[:2])
-    untracked = [m for m in layers if m.running_mean is None]
+    if not isinstance(data, Tensor) and iter(data) is data:
+        raise ValueError(
+            "calibrate_batchnorm passes over the data once per BatchNorm: give a tensor, a "
+            "list or a DataLoader, not an iterator"
+        )
+    layers = batchnorm_layers(model, data, batch_size, forward_fn)
+    if not layers:
+        if next(iter(_batches(data, batch_size)), None) is None:
+            raise ValueError("calibrate_batchnorm needs a non-empty data set")
+        raise ValueError("calibrate_batchnorm: the model runs no BatchNorm layer")
+    names = {m: n for n, m in model.named_modules()}
+    untracked = [names[m] for m in layers if m.running_mean is None]
     if untracked:
         raise ValueError(
-            f"{len(untracked)} BatchNorm layer(s) have track_running_stats=False: "
-            "nothing to calibrate"
+            f"calibrate_batchnorm: BatchNorm {', '.join(untracked)} has "
+            "track_running_stats=False: no running statistics to calibrate"
         )
-    n_batches = (len(inputs) + batch_size - 1) // batch_size
-    # tqdm's disable=None shows the bar only on a terminal
-    long_pass = len(layers) * n_batches > 50
-    disable = (None if long_pass else True) if progress is None else not progress
-    with set_mode(model, training=False):
-        bar = tqdm(total=len(layers) * n_batches, desc="calibrate", unit="batch", disable=disable)
-        for layer in layers:
-            acc = _MomentAccumulator()
-
-            def measure(_m, args, acc=acc):
-                acc.add(args[0])
-                raise _StopForward  # the rest of the forward pass is not needed
-
-            hook = layer.register_forward_pre_hook(measure)
-            try:
-                for start in range(0, len(inputs), batch_size):
-                    with contextlib.suppress(_StopForward):
-                        model(inputs[start : start + batch_size])
-                    bar.update()
-            finally:
-                hook.remove()
-            layer.running_mean.copy_(acc.mean)
-            layer.running_var.copy_(acc.variance())
-        bar.close()
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    try:
+        with set_mode(model, training=False):
+            for layer in tqdm(layers, desc="calibrate", unit="layer", disable=_quiet(progress)):
+                _calibrate_layer(model, layer, data, batch_size, forward_fn, names[layer])
+    except BaseException:  # never half calibrated
+        for m, (mean, var) in zip(layers, saved, strict=True):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        raise
     return layers
 
 
-def _fold(linear: nn.Module, bn: nn.Module) -> nl.Linear:
-    """One Linear equal to ``bn(linear(x))`` in eval mode."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)  # (C,)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    bias = linear.bias if linear.bias is not None else torch.zeros_like(bn.running_mean)
-    shift = (bias - bn.running_mean) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    W = linear.weight
-    folded = nl.Linear(  # zeros_: the values are set below, and no random numbers are drawn
-        linear.in_features, linear.out_features, init=nn.init.zeros_, device=W.device, dtype=W.dtype
-    )
-    with torch.no_grad():
-        folded.weight.copy_(W * scale.unsqueeze(1))  # (out, in) * (out, 1)
-        folded.bias.copy_(shift)
-    return folded
+def _quiet(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # None: a bar only on a terminal
 
 
-def _fold_children(module: nn.Module) -> None:
-    if isinstance(module, nn.Sequential):
-        names = list(module._modules)
-        for a, b in itertools.pairwise(names):
-            linear, bn = module._modules[a], module._modules[b]
-            if (
-                isinstance(linear, LINEAR_TYPES)
-                and isinstance(bn, BATCHNORM_TYPES)
-                and bn.running_mean is not None
-                and bn.num_features == linear.out_features
-            ):
-                module._modules[a] = _fold(linear, bn)
-                module._modules[b] = nn.Identity()
-    for child in module.children():
-        _fold_children(child)
+def _calibrate_layer(model, layer, data, batch_size, forward_fn, name: str) -> None:
+    """Measure ``layer``'s input over the data set and set its running statistics."""
+    acc = _MomentAccumulator()
 
+    def measure(_m, args):
+        acc.add(args[0], _channel_dim(layer))
+        raise _StopForward  # the rest of the forward pass is not needed
 
-@torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    r"""Return an eval-mode copy of ``model`` with each ``Linear → BatchNorm1d`` pair folded.
-
-    With the BatchNorm's running statistics :math:`\mu, \sigma^2`, gain
-    :math:`\gamma` and bias :math:`\beta`, the pair becomes
-
-    .. math::
-        W' = W \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
-        b' = (b - \mu)\frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta
-
-    as ``torch.nn.utils.fusion.fuse_linear_bn_eval`` does; the BatchNorm becomes
-    ``nn.Identity``. Pairs are found as consecutive children of ``nn.Sequential``
-    containers (normlab's or torch's Linear and BatchNorm1d, 2-D activations);
-    a BatchNorm without running statistics is left as it is. ``model`` itself is
-    not changed.
-
-    Example:
-        >>> from normlab.nn import BatchNorm1d
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), BatchNorm1d(8)).eval()
-        >>> folded = fold_batchnorm(model)
-        >>> folded
-        Sequential(
-          (0): Linear(in_features=4, out_features=8, bias=True)
-          (1): Identity()
-        )
-        >>> X = torch.randn(16, 4)
-        >>> torch.allclose(folded(X), model(X), atol=1e-6)
-        True
-    """
-    folded_model = copy.deepcopy(model).eval()
-    _fold_children(folded_model)
-    return folded_model
+    hook = layer.register_forward_pre_hook(measure)
+    try:
+        for _ in _forward_passes(model, data, batch_size, forward_fn):
+            pass
+    finally:
+        hook.remove()
+    acc.merge_processes(getattr(layer, "process_group", None))
+    if acc.count == 0:
+        raise ValueError(f"calibrate_batchnorm: the data set never reached BatchNorm {name}")
+    layer.running_mean.copy_(acc.mean)
+    layer.running_var.copy_(acc.variance())

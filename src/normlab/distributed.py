@@ -2,8 +2,8 @@
 
 Every process (rank) draws the same global batch from the same generator and
 takes its own contiguous slice of it, so the examples a step sees do not
-depend on the number of processes; ``BatchNorm1d`` combines its statistics
-across ranks (see ``normlab.nn``), so a run on N processes computes what one
+depend on the number of processes; ``normlab.nn.SyncBatchNorm`` combines the
+BatchNorm statistics across ranks, so a run on N processes computes what one
 process computes with the same global batch. Rank 0 alone prints and writes.
 
     torchrun --standalone --nproc-per-node 2 -m normlab train ...   # or: normlab train --nproc 2

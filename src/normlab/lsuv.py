@@ -1,4 +1,4 @@
-"""LSUV: layer-sequential unit-variance initialization, for any model built of Linear layers.
+"""LSUV: layer-sequential unit-variance initialization, for any model of Linear or conv layers.
 
 Mishkin & Matas 2016, "All you need is a good init": start every weight
 matrix orthonormal, then, layer by layer from the input on, run one real batch
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from normlab.nn import ACTIVATIONS, NORMALIZATIONS, layer_kind, set_mode
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, layer_kind, set_mode
 
 
 @dataclass
@@ -138,8 +138,8 @@ def lsuv_(
     Args:
         model: any module; ``model(x)`` must run its forward pass.
         x: one real batch of inputs.
-        layers: the Linear layers to initialize, in any order (default: every
-            ``Linear`` of ``model``, torch's or normlab's).
+        layers: the layers to initialize, in any order (default: every Linear and
+            Conv1d/2d/3d of ``model``, torch's or normlab's).
         tol: relative tolerance on the variance.
         max_iter: the most rescalings per layer.
         generator: draws the orthonormal matrices.
@@ -158,9 +158,9 @@ def lsuv_(
     if tol <= 0 or max_iter < 0:
         raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 0, got {tol} and {max_iter}")
     if layers is None:
-        layers = [m for m in model.modules() if layer_kind(m) == "linear"]
+        layers = [m for m in model.modules() if layer_kind(m) in WEIGHTED]
     if not layers:
-        raise ValueError("lsuv_ found no Linear layer to initialize")
+        raise ValueError("lsuv_ found no Linear or convolution layer to initialize")
     names = {m: n for n, m in model.named_modules()}
     for layer in layers:
         w = torch.empty(layer.weight.shape, dtype=layer.weight.dtype)
@@ -188,7 +188,7 @@ def lsuv_(
                     continue
                 if feeds in ACTIVATIONS:  # what the nonlinearity passes on
                     probe, target = nxt, activation_variance(feeds)
-                else:  # another Linear or the output: the layer's own output, as the paper
+                else:  # another weighted layer or the output: its own output, as the paper
                     probe, target = layer, 1.0
                 iterations, var = 0, _output_variance(model, x, probe)
                 while abs(var / target - 1) > tol and iterations < max_iter and var > 0:

@@ -216,9 +216,8 @@ def start_training(
         generator = torch.Generator().manual_seed(tcfg.seed)
         model = MLPLanguageModel(mcfg, generator, verbose=ranks.is_main and not quiet)
     model = model.to(device).train()
-    for module in model.modules():
-        if isinstance(module, nl.BatchNorm1d):
-            module.sync = tcfg.sync_batchnorm
+    if ranks.distributed and tcfg.sync_batchnorm:  # statistics over the global batch
+        model = nl.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, tcfg)
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
     batches = Batches(Xtr, Ytr, tcfg.batch_size, tcfg.seed + 1, ranks)

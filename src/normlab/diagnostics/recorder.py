@@ -88,8 +88,11 @@ class Diagnostics:
             tracked = module.running_mean is not None and module.track_running_stats
             if self._recording(module) and name not in self._batchnorm and tracked:
                 # the running statistics before this batch moves them; measured in collect()
+                x = inputs[0].detach()
+                if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
+                    x = x.movedim(-1, 1)
                 self._batchnorm[name] = (
-                    inputs[0].detach(),
+                    x,
                     module.running_mean.clone(),
                     module.running_var.clone(),
                     module.eps,

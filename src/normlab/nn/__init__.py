@@ -1,0 +1,53 @@
+"""Layers written by hand, as ``torch.nn.Module``s with torch's names, shapes and state dicts.
+
+Batch normalization is the heart of normlab: ``batchnorm`` writes out its
+training-mode forward and its closed-form backward once, for every rank and
+layout, and every layer matches its ``torch.nn`` counterpart in outputs,
+gradients, running statistics, buffers and ``state_dict`` keys, so state dicts
+load both ways. Beside the layers: their *kinds*, which LSUV and the
+diagnostics go by (``kinds``), and ``set_mode`` (``mode``).
+
+The modules: ``linear``, ``batchnorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
+``instancenorm`` (``InstanceNorm1d/2d``), ``normalization`` (``LayerNorm``,
+``GroupNorm``), ``activation`` (``Tanh``, ``ReLU``), ``flatten``
+(``FlattenContext``), ``kinds`` and ``mode``.
+"""
+
+from normlab.nn.activation import ReLU, Tanh
+from normlab.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormFunction,
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+)
+from normlab.nn.flatten import FlattenContext
+from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
+from normlab.nn.kinds import ACTIVATIONS, KINDS, NORMALIZATIONS, WEIGHTED, layer_kind
+from normlab.nn.linear import Linear
+from normlab.nn.mode import set_mode
+from normlab.nn.normalization import GroupNorm, LayerNorm
+
+__all__ = [
+    "ACTIVATIONS",
+    "KINDS",
+    "NORMALIZATIONS",
+    "WEIGHTED",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormFunction",
+    "FlattenContext",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "LayerNorm",
+    "Linear",
+    "ReLU",
+    "SyncBatchNorm",
+    "Tanh",
+    "convert_sync_batchnorm",
+    "layer_kind",
+    "set_mode",
+]
