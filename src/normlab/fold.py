@@ -14,25 +14,15 @@ import logging
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from normlab import nn as nl
 from normlab.calibrate import BATCHNORM_TYPES
+from normlab.nn.batchnorm import running_affine
 
 LINEARS = (nn.Linear, nl.Linear)
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 logger = logging.getLogger(__name__)
-
-
-def _affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
-    """The BatchNorm's eval-mode map ``x ↦ s·x + t``, per channel."""
-    s = torch.rsqrt(bn.running_var + bn.eps)  # (C,)
-    if bn.weight is not None:
-        s = s * bn.weight
-    t = -bn.running_mean * s
-    if bn.bias is not None:
-        t = t + bn.bias
-    return s, t
 
 
 def _channels_last(bn: nn.Module) -> bool:
@@ -67,7 +57,7 @@ def _padding(conv: nn.Module) -> tuple:
 @torch.no_grad()
 def _folded(layer: nn.Module, bn: nn.Module, bn_first: bool) -> nn.Module:
     """A copy of ``layer`` that computes ``layer(bn(x))`` (``bn_first``) or ``bn(layer(x))``."""
-    s, t = _affine(bn)
+    s, t = running_affine(bn)
     W = layer.weight  # (out, in / groups, *kernel)
     b = layer.bias if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
     new = copy.deepcopy(layer)

@@ -141,7 +141,85 @@ def _affine_parameters(module: nn.Module, shape, affine: bool, bias: bool, facto
     )
 
 
-class _BatchNorm(nn.Module):
+def _running_buffers(module: nn.Module, C: int, track: bool, factory: dict) -> None:
+    """``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked`` (0) of
+    ``C`` channels on ``module``, or None for each without ``track``: torch's buffers."""
+    module.register_buffer("running_mean", torch.zeros(C, **factory) if track else None)
+    module.register_buffer("running_var", torch.ones(C, **factory) if track else None)
+    count = torch.tensor(0, dtype=torch.long, device=factory["device"]) if track else None
+    module.register_buffer("num_batches_tracked", count)
+
+
+def running_affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
+    r"""The eval-mode map :math:`x \mapsto s x + t` of a normalization with running
+    statistics, per channel: :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}`,
+    :math:`t = \beta - \mu s` (without a gain or a bias, :math:`\gamma = 1`, :math:`\beta = 0`).
+    """
+    scale = torch.rsqrt(norm.running_var + norm.eps)  # (C,)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return scale, shift
+
+
+class _NormBase(nn.Module):
+    """What BatchNorm and InstanceNorm share, as torch's ``_NormBase``: the gain and the bias,
+    the running-statistics buffers, and torch's state-dict version."""
+
+    _version = 2  # torch's _NormBase version, so state dict metadata matches
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        device=None,
+        dtype=None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        factory = {"device": device, "dtype": dtype}
+        _affine_parameters(self, num_features, affine, bias, factory)
+        _running_buffers(self, num_features, track_running_stats, factory)
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # as torch does: state dicts saved before version 2 lack num_batches_tracked
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+        )
+
+
+class _BatchNorm(_NormBase):
     r"""What every BatchNorm shares; the subclasses say which input ranks they take.
 
     In training mode each channel is normalized with the mean and the biased
@@ -171,7 +249,6 @@ class _BatchNorm(nn.Module):
         channels_last: the channel is the input's last dimension, not its second.
     """
 
-    _version = 2  # torch's _NormBase version, so state dict metadata matches
     ranks: tuple[int, ...] = ()  # the input ranks a subclass takes
     shapes = ""  # and how its error message names them, C the channels
 
@@ -188,42 +265,14 @@ class _BatchNorm(nn.Module):
         bias: bool = True,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
+        )
         self.channels_last = channels_last
-        factory = {"device": device, "dtype": dtype}
-        _affine_parameters(self, num_features, affine, bias, factory)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
 
     @property
     def channel_dim(self) -> int:
         return -1 if self.channels_last else 1
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in self.ranks or x.size(self.channel_dim) != self.num_features:
@@ -242,12 +291,7 @@ class _BatchNorm(nn.Module):
         self._check_input(x)
         shape = _stat_shape(x, self.channel_dim)
         if not (self.training or not self.track_running_stats):  # eval: running statistics
-            scale = torch.rsqrt(self.running_var + self.eps)  # (C,)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
+            scale, shift = running_affine(self)
             return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
         group = self._group()
@@ -270,20 +314,8 @@ class _BatchNorm(nn.Module):
         args = (self.eps, running, group, self.channel_dim)
         return BatchNormFunction.apply(x, self.weight, self.bias, *args)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
-        # as torch does: state dicts saved before version 2 lack num_batches_tracked
-        version = local_metadata.get("version")
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
-
     def extra_repr(self) -> str:
-        text = (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-        )
-        return text + (", channels_last=True" if self.channels_last else "")
+        return super().extra_repr() + (", channels_last=True" if self.channels_last else "")
 
 
 class BatchNorm1d(_BatchNorm):

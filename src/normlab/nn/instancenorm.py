@@ -9,12 +9,12 @@ move towards the batch's average over its examples.
 import warnings
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from normlab.nn.batchnorm import BatchNormFunction, _affine_parameters, _stat_shape
+from normlab.nn.batchnorm import BatchNormFunction, _NormBase, _stat_shape, running_affine
 
 
-class _InstanceNorm(nn.Module):
+class _InstanceNorm(_NormBase):
     r"""What InstanceNorm1d and 2d share; they differ in the ranks they take.
 
     .. math::
@@ -34,7 +34,6 @@ class _InstanceNorm(nn.Module):
         bias: learn the bias (with ``affine``).
     """
 
-    _version = 2
     spatial_dims = 0  # a subclass's number of dimensions after the channel
 
     def __init__(
@@ -49,24 +48,9 @@ class _InstanceNorm(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        factory = {"device": device, "dtype": dtype}
-        _affine_parameters(self, num_features, affine, bias, factory)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias
+        )
 
     def _check_input(self, x: Tensor) -> None:
         rank = self.spatial_dims + 2
@@ -94,12 +78,7 @@ class _InstanceNorm(nn.Module):
         N, C = x.shape[:2]
         if not self.training and self.track_running_stats:  # eval: running statistics
             shape = _stat_shape(x, 1)
-            scale = torch.rsqrt(self.running_var + self.eps)
-            if self.weight is not None:
-                scale = scale * self.weight
-            shift = -self.running_mean * scale
-            if self.bias is not None:
-                shift = shift + self.bias
+            scale, shift = running_affine(self)
             return torch.addcmul(shift.view(shape), x, scale.view(shape))
         if x[0, 0].numel() <= 1 and self.training:
             raise ValueError(
@@ -118,12 +97,6 @@ class _InstanceNorm(nn.Module):
                 self.running_mean.copy_(running[0].view(N, C).mean(0))
                 self.running_var.copy_(running[1].view(N, C).mean(0))
         return y.view_as(x)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-            f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-        )
 
 
 class InstanceNorm1d(_InstanceNorm):
