@@ -15,8 +15,8 @@ train: $(STAMP)
 	$(VENV)/bin/normlab train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 

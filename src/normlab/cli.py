@@ -5,6 +5,7 @@
     normlab eval --run DIR [--calibrate]   loss with running vs calibrated BatchNorm statistics
     normlab bench --preset P ...           training steps per second, as one JSON line
     normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
+    normlab export --run DIR --format F    the model as ONNX or safetensors, for use elsewhere
     normlab propagate                      the signal-propagation table of four inits
     normlab experiment NAME [--quick]      lecture | depth | batchnorm: see docs/RESULTS.md
 
@@ -132,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_commands(sub) -> None:
-    """The commands that read a run, or build a model as a run would: sample, eval, bench and
-    diagnose."""
+    """The commands that read a run, or build a model as a run would: sample, eval, bench,
+    diagnose and export."""
     p = sub.add_parser("sample", help="generate items from a trained run")
     p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
     p.add_argument("-n", "--num", type=int, default=20, help="how many (default: %(default)s)")
@@ -175,6 +176,26 @@ def _add_run_commands(sub) -> None:
     p.add_argument("--run", type=Path, help="diagnose this run's checkpoint instead")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained run's model as ONNX or safetensors",
+        description="Export a run's model for use outside normlab (needs normlab[export]).",
+    )
+    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
+    p.add_argument("--format", choices=("onnx", "safetensors"), required=True)
+    p.add_argument("--out", type=Path, help="the file (default: model.FORMAT in the run folder)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first set the BatchNorm statistics to the whole training set's",
+    )
+    p.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="ONNX: keep each BatchNorm as a BatchNormalization node instead of folding it",
+    )
+    p.add_argument("--data", help="the run's data file, if it has moved")
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:
@@ -324,6 +345,15 @@ def cmd_diagnose(args) -> int:
     return 1 if args.strict and report.verdicts else 0
 
 
+def cmd_export(args) -> int:
+    from normlab.export import export_run
+
+    fold = not args.no_fold
+    paths = export_run(args.run, args.format, args.out, args.calibrate, fold, args.data)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def cmd_propagate(args) -> int:
     from normlab.propagation import propagation_table
 
@@ -354,6 +384,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "diagnose": cmd_diagnose,
+    "export": cmd_export,
     "propagate": cmd_propagate,
     "experiment": cmd_experiment,
 }

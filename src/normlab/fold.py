@@ -10,6 +10,7 @@ is left alone).
 """
 
 import copy
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -183,9 +184,11 @@ def fold_batchnorm(
     before it where it can, else into the one after it.
 
     The pairs are found with ``torch.fx`` where the model traces (a
-    ``GraphModule`` is returned, the BatchNorms gone from it); otherwise in
+    ``GraphModule`` is returned, the BatchNorms gone from it; arguments of
+    ``forward`` that default to None are traced as left out); otherwise in
     ``nn.Sequential`` containers, whose BatchNorms become ``nn.Identity``. A
-    layer that something else uses too is not folded into.
+    layer that something else uses too is not folded into. A model without
+    BatchNorms comes back as an eval-mode copy.
 
     Args:
         model: any module with BatchNorms (normlab's or torch's) next to Linear or
@@ -215,11 +218,17 @@ def fold_batchnorm(
 
 def _fold(model: nn.Module, say: Callable[[str], None]) -> nn.Module:
     """Fold ``model`` in place (a Sequential, or one fx cannot trace) or as a GraphModule."""
+    if not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
+        return model  # nothing to fold: the model as it is, not a trace of it
     if isinstance(model, nn.Sequential):
         _fold_sequentials(model, say)
         return model
+    # arguments that default to None (``targets=None``) are traced as left out: otherwise fx
+    # would take the branch where they are given
+    parameters = inspect.signature(model.forward).parameters.values()
+    absent = {p.name: None for p in parameters if p.default is None}
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.symbolic_trace(model, concrete_args=absent)
     except Exception as e:  # control flow or shape arithmetic on inputs: fx cannot trace it
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
         say(f"the model does not trace with torch.fx ({reason}); folding within Sequentials")
