@@ -337,3 +337,37 @@ def test_every_config_field_has_one_flag_made_from_its_declaration():
     model_config, train_config = configs_from_args(args)
     assert train_config.min_lr_ratio == 0.2 and train_config.sync_batchnorm is False
     assert model_config == ModelConfig(**PRESETS["default"]["model"])  # the rest: the preset's
+
+
+def test_diagnose_your_own_model_from_a_factory(tmp_path, capsys, monkeypatch):
+    factory = tmp_path / "my_models.py"
+    factory.write_text(
+        "import torch\n"
+        "def conv_net():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),\n"
+        "                               torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))\n"
+        "def broken():\n"
+        "    raise RuntimeError('no weights here')\n"
+        "def batch():\n"
+        "    return torch.randn(16, 3, 8, 8)\n"
+    )
+    model = ["diagnose", "--model", f"{factory}:conv_net"]
+    code, out, _ = run(capsys, *model, "--input-shape", "16,3,8,8", "--html", tmp_path / "p.html")
+    assert code == 0 and "conv" in out and "relu" in out and (tmp_path / "p.html").exists()
+    code, out, _ = run(capsys, *model, "--batch", f"{factory}:batch", "--json")
+    assert code == 0 and json.loads(out)["snapshot"]["layers"][0]["kind"] == "conv"
+    monkeypatch.chdir(tmp_path)  # a module name is found in the working folder, as python -m
+    code, out, _ = run(
+        capsys, "diagnose", "--model", "my_models:conv_net", "--batch", "my_models:batch"
+    )
+    assert code == 0 and "conv" in out
+    for argv, message in [
+        (["--model", f"{factory}:broken", "--input-shape", "2,3"], "factory"),
+        (["--model", f"{factory}:missing", "--input-shape", "2,3"], "cannot load"),
+        (["--model", "no_such_module:f", "--input-shape", "2,3"], "cannot load"),
+        (["--model", f"{factory}:conv_net", "--input-shape", "2,5"], "rejected the batch"),
+        (["--model", f"{factory}:conv_net"], "--input-shape"),
+        (["--model", f"{factory}:conv_net", "--input-shape", "2,3", "--lr", "1"], "drop --lr"),
+    ]:
+        code, _, err = run(capsys, "diagnose", *argv)
+        assert_usage_error(code, err, message)

@@ -125,6 +125,8 @@ def _plain_batchnorm_rank(rank, world_size, init_file, result_dir):
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank)) + rank
     ours, theirs = nl.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
     torch.save({"ours": ours(x), "theirs": theirs(x)}, result_dir / f"{rank}.pt")
+    # without a collective, a fast rank could tear the group down while the other still connects
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -133,14 +133,16 @@ class _Shared(nn.Module):
 
 
 class _Untraceable(nn.Module):
-    """Control flow on the input: torch.fx cannot trace it."""
+    """Control flow on the input: torch.fx cannot trace it. One BatchNorm in a Sequential, one
+    outside."""
 
     def __init__(self):
         super().__init__()
         self.body = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.norm = nn.BatchNorm1d(4)
 
     def forward(self, x):
-        return self.body(x) if x.sum() > -1e9 else x
+        return self.norm(self.body(x)) if x.sum() > -1e9 else x
 
 
 def test_a_shared_layer_is_not_folded_into_and_an_untraceable_model_folds_its_sequentials():
@@ -150,4 +152,5 @@ def test_a_shared_layer_is_not_folded_into_and_an_untraceable_model_folds_its_se
     untraceable = trained_statistics(_Untraceable(), (16, 4))
     folded, lines = _folds(untraceable, torch.randn(5, 4), 1, tol=1e-6)
     assert lines[0].startswith("the model does not trace with torch.fx")
+    assert lines[-1] == "left norm (BatchNorm1d): not in a Sequential"
     assert isinstance(folded, _Untraceable)

@@ -77,7 +77,7 @@ def test_layers_that_feed_a_normalization_are_skipped_and_buffers_untouched():
         before = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
         report = _lsuv(model, _batch(), generator=torch.Generator().manual_seed(0))
         assert all(r.target is None and r.iterations == 0 for r in report)
-        assert {r.feeds for r in report} == {"batchnorm" if norm == "batch" else "norm"}
+        assert {r.feeds for r in report} == {"batchnorm" if norm == "batch" else "layernorm"}
         for block in model.blocks:  # only the orthonormal start: W Wᵀ = I (rows ≤ columns)
             w = block[0].weight
             rows = min(w.shape)

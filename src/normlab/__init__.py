@@ -1,9 +1,21 @@
-"""normlab: deep character-level MLP language models whose activations and gradients behave.
+"""normlab: deep networks that stay healthy, and the tools that show what every layer does.
 
-Kaiming initialization, hand-written BatchNorm with running statistics and
-calibration, the alternatives (LayerNorm, GroupNorm, residuals, AdamW), and a
-CLI to train, sample and evaluate. Submodules, lowest first: ``init``, ``nn``,
-``calibrate``, ``data``, ``model``, ``sample``, ``train``, ``cli``.
+Its own models (character-level language models on the bundled names) and the
+primitives they rest on, written to work on any model: initializers
+(``normlab.init``, ``normlab.lsuv``), layers (``normlab.nn``), BatchNorm
+calibration and folding (``normlab.calibrate``, ``normlab.fold``), per-layer
+diagnostics (``normlab.diagnostics``; ``normlab.audit(model, batch)`` for one
+judged step) and export (``normlab.export``). docs/ARCHITECTURE.md maps the
+modules.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # normlab.audit, loaded on first use: ``import normlab`` stays light (no torch)
+    if name == "audit":
+        from normlab.auditor import audit
+
+        return audit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from normlab import nn as nl
+from normlab.errors import first_line
 from normlab.nn import set_mode
 
 BATCHNORM_TYPES = (nl.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm)
@@ -90,7 +91,7 @@ def _batches(data: Tensor | Iterable[Batch], batch_size: int) -> Iterable[Batch]
     return data
 
 
-def _call(model: nn.Module, batch: Batch):
+def call_model(model: nn.Module, batch: Batch):
     """``model(batch)`` for a tensor, ``model(*batch)`` for a tuple or list, ``model(**batch)``
     for a dict."""
     if isinstance(batch, dict):
@@ -114,13 +115,13 @@ def _forward_passes(
         except _StopForward:
             pass
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            reason = first_line(e)
             raise ValueError(f"calibrate_batchnorm: the model rejected batch {i}: {reason}") from e
         yield i, batch
 
 
 def batchnorm_layers(
-    model: nn.Module, data, batch_size: int = 4096, forward_fn: Callable = _call
+    model: nn.Module, data, batch_size: int = 4096, forward_fn: Callable = call_model
 ) -> list[nn.Module]:
     """The BatchNorm layers of ``model`` in the order its forward pass runs them on the first
     batch of ``data`` (a tensor, or an iterable of batches)."""
@@ -144,7 +145,7 @@ def calibrate_batchnorm(
     model: nn.Module,
     data: Tensor | Iterable[Batch],
     batch_size: int = 4096,
-    forward_fn: Callable[[nn.Module, Batch], object] = _call,
+    forward_fn: Callable[[nn.Module, Batch], object] = call_model,
     progress: bool | None = None,
 ) -> list[nn.Module]:
     r"""Set every BatchNorm's running statistics to the exact population statistics of ``data``.

@@ -174,7 +174,24 @@ def _add_run_commands(sub) -> None:
     )
     _add_config_flags(p)
     p.add_argument("--run", type=Path, help="diagnose this run's checkpoint instead")
+    p.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="diagnose your own model: FACTORY() in MODULE (a module or a .py file) builds it",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="N,...",
+        help="--model: its input, a batch of random normal values of this shape",
+    )
+    p.add_argument(
+        "--batch",
+        metavar="MODULE:FACTORY",
+        help="--model: its input, from FACTORY() (a tensor, a tuple of arguments or a dict)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--html", type=Path, help="also write the report as a page to this file")
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
 
     p = sub.add_parser(
@@ -322,13 +339,33 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _shape(text: str) -> list[int]:
+    try:
+        shape = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sizes such as 8,3,32,32, got {text!r}"
+        ) from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text!r}")
+    return shape
+
+
 def cmd_diagnose(args) -> int:
+    from normlab.auditor import Audit, audit_factory
     from normlab.checkpoint import load_checkpoint
     from normlab.diagnose import diagnose
-    from normlab.diagnostics import format_table
     from normlab.train import load_run_data
 
     ckpt = None
+    if args.model is not None:
+        given = config_flags_given(args) + (["--run"] if args.run is not None else [])
+        if given:
+            raise NormlabError(f"--model diagnoses your own model; drop {', '.join(given)}")
+        result = audit_factory(args.model, args.input_shape, args.batch)
+        return _print_diagnosis(result, args)
+    if args.input_shape is not None or args.batch is not None:
+        raise NormlabError("--input-shape and --batch go with --model")
     if args.run is not None:
         given = config_flags_given(args)
         if given:
@@ -340,9 +377,15 @@ def cmd_diagnose(args) -> int:
         data = load_run_data(ckpt)
     else:
         model_config, train_config, data = configs_and_data_from_args(args)
-    report = diagnose(model_config, train_config, data, ckpt, quiet=args.json)
-    print(report.to_json() if args.json else format_table(report))
-    return 1 if args.strict and report.verdicts else 0
+    report, diagnostics = diagnose(model_config, train_config, data, ckpt, quiet=args.json)
+    return _print_diagnosis(Audit(report, diagnostics, "normlab diagnose"), args)
+
+
+def _print_diagnosis(result, args) -> int:
+    print(result.to_json() if args.json else result.table())
+    if args.html is not None:
+        result.to_html(args.html)
+    return 1 if args.strict and result.verdicts else 0
 
 
 def cmd_export(args) -> int:

@@ -4,7 +4,7 @@ import torch
 
 from normlab.config import ModelConfig, TrainConfig
 from normlab.data import Dataset
-from normlab.diagnostics import Diagnostics, Report, judge
+from normlab.diagnostics import Diagnostics, Report, judge_recording
 from normlab.distributed import SINGLE
 from normlab.optim import lr_at
 from normlab.train import start_training
@@ -16,8 +16,9 @@ def diagnose(
     data: Dataset,
     ckpt: dict | None = None,
     quiet: bool = False,
-) -> Report:
-    """Record one training step (forward, backward, update) on a fixed batch and judge it.
+) -> tuple[Report, Diagnostics]:
+    """Record one training step (forward, backward, update) on a fixed batch and judge it;
+    returns the judgement and the recording.
 
     Without ``ckpt`` the model is as a run starts it (LSUV included); with one,
     as the run left it, at its learning rate of that step. The batch is drawn
@@ -32,4 +33,4 @@ def diagnose(
     step = t.progress.step
     record = Diagnostics(t.model)
     t.step(X[ix].to(device), Y[ix].to(device), lr_at(step, train_config), record, step)
-    return judge(record.history, num_classes=data.vocab.size)
+    return judge_recording(record, num_classes=data.vocab.size), record

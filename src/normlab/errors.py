@@ -3,6 +3,15 @@
 import signal
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to its first line and ``limit`` characters (else its type).
+
+    >>> first_line(ValueError("shapes differ\\nand more detail"))
+    'shapes differ'
+    """
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class NormlabError(Exception):
     """A problem with the user's input (flags, data, config, checkpoint).
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from normlab import nn as nl
 from normlab.config import ModelConfig, TrainConfig
 from normlab.distributed import Ranks
+from normlab.errors import first_line
 from normlab.model import MLPLanguageModel
 
 ANY = None
@@ -242,7 +243,7 @@ class FastStep:
         try:
             loss = self._fn(*args)
         except Exception as e:
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            reason = first_line(e, 160)
             print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):

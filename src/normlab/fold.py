@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from normlab import nn as nl
 from normlab.calibrate import BATCHNORM_TYPES
+from normlab.errors import first_line
 from normlab.nn.batchnorm import running_affine
 
 LINEARS = (nn.Linear, nl.Linear)
@@ -217,10 +218,12 @@ def fold_batchnorm(
 
 
 def _fold(model: nn.Module, say: Callable[[str], None]) -> nn.Module:
-    """Fold ``model`` in place (a Sequential, or one fx cannot trace) or as a GraphModule."""
-    if not any(isinstance(m, BATCHNORM_TYPES) for m in model.modules()):
+    """Fold ``model`` in place (its BatchNorms all in Sequentials, or a model fx cannot
+    trace), or as a GraphModule."""
+    parents = [p for p in model.modules() for c in p.children() if isinstance(c, BATCHNORM_TYPES)]
+    if not parents:
         return model  # nothing to fold: the model as it is, not a trace of it
-    if isinstance(model, nn.Sequential):
+    if all(isinstance(p, nn.Sequential) for p in parents):  # the walk sees every BatchNorm
         _fold_sequentials(model, say)
         return model
     # arguments that default to None (``targets=None``) are traced as left out: otherwise fx
@@ -230,9 +233,13 @@ def _fold(model: nn.Module, say: Callable[[str], None]) -> nn.Module:
     try:
         gm = fx.symbolic_trace(model, concrete_args=absent)
     except Exception as e:  # control flow or shape arithmetic on inputs: fx cannot trace it
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        reason = first_line(e, 120)
         say(f"the model does not trace with torch.fx ({reason}); folding within Sequentials")
         _fold_sequentials(model, say)
+        for name, module in model.named_modules():
+            parent = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(module, BATCHNORM_TYPES) and not isinstance(parent, nn.Sequential):
+                say(f"left {name} ({type(module).__name__}): not in a Sequential")
         return model
     _fold_graph(gm, say)
     return gm.eval()

@@ -30,6 +30,7 @@ residual block the nonlinearity's output is scaled, not the sum.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,27 +54,39 @@ class _Stop(Exception):
     """Raised from a hook once the measured layer has produced its output."""
 
 
-def activation_variance(kind: str) -> float:
+NAMED = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
+
+
+@torch.no_grad()
+def activation_variance(activation: str | Callable[[Tensor], Tensor]) -> float:
     r"""``Var[f(z)]`` for ``z ~ N(0, 1)``, by quadrature: what a unit Gaussian gives after ``f``.
 
     .. math::
         \mathrm{Var}[f(z)] = \int f(z)^2 \varphi(z)\,dz - \left(\int f(z) \varphi(z)\,dz\right)^2
 
     Args:
-        kind: ``"tanh"``, ``"sigmoid"`` or ``"relu"``.
+        activation: an elementwise function or module, or ``"tanh"``, ``"sigmoid"``
+            or ``"relu"``.
 
     Example:
-        >>> round(activation_variance("tanh"), 3)
-        0.394
+        >>> round(activation_variance("tanh"), 3), round(activation_variance(torch.nn.GELU()), 3)
+        (0.394, 0.346)
     """
-    fns = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
-    if kind not in fns:
-        raise ValueError(f"unknown activation {kind!r}; valid choices: {', '.join(fns)}")
+    if isinstance(activation, str):
+        if activation not in NAMED:
+            valid = ", ".join(NAMED)
+            raise ValueError(f"unknown activation {activation!r}; valid choices: {valid}")
+        activation = NAMED[activation]
     z = torch.linspace(-12, 12, 240_001, dtype=torch.float64)
     w = torch.exp(-0.5 * z**2) / math.sqrt(2 * math.pi) * (z[1] - z[0])  # φ(z) dz
-    f = fns[kind](z)
+    f = activation(z)
     mean = (w * f).sum()
     return float((w * (f - mean) ** 2).sum())
+
+
+def _family(module: nn.Module | None) -> str | None:
+    kind = layer_kind(module) if module is not None else None
+    return kind.family if kind is not None else None
 
 
 def _forward_order(model: nn.Module, x: Tensor) -> list[nn.Module]:
@@ -158,7 +171,7 @@ def lsuv_(
     if tol <= 0 or max_iter < 0:
         raise ValueError(f"lsuv_ needs tol > 0 and max_iter >= 0, got {tol} and {max_iter}")
     if layers is None:
-        layers = [m for m in model.modules() if layer_kind(m) in WEIGHTED]
+        layers = [m for m in model.modules() if _family(m) in WEIGHTED]
     if not layers:
         raise ValueError("lsuv_ found no Linear or convolution layer to initialize")
     names = {m: n for n, m in model.named_modules()}
@@ -182,12 +195,13 @@ def lsuv_(
             for layer in sorted(layers, key=order.index):
                 i = order.index(layer)
                 nxt = order[i + 1] if i + 1 < len(order) else None
-                feeds = layer_kind(nxt) if nxt is not None else "output"
-                if feeds in NORMALIZATIONS:
+                kind = layer_kind(nxt) if nxt is not None else None
+                feeds = kind.name if kind is not None else "output"
+                if _family(nxt) in NORMALIZATIONS:
                     results.append(LSUVLayer(names[layer], feeds, None, None, 0))
                     continue
-                if feeds in ACTIVATIONS:  # what the nonlinearity passes on
-                    probe, target = nxt, activation_variance(feeds)
+                if _family(nxt) in ACTIVATIONS:  # what the nonlinearity passes on
+                    probe, target = nxt, activation_variance(nxt)
                 else:  # another weighted layer or the output: its own output, as the paper
                     probe, target = layer, 1.0
                 iterations, var = 0, _output_variance(model, x, probe)

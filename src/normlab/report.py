@@ -43,35 +43,64 @@ def _bin_centers(r: float, n: int) -> list[float]:
     return [-r + width * (i + 0.5) for i in range(n)]
 
 
+LINES_UP_TO = 8  # layers drawn as one line each; more are drawn as one heatmap
+
+# the families shown together in one view each, in the report's order
+FAMILY_VIEWS = (
+    ("activations", ACTIVATIONS),
+    ("normalizations", ("batchnorm", "norm")),
+    ("linear and conv layers", ("linear", "conv")),
+    ("embeddings and attention", ("embedding", "attention")),
+)
+
+
 def _histogram_figure(series, title: str, xlabel: str) -> str:
-    """One line per layer: ``series`` is [(label, range, counts)]."""
+    """``series`` is [(label, range, counts)]: a line per layer for a few layers; for more, a
+    heatmap of layers (rows, in order) by value (columns), each row scaled to its own range."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
-    for label, r, counts in series:
-        total = sum(counts) or 1.0
-        ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
+    if len(series) <= LINES_UP_TO:
+        fig, ax = plt.subplots(figsize=FIGSIZE)
+        for label, r, counts in series:
+            total = sum(counts) or 1.0
+            ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("fraction")
+        if series:
+            ax.legend(fontsize=7, ncol=2)
+    else:
+        height = min(12.0, 1.5 + 0.12 * len(series))
+        fig, ax = plt.subplots(figsize=(FIGSIZE[0], height), layout="constrained")
+        rows = [[c / (sum(counts) or 1.0) for c in counts] for _, _, counts in series]
+        image = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
+        step = max(1, len(series) // 30)  # at most 30 names on the axis
+        ax.set_yticks(range(0, len(series), step), [s[0] for s in series][::step], fontsize=6)
+        ax.set_xticks([0, len(rows[0]) // 2, len(rows[0]) - 1], ["-range", "0", "+range"])
+        ax.set_xlabel(f"{xlabel} (each row over its own range)")
+        fig.colorbar(image, ax=ax, label="fraction")
     ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("fraction")
-    if series:
-        ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
 
+def kind_views(snap: Snapshot, what: str = "outputs") -> list[tuple[str, str]]:
+    """One figure per family of layers present: their output (or, with ``what="gradients"``,
+    their output gradient) histograms; returns (title, PNG as base64) pairs."""
+    views = []
+    for title, families in FAMILY_VIEWS:
+        layers = [x for x in snap.layers if x.family in families]
+        if what == "gradients":
+            series = [(x.name, x.grad_hist_range, x.grad_hist) for x in layers if x.grad_hist]
+        else:
+            series = [(x.name, x.hist_range, x.hist) for x in layers]
+        if series:
+            full = f"{title}: {what} at step {snap.step:,} ({len(series)} layers)"
+            views.append((full, _histogram_figure(series, full, "value")))
+    return views
+
+
 def activation_histograms(snap: Snapshot) -> str:
-    layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
+    layers = [x for x in snap.layers if x.family in ACTIVATIONS] or snap.layers
     series = [(x.name, x.hist_range, x.hist) for x in layers]
     return _histogram_figure(series, f"layer outputs at step {snap.step:,}", "value")
-
-
-def gradient_histograms(snap: Snapshot) -> str:
-    layers = [x for x in snap.layers if x.kind in ACTIVATIONS and x.grad_hist] or [
-        x for x in snap.layers if x.grad_hist
-    ]
-    series = [(x.name, x.grad_hist_range, x.grad_hist) for x in layers]
-    return _histogram_figure(
-        series, f"gradients of layer outputs at step {snap.step:,}", "gradient"
-    )
 
 
 def weight_gradient_histograms(snap: Snapshot) -> str:
@@ -83,13 +112,16 @@ def weight_gradient_histograms(snap: Snapshot) -> str:
 def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=FIGSIZE)
+    few = len(update_history) <= LINES_UP_TO  # many: thin lines, no legend
     for name, points in update_history.items():
-        ax.plot([s for s, _ in points], [v for _, v in points], label=name)
+        steps, values = [s for s, _ in points], [v for _, v in points]
+        ax.plot(steps, values, label=name, linewidth=1.5 if few else 0.6)
     ax.axhline(-3, color="k", linestyle="--", linewidth=1, label="1e-3")
-    ax.set_title("update:data ratio of each weight matrix")
+    ax.set_title(f"update:data ratio of each weight matrix ({len(update_history)})")
     ax.set_xlabel("step")
     ax.set_ylabel("log10(update std / data std)")
-    ax.legend(fontsize=7, ncol=2)
+    if few:
+        ax.legend(fontsize=7, ncol=2)
     return _png(fig)
 
 
@@ -109,7 +141,7 @@ def loss_figure(metrics: list[dict]) -> str:
 def signal_propagation_figure(snap: Snapshot) -> str:
     """Activation and gradient std against depth."""
     plt = pyplot()
-    layers = [x for x in snap.layers if x.kind in ACTIVATIONS] or snap.layers
+    layers = [x for x in snap.layers if x.family in ACTIVATIONS] or snap.layers
     depth = list(range(1, len(layers) + 1))
     from matplotlib.ticker import MaxNLocator
 
@@ -188,12 +220,15 @@ def render_html(
             _img(signal_propagation_figure(first), "signal propagation at the first recording"),
             _img(signal_propagation_figure(snap), "signal propagation at the last recording"),
             "</div>",
-            "<h2>Activations and gradients</h2>",
+            "<h2>Activations at the first and the last recording</h2>",
             '<div class="grid">',
             _img(activation_histograms(first), "activation histograms, first recording"),
             _img(activation_histograms(snap), "activation histograms, last recording"),
-            _img(gradient_histograms(first), "gradient histograms, first recording"),
-            _img(gradient_histograms(snap), "gradient histograms, last recording"),
+            "</div>",
+            "<h2>Every layer, by kind, at the last recording</h2>",
+            '<div class="grid">',
+            *[_img(png, title) for title, png in kind_views(snap)],
+            *[_img(png, title) for title, png in kind_views(snap, "gradients")],
             "</div>",
             _img(weight_gradient_histograms(snap), "weight-gradient histograms"),
             "<h2>Update:data ratio</h2>",
@@ -238,25 +273,38 @@ def log_metrics(writer, row: dict) -> None:
         writer.add_scalar(f"loss/{key}" if key != "lr" else "lr", row[key], row["step"])
 
 
-def log_snapshot(writer, snap: Snapshot) -> None:
-    """Scalars and histograms of one diagnostics recording."""
-    step = snap.step
+def snapshot_scalars(snap: Snapshot) -> dict[str, float]:
+    """One recording's scalars by name, as every logger takes them."""
+    scalars = {}
     for layer in snap.layers:
-        writer.add_scalar(f"activation_std/{layer.name}", layer.std, step)
+        scalars[f"activation_std/{layer.name}"] = layer.std
         if layer.saturated is not None:
-            writer.add_scalar(f"saturated/{layer.name}", layer.saturated, step)
+            scalars[f"saturated/{layer.name}"] = layer.saturated
         if layer.dead is not None:
-            writer.add_scalar(f"dead/{layer.name}", layer.dead, step)
+            scalars[f"dead/{layer.name}"] = layer.dead
         if layer.grad_std is not None:
-            writer.add_scalar(f"gradient_std/{layer.name}", layer.grad_std, step)
-        _add_histogram(writer, f"activations/{layer.name}", layer.hist_range, layer.hist, step)
+            scalars[f"gradient_std/{layer.name}"] = layer.grad_std
     for p in snap.params:
         if p.update_to_data:
-            writer.add_scalar(f"log10_update_to_data/{p.name}", math.log10(p.update_to_data), step)
+            scalars[f"log10_update_to_data/{p.name}"] = math.log10(p.update_to_data)
+    return scalars
+
+
+def log_histograms(writer, snap: Snapshot) -> None:
+    """One recording's histograms to a TensorBoard ``SummaryWriter``."""
+    for layer in snap.layers:
+        _add_histogram(writer, f"activations/{layer.name}", layer.hist_range, layer.hist, snap.step)
+    for p in snap.params:
         if p.grad_hist:
-            _add_histogram(
-                writer, f"weight_gradients/{p.name}", p.grad_hist_range, p.grad_hist, step
-            )
+            tag = f"weight_gradients/{p.name}"
+            _add_histogram(writer, tag, p.grad_hist_range, p.grad_hist, snap.step)
+
+
+def log_snapshot(writer, snap: Snapshot) -> None:
+    """Scalars and histograms of one diagnostics recording, to TensorBoard."""
+    for tag, value in snapshot_scalars(snap).items():
+        writer.add_scalar(tag, value, snap.step)
+    log_histograms(writer, snap)
 
 
 def _add_histogram(writer, tag: str, r: float, counts: list[float], step: int) -> None:

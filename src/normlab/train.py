@@ -28,7 +28,7 @@ from normlab import nn as nl
 from normlab.checkpoint import CheckpointError, load_checkpoint
 from normlab.config import ModelConfig, TrainConfig, check_configs, config_dict
 from normlab.data import DataError, Dataset, Vocab, load_dataset
-from normlab.diagnostics import Diagnostics, Snapshot, judge
+from normlab.diagnostics import Diagnostics, Snapshot, judge_recording
 from normlab.distributed import Ranks, agree, current_ranks, gather_objects, global_outcome, shard
 from normlab.errors import ConfigError, Interrupted, NormlabError, TrainingDiverged
 from normlab.evaluate import evaluate, train_subset
@@ -461,7 +461,7 @@ def train(
                 )
             history = folder.resume(t.progress.step, tcfg.tensorboard)
             if t.diagnostics is not None:
-                t.diagnostics.history = history
+                t.diagnostics.extend(history)
         else:
             folder.start(config, tcfg.tensorboard)
             folder.save(t.checkpoint_state())  # a run killed before its first checkpoint resumes
@@ -527,7 +527,7 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
     samples = sample_run(model, t.data, 20, seed=tcfg.seed)
     print(format_samples(samples))
     history = t.diagnostics.history if t.diagnostics is not None else []
-    report = judge(history, num_classes=t.data.vocab.size) if history else None
+    report = judge_recording(t.diagnostics, num_classes=t.data.vocab.size) if history else None
     if report is not None:
         print(
             f"diagnostics: {progress.recorded_steps} recordings took "

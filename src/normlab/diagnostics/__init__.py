@@ -17,7 +17,7 @@ Usage::
     diag.arm()                         # the next training-mode forward/backward is recorded
     loss = loss_fn(model(x), y); loss.backward(); optimizer.step()
     diag.collect(step, loss.item())
-    print(format_table(judge(diag.history, num_classes=27)))
+    print(format_table(judge_recording(diag, num_classes=27)))
 
 The modules, in the order they build on each other: ``snapshot`` (what a
 recording holds), ``stats`` (the tensor statistics, computed on the device and
@@ -31,7 +31,7 @@ from normlab.diagnostics.rules import (
     Thresholds,
     Verdict,
     judge,
-    update_history,
+    judge_recording,
     verdicts,
 )
 from normlab.diagnostics.snapshot import (
@@ -42,6 +42,7 @@ from normlab.diagnostics.snapshot import (
     finite,
     snapshot_from_dict,
     snapshot_to_dict,
+    update_history,
 )
 from normlab.diagnostics.table import format_table
 
@@ -57,6 +58,7 @@ __all__ = [
     "finite",
     "format_table",
     "judge",
+    "judge_recording",
     "snapshot_from_dict",
     "snapshot_to_dict",
     "update_history",

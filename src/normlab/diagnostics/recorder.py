@@ -1,5 +1,6 @@
 """``Diagnostics``: hooks on any ``nn.Module`` that record one training step into a Snapshot."""
 
+import dataclasses
 import math
 
 import torch
@@ -12,20 +13,28 @@ from normlab.diagnostics.snapshot import (
     LayerStats,
     ParamStats,
     Snapshot,
+    update_history,
 )
-from normlab.nn import layer_kind
+from normlab.nn import Kind, layer_kind
 
 
 class Diagnostics:
     """Hooks on a model that record one training step's statistics.
 
     Works on any ``nn.Module``: the outputs of the layers with a kind
-    (``normlab.nn.layer_kind``: activations, normalizations and Linear layers,
-    normlab's or torch's) and every parameter are recorded. ``arm()`` attaches
+    (``normlab.nn.layer_kind``: activations, normalizations, Linear, conv,
+    embedding and attention layers, normlab's, torch's or another library's)
+    and every parameter are recorded. A layer whose output is a tuple, a dict or
+    a dataclass (attention) is recorded by its first tensor. ``arm()`` attaches
     the hooks and ``collect()`` detaches them, so the model runs at full speed
     between recordings; only training-mode passes are recorded, and a layer
-    called twice in one pass on its first call. Every snapshot is kept in
-    ``history``.
+    called twice in one pass on its first call. ``history`` keeps the first
+    snapshot and the last ``keep`` (so memory does not grow with the recordings),
+    ``update_history`` every recording's update:data ratios.
+
+    A model wrapped by ``torch.compile`` is refused: its compiled graph does not
+    run the layers' hooks. Record the model itself (``compiled._orig_mod``) on
+    steps that run it uncompiled. A model wrapped by DDP is recorded as any other.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh())
@@ -39,16 +48,26 @@ class Diagnostics:
         [('0', 'linear'), ('1', 'tanh')]
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keep: int = 16) -> None:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError(
+                "Diagnostics cannot record a model wrapped by torch.compile: its compiled graph "
+                "skips the layers' hooks; record model._orig_mod on uncompiled steps instead"
+            )
         self.model = model
-        self.layers = [(n, m, layer_kind(m)) for n, m in model.named_modules() if layer_kind(m)]
+        kinds = [(n, m, layer_kind(m)) for n, m in model.named_modules()]
+        self.layers = [(n, m, kind) for n, m, kind in kinds if kind is not None]
+        self.unrecorded = [n for n, m, kind in kinds if kind is None and _is_leaf_with_output(m)]
+        self.keep = keep
         self.history: list[Snapshot] = []
+        self.update_history: dict[str, list[tuple[int, float]]] = {}
         self._handles: list = []
         self._armed = False
         self._outputs: dict[str, Tensor] = {}
         self._grads: dict[str, Tensor] = {}
         self._batchnorm: dict[str, tuple] = {}
         self._before: dict[str, Tensor] = {}
+        self._awaits_backward = False  # a recorded output will receive a gradient
 
     # -- hooks
     def _attach(self) -> None:
@@ -56,7 +75,7 @@ class Diagnostics:
             return
         for name, module, kind in self.layers:
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
-            if kind == "batchnorm":
+            if kind.family == "batchnorm":
                 self._handles.append(module.register_forward_pre_hook(self._bn_hook(name)))
 
     def detach(self) -> None:
@@ -66,15 +85,22 @@ class Diagnostics:
         self._handles = []
         self._armed = False
 
+    @property
+    def armed(self) -> bool:
+        """A recording is under way: armed, not yet collected."""
+        return self._armed
+
     def _recording(self, module: nn.Module) -> bool:
         return self._armed and module.training
 
     def _forward_hook(self, name: str):
         def hook(module, _inputs, out):
-            if not self._recording(module) or name in self._outputs or not torch.is_tensor(out):
+            out = _first_tensor(out)
+            if not self._recording(module) or name in self._outputs or out is None:
                 return
             self._outputs[name] = out.detach()  # measured in collect(), grouped by shape
             if out.requires_grad:
+                self._awaits_backward = True
 
                 def grad_hook(grad):
                     self._grads.setdefault(name, grad.detach())
@@ -108,13 +134,18 @@ class Diagnostics:
         self._attach()
         self._outputs, self._grads, self._batchnorm = {}, {}, {}
         self._before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        self._armed = True
+        self._armed, self._awaits_backward = True, False
 
     def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
         """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
         if not self._armed:
             raise RuntimeError("Diagnostics.collect() without arm()")
         self.detach()  # hooks cost time on every call: they stay only for a recording
+        if self._awaits_backward and not self._grads:
+            raise RuntimeError(
+                "Diagnostics.collect(): the armed step ran a forward pass but no backward pass; "
+                "call loss.backward() (and the optimizer's step) between arm() and collect()"
+            )
         kinds = {name: kind for name, _, kind in self.layers}
         rows: dict[tuple, stats.Columns] = {}
         measured = (
@@ -141,8 +172,18 @@ class Diagnostics:
             rows[("param", name)] = param_rows[name]
         snapshot = self._snapshot(stats.to_host(rows), step, loss, eval_loss)
         self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
-        self.history.append(snapshot)
+        self.extend([snapshot])
         return snapshot
+
+    def extend(self, snapshots: list[Snapshot]) -> None:
+        """Add recordings (a new one, or a run's saved ones) to ``history`` and
+        ``update_history``; ``history`` then keeps the first and the last ``keep``."""
+        for snapshot in snapshots:
+            for name, points in update_history([snapshot]).items():
+                self.update_history.setdefault(name, []).extend(points)
+            self.history.append(snapshot)
+            if len(self.history) > self.keep + 1:
+                del self.history[1]
 
     def _snapshot(self, host: dict, step: int, loss, eval_loss) -> Snapshot:
         """The Snapshot of the host's columns, layers in the model's module order."""
@@ -164,16 +205,34 @@ class Diagnostics:
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
 
 
-def _layer_stats(name: str, kind: str, out: dict, grad: dict | None) -> LayerStats:
-    saturated = {"tanh": out["tanh_saturated"], "sigmoid": out["sigmoid_saturated"]}.get(kind)
+def _first_tensor(out) -> Tensor | None:
+    """A layer's output as a tensor: itself, or the first tensor of a tuple, list, dict or
+    dataclass (transformers' outputs are dicts)."""
+    if torch.is_tensor(out):
+        return out
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, tuple | list) else ()
+    return next((v for v in values if torch.is_tensor(v)), None)
+
+
+def _is_leaf_with_output(module: nn.Module) -> bool:
+    """A layer of its own (no children) that computes something: what goes unrecorded."""
+    return not any(True for _ in module.children()) and not isinstance(
+        module, nn.Identity | nn.Dropout | nn.Flatten
+    )
+
+
+def _layer_stats(name: str, kind: Kind, out: dict, grad: dict | None) -> LayerStats:
     layer = LayerStats(
         name=name,
-        kind=kind,
+        kind=kind.name,
+        family=kind.family,
         mean=out["mean"],
         std=out["std"],
         percentiles={f"p{p}": out[f"p{p}"] for p in PERCENTILES},
-        saturated=saturated,
-        dead=out["dead"] if kind == "relu" else None,
+        saturated=out["saturated"] if kind.family == "saturating" else None,
+        dead=out["dead"] if kind.family == "rectifying" else None,
         hist_range=out["hist_range"],
         hist=_counts(out["hist"]),
     )

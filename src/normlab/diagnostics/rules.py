@@ -10,17 +10,18 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from normlab.diagnostics.snapshot import Snapshot, finite
+from normlab.diagnostics.snapshot import LayerStats, Snapshot, finite, update_history
 from normlab.diagnostics.stats import SATURATION
-from normlab.nn import ACTIVATIONS
+from normlab.init import calculate_gain
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """Where each verdict fires. The defaults are quiet on a healthy ``lecture-deep`` at step 0."""
 
-    saturated: float = 0.25  # tanh/sigmoid: fraction of outputs beyond ±0.97
-    dead: float = 0.25  # ReLU: fraction of units never positive over the batch
+    saturated: float = 0.25  # saturating: fraction of outputs beyond 0.97 of the half range
+    dead: float = 0.25  # rectifying: fraction of units never above the floor over the batch
     depth_ratio: float = 10.0  # std of the last vs the first activation layer, either way
     update_log10: float = -3.0  # the healthy log10 update:data ratio of a weight matrix
     update_tolerance: float = 1.0  # how far from it (in log10) is "far"
@@ -48,23 +49,10 @@ class Report:
     update_history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     init_loss: float | None = None
     num_classes: int | None = None
+    unrecorded: list[str] = field(default_factory=list)  # layers of no known kind
 
     def to_json(self) -> str:
         return json.dumps(finite(asdict(self)))
-
-
-def update_history(history: list[Snapshot]) -> dict[str, list[tuple[int, float]]]:
-    """log10 update:data ratio of each weight matrix (2-D or more) over the recordings.
-
-    A step that left a matrix unchanged (an update below float resolution) counts as 1e-12.
-    """
-    series: dict[str, list[tuple[int, float]]] = {}
-    for snap in history:
-        for p in snap.params:
-            if len(p.shape) >= 2 and p.update_to_data is not None:
-                ratio = max(p.update_to_data, 1e-12)
-                series.setdefault(p.name, []).append((snap.step, math.log10(ratio)))
-    return series
 
 
 # ---------------------------------------------------------------------------- the rules
@@ -72,18 +60,64 @@ def update_history(history: list[Snapshot]) -> dict[str, list[tuple[int, float]]
 Rule = Callable[[list[Snapshot], Thresholds, int | None], Iterator[Verdict]]
 
 
+def _feeding(snap: Snapshot, index: int) -> LayerStats | None:
+    """The weighted or normalization layer last recorded before ``snap.layers[index]``."""
+    for layer in reversed(snap.layers[:index]):
+        if layer.family in (*WEIGHTED, *NORMALIZATIONS):
+            return layer
+    return None
+
+
+def _scale_fix(snap: Snapshot, index: int) -> str:
+    """What sets an activation layer's input scale, compared with Kaiming's std for it."""
+    source, kind = _feeding(snap, index), snap.layers[index].kind
+    if source is None:
+        return ""
+    if source.family in NORMALIZATIONS:
+        return f"; {source.name} ({source.kind}) before it sets its scale: look at its gain"
+    weight = next((p for p in snap.params if p.name == f"{source.name}.weight"), None)
+    try:
+        gain = calculate_gain(kind)
+    except ValueError:  # no Kaiming gain for this nonlinearity
+        return ""
+    if weight is None or len(weight.shape) < 2 or not weight.data_std:
+        return ""
+    kaiming = gain / math.sqrt(math.prod(weight.shape[1:]))
+    ratio = weight.data_std / kaiming
+    return f"; the weights of {source.name} have std {ratio:.1f}× Kaiming's for {kind}"
+
+
 def _saturated(history, t, _classes):
-    for layer in history[-1].layers:
+    snap = history[-1]
+    for i, layer in enumerate(snap.layers):
         if layer.saturated is not None and layer.saturated > t.saturated:
-            message = f"{layer.saturated:.0%} of outputs beyond ±{SATURATION}"
+            message = f"{layer.saturated:.0%} saturated (beyond {SATURATION} of its range)"
+            message += _scale_fix(snap, i)
             yield Verdict("saturated", layer.name, layer.saturated, t.saturated, message)
 
 
 def _dead(history, t, _classes):
-    for layer in history[-1].layers:
+    snap = history[-1]
+    for i, layer in enumerate(snap.layers):
         if layer.dead is not None and layer.dead > t.dead:
-            message = f"{layer.dead:.0%} of units never positive in the batch"
+            message = f"{layer.dead:.0%} of units never active in the batch" + _scale_fix(snap, i)
             yield Verdict("dead", layer.name, layer.dead, t.dead, message)
+
+
+def _bias_before_batchnorm(history, t, _classes):
+    """A bias on the layer feeding a BatchNorm: the BatchNorm's mean subtraction cancels it."""
+    snap = history[-1]
+    params = {p.name: p for p in snap.params}
+    for i, layer in enumerate(snap.layers):
+        source = _feeding(snap, i) if layer.family == "batchnorm" else None
+        bias = params.get(f"{source.name}.bias") if source is not None else None
+        if source is not None and source.family in WEIGHTED and bias is not None:
+            grad = bias.grad_std or 0.0
+            message = (
+                f"a bias feeds BatchNorm {layer.name}: it receives no gradient (std {grad:.1e}); "
+                "remove it (bias=False)"
+            )
+            yield Verdict("bias-before-batchnorm", source.name, grad, 0.0, message)
 
 
 def _growth(layer: str, ratio: float, t: Thresholds, what: str, where: str) -> Iterator[Verdict]:
@@ -99,7 +133,7 @@ def _growth(layer: str, ratio: float, t: Thresholds, what: str, where: str) -> I
 
 def _activation_depth(history, t, _classes):
     """Activation std at the last activation layer against the first."""
-    acts = [layer for layer in history[-1].layers if layer.kind in ACTIVATIONS]
+    acts = [layer for layer in history[-1].layers if layer.family in ACTIVATIONS]
     if len(acts) >= 2 and acts[0].std > 0:
         first, last = acts[0], acts[-1]
         yield from _growth(last.name, last.std / first.std, t, "activation", f"from {first.name}")
@@ -107,7 +141,7 @@ def _activation_depth(history, t, _classes):
 
 def _gradient_depth(history, t, _classes):
     """Gradient std at the first activation layer against the last: gradients flow backwards."""
-    acts = [layer for layer in history[-1].layers if layer.kind in ACTIVATIONS]
+    acts = [layer for layer in history[-1].layers if layer.family in ACTIVATIONS]
     if len(acts) >= 2 and acts[0].grad_std and acts[-1].grad_std:
         first, last = acts[0], acts[-1]
         where = f"on its way back from {last.name}"
@@ -149,8 +183,9 @@ def _confident_at_init(history, t, num_classes):
 
 # verdict                  fires when (thresholds in Thresholds)
 RULES: tuple[Rule, ...] = (
-    _saturated,  # saturated: a tanh/sigmoid layer's fraction beyond ±0.97 > saturated
-    _dead,  # dead: a ReLU layer's fraction of never-positive units > dead
+    _saturated,  # saturated: a saturating layer's fraction beyond 0.97 of its range > saturated
+    _dead,  # dead: a rectifying layer's fraction of never-active units > dead
+    _bias_before_batchnorm,  # bias-before-batchnorm: a weighted layer's bias feeds a BatchNorm
     _activation_depth,  # vanishing/exploding: activation std, last vs first, beyond depth_ratio
     _gradient_depth,  # vanishing/exploding: gradient std, first vs last, beyond depth_ratio
     _bn_drift,  # bn-drift: a settled BatchNorm's running mean > bn_drift batch stds off
@@ -168,7 +203,11 @@ def verdicts(
 
 
 def judge(
-    history: list[Snapshot], num_classes: int | None = None, thresholds: Thresholds | None = None
+    history: list[Snapshot],
+    num_classes: int | None = None,
+    thresholds: Thresholds | None = None,
+    series: dict[str, list[tuple[int, float]]] | None = None,
+    unrecorded: list[str] | tuple = (),
 ) -> Report:
     """The latest snapshot of ``history`` with its verdicts.
 
@@ -177,6 +216,9 @@ def judge(
             ``diagnostics.jsonl`` read back with ``snapshot_from_dict``).
         num_classes: the model's output classes, for the confident-at-init rule.
         thresholds: where the verdicts fire (default: ``Thresholds()``).
+        series: every recording's update:data ratios (``Diagnostics.update_history``),
+            where ``history`` holds only some recordings.
+        unrecorded: the layers that were not recorded, for the report to list.
     """
     if not history:
         raise ValueError("no recording to judge: call Diagnostics.arm() and collect() first")
@@ -184,7 +226,22 @@ def judge(
     return Report(
         snapshot=history[-1],
         verdicts=verdicts(history, thresholds, num_classes),
-        update_history=update_history(history),
+        update_history=series if series is not None else update_history(history),
         init_loss=first.loss if first.step == 0 else None,
         num_classes=num_classes,
+        unrecorded=list(unrecorded),
+    )
+
+
+def judge_recording(
+    diagnostics, num_classes: int | None = None, thresholds: Thresholds | None = None
+) -> Report:
+    """``judge`` of a ``Diagnostics``' recordings: its history, its whole update:data series
+    and the layers it could not record."""
+    return judge(
+        diagnostics.history,
+        num_classes,
+        thresholds,
+        series=diagnostics.update_history,
+        unrecorded=diagnostics.unrecorded,
     )

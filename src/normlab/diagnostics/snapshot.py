@@ -15,12 +15,13 @@ class LayerStats:
     """A layer's output and the gradient of its output, over one training batch."""
 
     name: str
-    kind: str
+    kind: str  # "tanh", "gelu", "layernorm", "conv", ... (normlab.nn.layer_kind)
+    family: str  # saturating | rectifying | batchnorm | norm | linear | conv | embedding | ...
     mean: float
     std: float
     percentiles: dict[str, float]  # "p5" ... "p95"
-    saturated: float | None  # tanh and sigmoid: fraction of outputs beyond ±0.97
-    dead: float | None  # ReLU: fraction of units never positive over the batch
+    saturated: float | None  # saturating: fraction of outputs beyond 0.97 of the half range
+    dead: float | None  # rectifying: fraction of units never above the floor over the batch
     hist_range: float  # the histogram spans [-hist_range, hist_range]
     hist: list[int]
     grad_mean: float | None = None
@@ -97,13 +98,37 @@ def _batchnorm_from_dict(d: dict) -> BatchNormStats:
     return BatchNormStats(**d)
 
 
+# the families of the kinds that normlab 0.1's rows name
+_FAMILIES = {"tanh": "saturating", "sigmoid": "saturating", "relu": "rectifying", "norm": "norm"}
+
+
+def _layer_from_dict(d: dict) -> LayerStats:
+    if "family" not in d:  # a row of normlab 0.1
+        d = {**d, "family": _FAMILIES.get(d["kind"], d["kind"])}
+    return LayerStats(**d)
+
+
 def snapshot_from_dict(d: dict) -> Snapshot:
     """The inverse of ``snapshot_to_dict`` (a row of ``diagnostics.jsonl``)."""
     return Snapshot(
         step=d["step"],
         loss=d["loss"],
         eval_loss=d["eval_loss"],
-        layers=[LayerStats(**x) for x in d["layers"]],
+        layers=[_layer_from_dict(x) for x in d["layers"]],
         params=[ParamStats(**x) for x in d["params"]],
         batchnorms=[_batchnorm_from_dict(x) for x in d["batchnorms"]],
     )
+
+
+def update_history(history: list[Snapshot]) -> dict[str, list[tuple[int, float]]]:
+    """log10 update:data ratio of each weight matrix (2-D or more) over the recordings.
+
+    A step that left a matrix unchanged (an update below float resolution) counts as 1e-12.
+    """
+    series: dict[str, list[tuple[int, float]]] = {}
+    for snap in history:
+        for p in snap.params:
+            if len(p.shape) >= 2 and p.update_to_data is not None:
+                ratio = max(p.update_to_data, 1e-12)
+                series.setdefault(p.name, []).append((snap.step, math.log10(ratio)))
+    return series

@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 
 from normlab.diagnostics.snapshot import PERCENTILES
+from normlab.nn import Kind
 
 SATURATION = 0.97  # |tanh| beyond this passes less than 6% of the gradient
 BINS = 50  # histogram bins kept per layer
 FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
 HIST_SAMPLE = 16_384  # histograms and percentiles use at most about 2× this many values a row
+GROUP_NUMEL = 1 << 22  # values measured at once, at most (or one tensor): bounds the temporaries
 
 Columns = dict[str, Tensor]
 
@@ -60,25 +62,60 @@ def row_std(rows: Tensor) -> Tensor:
     return (centered.square().sum(1) / max(rows.shape[1] - 1, 1)).sqrt()
 
 
-def output_stats(kinds: list[str], outputs: list[Tensor]) -> Columns:
-    """Per layer: mean, std, percentiles, saturation of tanh and sigmoid, dead ReLU units,
-    histogram range and histogram. ``outputs`` all have one shape ``(B, ...)``."""
-    x = torch.stack([o.float().reshape(o.shape[0], -1) for o in outputs])  # (G, B, units)
+def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
+    """Per layer: mean, std, percentiles, the saturated fraction (saturating kinds), the dead
+    fraction (rectifying kinds), histogram range and histogram. ``outputs`` all have one
+    shape ``(B, ...)``.
+
+    A saturating layer's output is saturated beyond ``SATURATION`` of its half range from the
+    middle (``|t| > 0.97`` for tanh). A rectifying layer's unit is dead when it never rises
+    above the activation's value at 0 over the batch; a unit is an output element of an
+    example, or for outputs of 4 dimensions or more (convolutions) a channel at every position.
+    """
+    x = _stack([o.float().reshape(o.shape[0], -1) for o in outputs])  # (G, B, units)
     flat = x.flatten(1)  # (G, N)
-    bounded = torch.tensor([k in ("tanh", "sigmoid") for k in kinds], device=x.device)
-    # tanh and sigmoid share the range [-1, 1], so their plots compare; others span their max
-    r = torch.where(bounded, 1.0, flat.abs().amax(1).clamp_min(1e-12))  # (G,)
+    device = x.device
+    saturating = [k.family == "saturating" for k in kinds]
+    mid = torch.tensor(
+        [(k.low + k.high) / 2 if s else 0.0 for k, s in zip(kinds, saturating, strict=True)],
+        device=device,
+    )
+    half = torch.tensor(
+        [(k.high - k.low) / 2 if s else 1.0 for k, s in zip(kinds, saturating, strict=True)],
+        device=device,
+    )
+    ends = torch.tensor(
+        [
+            max(abs(k.low), abs(k.high)) if s else 0.0
+            for k, s in zip(kinds, saturating, strict=True)
+        ],
+        device=device,
+    )
+    # a saturating layer's histogram spans its whole range, so that plots compare; others span
+    # their largest value
+    r = torch.where(
+        torch.tensor(saturating, device=device), ends, flat.abs().amax(1).clamp_min(1e-12)
+    )  # (G,)
     fine = histograms(flat, r, FINE_BINS).view(-1, FINE_BINS)  # (G, FINE_BINS)
     nan = torch.full_like(r, math.nan)  # each fraction is measured where some layer needs it
+    saturated = nan
+    if any(saturating):
+        saturated = ((flat - mid[:, None]).abs() > SATURATION * half[:, None]).float().mean(1)
+    dead = nan
+    if any(k.family == "rectifying" for k in kinds):
+        floor = torch.tensor(
+            [k.floor if k.floor is not None else 0.0 for k in kinds], device=device
+        )
+        units = x if outputs[0].dim() < 4 else x.view(*x.shape[:2], outputs[0].shape[1], -1)
+        above = units > floor.view(-1, *[1] * (units.dim() - 1))  # (G, B, units [, positions])
+        alive = above.any(dim=1) if units.dim() == 3 else above.any(dim=3).any(dim=1)
+        dead = 1 - alive.float().mean(1)
     return {
         "mean": flat.mean(1),
         "std": row_std(flat),
         **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
-        "tanh_saturated": (flat.abs() > SATURATION).float().mean(1) if "tanh" in kinds else nan,
-        "sigmoid_saturated": ((flat - 0.5).abs() > SATURATION - 0.5).float().mean(1)
-        if "sigmoid" in kinds
-        else nan,
-        "dead": 1 - (x > 0).any(dim=1).float().mean(1) if "relu" in kinds else nan,
+        "saturated": saturated,
+        "dead": dead,
         "hist_range": r,
         "hist": fine.view(-1, BINS, FINE_BINS // BINS).sum(2),  # (G, BINS)
     }
@@ -86,7 +123,7 @@ def output_stats(kinds: list[str], outputs: list[Tensor]) -> Columns:
 
 def spread_stats(tensors: list[Tensor]) -> Columns:
     """Per tensor: mean, std, range (max |x|) and histogram. One shape for all."""
-    rows = torch.stack([t.detach().float().flatten() for t in tensors])  # (G, N)
+    rows = _stack([t.detach().float().flatten() for t in tensors])  # (G, N)
     r = rows.abs().amax(1).clamp_min(1e-30)
     return {
         "mean": rows.mean(1),
@@ -101,8 +138,8 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
 
     One shape for all; a parameter without a gradient has NaN gradient columns.
     """
-    b = torch.stack([t.float().reshape(-1) for t in before])  # (G, N)
-    a = torch.stack([t.detach().float().reshape(-1) for t in params])
+    b = _stack([t.float().reshape(-1) for t in before])  # (G, N)
+    a = _stack([t.detach().float().reshape(-1) for t in params])
     grads = [p.grad if p.grad is not None else torch.full_like(p, math.nan) for p in params]
     spread = spread_stats(grads)
     return {
@@ -120,7 +157,7 @@ def batchnorm_stats(captured: list[tuple]) -> Columns:
     ``captured`` holds (input, running_mean, running_var, eps, momentum, batches tracked),
     the running statistics as they were before this batch updated them.
     """
-    x = torch.stack([c[0].float() for c in captured])  # (G, B, C, *spatial)
+    x = _stack([c[0].float() for c in captured])  # (G, B, C, *spatial)
     dims = (1, *range(3, x.dim()))  # every axis but the layer and the feature (BatchNorm1d/2d/3d)
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims)  # (G, C), biased: what the batch normalizes with
@@ -138,14 +175,26 @@ def batchnorm_stats(captured: list[tuple]) -> Columns:
     }
 
 
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack``, but one tensor as a view of itself rather than a copy."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 def grouped(named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]], Columns]):
-    """Apply ``stats(names, tensors)`` to each group of same-shaped tensors of ``named``.
+    """Apply ``stats(names, tensors)`` to each group of same-shaped tensors of ``named``, of
+    at most ``GROUP_NUMEL`` values (or one tensor) each.
 
     Returns ``{name: {column: its row}}``.
     """
     groups: dict[tuple, list[str]] = {}
     for name, t in named.items():
-        groups.setdefault((tuple(t.shape), t.device), []).append(name)
+        key = (tuple(t.shape), t.device)
+        chunk = 0
+        while len(groups.get((*key, chunk), ())) * t.numel() + t.numel() > GROUP_NUMEL:
+            if not groups.get((*key, chunk)):
+                break  # one tensor alone, whatever its size
+            chunk += 1
+        groups.setdefault((*key, chunk), []).append(name)
     rows: dict[str, Columns] = {}
     for names in groups.values():
         columns = stats(names, [named[n] for n in names])

@@ -51,6 +51,8 @@ def format_table(rep: Report) -> str:
                 f"{bn.name[:25]:<26}{bn.mean_drift:>12.3f}{bn.var_ratio:>11.3f}{bn.time_constants:>13.1f}"
             )
     lines.append("")
+    if rep.unrecorded:
+        lines += [f"not recorded (no known kind): {', '.join(rep.unrecorded)}", ""]
     if rep.verdicts:
         lines.append(f"verdicts ({len(rep.verdicts)}):")
         for v in rep.verdicts:

@@ -152,7 +152,7 @@ def fit(
 def step0_health(snapshot: Snapshot, num_classes: int | None = None) -> dict:
     """From step 0's diagnostics: the last hidden activation's std and saturation, the
     gradient-std ratio first/last activation layer, and the verdicts that fired."""
-    acts = [layer for layer in snapshot.layers if layer.kind in ACTIVATIONS]
+    acts = [layer for layer in snapshot.layers if layer.family in ACTIVATIONS]
     first, last = (acts[0], acts[-1]) if acts else (None, None)
     grad_ratio = None
     if first is not None and first.grad_std and last.grad_std:

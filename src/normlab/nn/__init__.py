@@ -24,14 +24,13 @@ from normlab.nn.batchnorm import (
 )
 from normlab.nn.flatten import FlattenContext
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
-from normlab.nn.kinds import ACTIVATIONS, KINDS, NORMALIZATIONS, WEIGHTED, layer_kind
+from normlab.nn.kinds import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, Kind, layer_kind, register_kind
 from normlab.nn.linear import Linear
 from normlab.nn.mode import set_mode
 from normlab.nn.normalization import GroupNorm, LayerNorm
 
 __all__ = [
     "ACTIVATIONS",
-    "KINDS",
     "NORMALIZATIONS",
     "WEIGHTED",
     "BatchNorm1d",
@@ -42,6 +41,7 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "Kind",
     "LayerNorm",
     "Linear",
     "ReLU",
@@ -49,5 +49,6 @@ __all__ = [
     "Tanh",
     "convert_sync_batchnorm",
     "layer_kind",
+    "register_kind",
     "set_mode",
 ]
