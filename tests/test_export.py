@@ -23,6 +23,7 @@ ARCHITECTURES = {
     "residual": ["--residual", "--n-hidden", "12", "--n-embd", "4", "--block-size", "3"],
     "output-batchnorm": ["--output-bn"],
     "relu": ["--nonlinearity", "relu"],
+    "wavenet": ["--arch", "wavenet", "--block-size", "4", "--n-layer", "2"],
 }
 
 

@@ -22,6 +22,7 @@ ANY_FLOATS = st.one_of(
     st.sampled_from([-1.0, 1.0, 1e30, float("inf"), float("nan")]),
 )
 CHOICES = {
+    "--arch": ["mlp", "wavenet"],
     "--norm": ["batch", "layer", "group", "none"],
     "--nonlinearity": ["tanh", "relu"],
     "--init": ["naive", "lecture", "kaiming", "lsuv"],
@@ -52,7 +53,7 @@ NUMBERS = {
     "--gain": ANY_FLOATS,
     "--target-val-loss": ANY_FLOATS,
 }
-SWITCHES = ["--residual", "--output-bn", "--bias", "--no-bias"]
+SWITCHES = ["--residual", "--output-bn", "--bias", "--no-bias", "--no-bn-over-positions"]
 
 
 @st.composite

@@ -172,7 +172,7 @@ def test_kaiming_gain_sets_the_hidden_weights_std():
         model = _model(init="kaiming", gain=gain, n_layer=3, n_hidden=400, norm="none")
         w = model.blocks[1][0].weight  # (400, 400)
         assert w.std().item() == pytest.approx(gain / math.sqrt(400), rel=0.02)
-    with pytest.raises(ConfigError, match="gain must be a positive number with init kaiming"):
+    with pytest.raises(ConfigError, match="gain scales the weights of init kaiming"):
         _model(init="naive", gain=1.0)
     with pytest.raises(ConfigError, match="gain"):
         _model(init="kaiming", gain=0.0)

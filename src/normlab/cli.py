@@ -7,7 +7,7 @@
     normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
     normlab export --run DIR --format F    the model as ONNX or safetensors, for use elsewhere
     normlab propagate                      the signal-propagation table of four inits
-    normlab experiment NAME [--quick]      lecture | depth | batchnorm: see docs/RESULTS.md
+    normlab experiment NAME [--quick]      lecture, depth, batchnorm, wavenet (docs/RESULTS.md)
 
 The model and training flags are generated from the config fields
 (``normlab.config``): ``--n-layer`` sets ``ModelConfig.n_layer``, with the

@@ -14,6 +14,7 @@ from typing import Any
 from normlab.errors import ConfigError
 from normlab.presets import PRESETS
 
+ARCHS = ("mlp", "wavenet")
 NORMS = ("batch", "layer", "group", "none")
 NONLINEARITIES = ("tanh", "relu")
 INITS = ("naive", "lecture", "kaiming", "lsuv")
@@ -106,6 +107,12 @@ class ModelConfig(_Config):
     vocab_size: int = option(
         27, "filled in from the data: characters + the boundary token", low=1, flag=False
     )
+    arch: str = option(
+        "mlp",
+        "mlp: hidden blocks over the whole flattened context; wavenet: makemore part 5's "
+        "hierarchy, each block fusing pairs of positions (block_size = 2 ** n_layer)",
+        choices=ARCHS,
+    )
     block_size: int = option(3, "context length: how many characters predict the next one", low=1)
     n_embd: int = option(10, "embedding dimensions per character", low=1)
     n_hidden: int = option(100, "width of each hidden layer", low=1)
@@ -119,13 +126,19 @@ class ModelConfig(_Config):
         choices=INITS,
     )
     gain: float | None = option(
-        None, "init kaiming: the hidden weights' gain (default: the nonlinearity's)"
+        None,
+        "init kaiming and lsuv's start: the hidden weights' gain (default: the nonlinearity's)",
     )
     output_bn: bool = option(False, "BatchNorm after the output Linear (the lecture's deep net)")
     bias: bool | None = option(
         None, "biases on hidden Linears (default: only where no BatchNorm follows)"
     )
     n_groups: int = option(4, "groups for norm group; must divide n_hidden", low=1)
+    bn_over_positions: bool = option(
+        True,
+        "arch wavenet: BatchNorm statistics over the batch and the positions; false: over the "
+        "batch alone, one per position (makemore part 5's bug)",
+    )
     bn_momentum: float = option(
         0.1, "running-statistics momentum of every BatchNorm", low=0, high=1
     )
@@ -144,11 +157,34 @@ class ModelConfig(_Config):
                 "a Linear that feeds a BatchNorm needs no bias: the BatchNorm subtracts the batch "
                 "mean, which cancels it (the BatchNorm's own bias takes its place); drop --bias"
             )
-        if self.gain is not None and (self.init != "kaiming" or not self.gain > 0):
-            raise ConfigError(f"gain must be a positive number with init kaiming, got {self.gain}")
+        if self.gain is not None and not self.gain > 0:
+            raise ConfigError(f"gain must be a positive number, got {self.gain}")
+        if self.gain is not None and self.init in ("naive", "lecture"):
+            raise ConfigError(
+                f"gain scales the weights of init kaiming (and lsuv's start); init {self.init} "
+                "has its own scales: choose --init kaiming or lsuv, or a preset without a gain"
+            )
+        if self.arch == "wavenet":
+            self._validate_wavenet()
         if self.norm == "group" and self.n_hidden % self.n_groups != 0:
             raise ConfigError(
                 f"n_hidden ({self.n_hidden}) must be divisible by n_groups ({self.n_groups})"
+            )
+
+    def _validate_wavenet(self) -> None:
+        levels = self.n_layer
+        if levels < 1 or self.block_size != 2**levels:
+            raise ConfigError(
+                "arch wavenet fuses pairs of positions once per hidden block: block_size must be "
+                f"2 ** n_layer (n_layer 3: block_size 8), got block_size {self.block_size} and "
+                f"n_layer {levels}"
+            )
+        if self.norm == "group":
+            raise ConfigError("arch wavenet takes norm batch, layer or none, not group")
+        if self.residual:
+            raise ConfigError(
+                "arch wavenet's blocks halve the positions, so no block can add its input; "
+                "drop --residual"
             )
 
     @property

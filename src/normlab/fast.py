@@ -35,6 +35,7 @@ ANY = None
 COVERS: dict[str, tuple | None] = {
     # the model
     "vocab_size": ANY,
+    "arch": ("mlp",),
     "block_size": ANY,
     "n_embd": ANY,
     "n_hidden": ANY,
@@ -47,6 +48,7 @@ COVERS: dict[str, tuple | None] = {
     "output_bn": ANY,
     "bias": ANY,
     "n_groups": ANY,  # only used by norm group
+    "bn_over_positions": ANY,  # only used by arch wavenet
     "bn_momentum": ANY,
     "dropout": (0.0,),
     "embed_dropout": (0.0,),

@@ -1,8 +1,14 @@
 """The character-level MLP language model (Bengio et al. 2003, as in makemore).
 
-embedding table → flattened context → ``n_layer`` hidden blocks
+``arch mlp``: embedding table → flattened context → ``n_layer`` hidden blocks
 ``Linear → norm → nonlinearity`` (optionally with skip connections) → output
 ``Linear`` (→ optional output BatchNorm, as in the lecture's deep network).
+
+``arch wavenet`` (makemore part 5, after van den Oord et al. 2016): the same
+blocks, each starting by fusing pairs of consecutive positions, so a context of
+``2 ** n_layer`` characters is merged level by level, ``(B, 8, C) → (B, 4, H)
+→ (B, 2, H) → (B, H)``, and each BatchNorm normalizes over the batch and the
+positions.
 """
 
 import math
@@ -55,14 +61,21 @@ class MLPLanguageModel(nn.Module):
         self.embedding = nn.Embedding(
             c.vocab_size, c.n_embd, _weight=torch.zeros(c.vocab_size, c.n_embd)
         )
-        self.flatten = nl.FlattenContext()
+        hierarchical = c.arch == "wavenet"
+        # wavenet's blocks flatten the context pair by pair; mlp flattens it all at once
+        self.flatten = nn.Identity() if hierarchical else nl.FlattenContext()
         # whole characters' embeddings vanish at random: the context, not one layer, is noised
         self.embed_dropout = nn.Dropout(c.embed_dropout) if c.embed_dropout > 0 else nn.Identity()
         hidden_bias = c.norm != "batch" if c.bias is None else c.bias
-        blocks, fan_in = [], c.block_size * c.n_embd
+        blocks, positions = [], c.block_size
+        fan_in = c.n_embd if hierarchical else c.block_size * c.n_embd
         for _ in range(c.n_layer):
+            layers = []
+            if hierarchical:
+                layers.append(nl.FlattenConsecutive(2))
+                positions, fan_in = positions // 2, fan_in * 2
             linear = nl.Linear(fan_in, c.n_hidden, bias=hidden_bias, init=nn.init.zeros_)
-            layers = [linear, self._norm(c.n_hidden), self._activation()]
+            layers += [linear, self._norm(c.n_hidden, positions), self._activation()]
             if c.dropout > 0:
                 layers.append(nn.Dropout(c.dropout))
             blocks.append(Block(*layers, residual=c.residual and fan_in == c.n_hidden))
@@ -76,14 +89,24 @@ class MLPLanguageModel(nn.Module):
         if verbose:
             print(f"MLPLanguageModel: {self.num_params():,} parameters")
 
-    def _norm(self, width: int) -> nn.Module:
-        norm = self.config.norm
-        if norm == "batch":
-            return nl.BatchNorm1d(width, momentum=self.config.bn_momentum)
-        if norm == "layer":
+    def _norm(self, width: int, positions: int) -> nn.Module:
+        """The norm of a block whose output is ``(B, width)``, or ``(B, positions, width)``
+        under arch wavenet while more than one position is left."""
+        c = self.config
+        if c.norm == "batch" and c.arch == "wavenet" and positions > 1:
+            if not c.bn_over_positions:  # a statistic (and a gain) per position and channel
+                return nn.Sequential(
+                    nn.Flatten(1),  # (B, positions * width)
+                    nl.BatchNorm1d(positions * width, momentum=c.bn_momentum),
+                    nn.Unflatten(1, (positions, width)),
+                )
+            return nl.BatchNorm1d(width, momentum=c.bn_momentum, channels_last=True)
+        if c.norm == "batch":
+            return nl.BatchNorm1d(width, momentum=c.bn_momentum)
+        if c.norm == "layer":
             return nl.LayerNorm(width)
-        if norm == "group":
-            return nl.GroupNorm(self.config.n_groups, width)
+        if c.norm == "group":
+            return nl.GroupNorm(c.n_groups, width)
         return nn.Identity()
 
     def _activation(self) -> nn.Module:
@@ -94,7 +117,7 @@ class MLPLanguageModel(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         emb = self.embedding(idx)  # (B, T, n_embd)
-        x = self.embed_dropout(self.flatten(emb))  # (B, T * n_embd)
+        x = self.embed_dropout(self.flatten(emb))  # (B, T * n_embd); wavenet: (B, T, n_embd)
         x = self.blocks(x)  # (B, n_hidden)
         logits = self.head(x)  # (B, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits, targets)

@@ -4,6 +4,41 @@ Each preset sets model fields (``ModelConfig``) and training fields
 (``TrainConfig``); fields it leaves out keep the dataclass defaults.
 """
 
+# makemore part 5's scaled-up hierarchical model: 76,579 parameters, weights N(0, 1 / fan_in)
+# (the lecture's Linear: no tanh gain), BatchNorm over (B, T)
+WAVENET_76K = dict(
+    arch="wavenet",
+    n_embd=24,
+    block_size=8,
+    n_layer=3,
+    n_hidden=128,
+    norm="batch",
+    nonlinearity="tanh",
+    init="kaiming",
+    gain=1.0,
+)
+
+# the lectures' optimization: plain SGD on batches of 32, lr 0.1 then × 0.1 from decay_step
+LECTURE_SGD = dict(
+    optimizer="sgd",
+    batch_size=32,
+    lr=0.1,
+    schedule="step",
+    steps=200_000,
+    eval_every=10_000,
+    checkpoint_every=10_000,
+)
+# runs of minutes: AdamW on batches of 256, a short warmup, then a cosine decay to 5%
+MINUTES_ADAMW = dict(
+    optimizer="adamw",
+    batch_size=256,
+    lr=3e-3,
+    schedule="cosine",
+    warmup_steps=200,
+    min_lr_ratio=0.05,
+    weight_decay=0.1,
+)
+
 PRESETS: dict[str, dict[str, dict]] = {
     # makemore part 3, the first BatchNorm network: 12,097 parameters
     "lecture-mlp": {
@@ -17,16 +52,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             init="kaiming",
             bn_momentum=0.001,
         ),
-        "train": dict(
-            optimizer="sgd",
-            batch_size=32,
-            lr=0.1,
-            schedule="step",
-            decay_step=100_000,
-            steps=200_000,
-            eval_every=10_000,
-            checkpoint_every=10_000,
-        ),
+        "train": dict(**LECTURE_SGD, decay_step=100_000),
     },
     # makemore part 3, the deep network: 5 × (Linear → BatchNorm1d → Tanh), Linear → BatchNorm1d
     "lecture-deep": {
@@ -40,15 +66,19 @@ PRESETS: dict[str, dict[str, dict]] = {
             init="kaiming",
             output_bn=True,
         ),
+        "train": dict(**LECTURE_SGD, decay_step=150_000),
+    },
+    # makemore part 5, the scaled-up model as the lecture trains it
+    "lecture-wavenet": {
+        "model": WAVENET_76K,
+        "train": dict(**LECTURE_SGD, decay_step=150_000),
+    },
+    # lecture-wavenet's model, trained by AdamW on batches of 256 for minutes, not SGD for
+    # hours: the lowest val loss found here at ≤ 76,579 parameters (docs/RESULTS.md)
+    "compact": {
+        "model": WAVENET_76K,
         "train": dict(
-            optimizer="sgd",
-            batch_size=32,
-            lr=0.1,
-            schedule="step",
-            decay_step=150_000,
-            steps=200_000,
-            eval_every=10_000,
-            checkpoint_every=10_000,
+            **MINUTES_ADAMW, ema=0.999, steps=12_000, eval_every=2000, checkpoint_every=2000
         ),
     },
     # what `normlab train` runs: a minute-scale BatchNorm MLP (see README for its numbers)
@@ -62,18 +92,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             nonlinearity="tanh",
             init="kaiming",
         ),
-        "train": dict(
-            optimizer="adamw",
-            batch_size=256,
-            lr=3e-3,
-            schedule="cosine",
-            warmup_steps=200,
-            min_lr_ratio=0.05,
-            weight_decay=0.1,
-            steps=8000,
-            eval_every=1000,
-            checkpoint_every=1000,
-        ),
+        "train": dict(**MINUTES_ADAMW, steps=8000, eval_every=1000, checkpoint_every=1000),
     },
     # the shortest wall time to val 2.10 (`normlab train --preset sprint --target-val-loss 2.10`):
     # one wide layer over a long context, large batches, a short cosine schedule; eager, as

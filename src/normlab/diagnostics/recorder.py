@@ -15,7 +15,7 @@ from normlab.diagnostics.snapshot import (
     Snapshot,
     update_history,
 )
-from normlab.nn import Kind, layer_kind
+from normlab.nn import FlattenConsecutive, FlattenContext, Kind, layer_kind
 
 
 class Diagnostics:
@@ -216,11 +216,20 @@ def _first_tensor(out) -> Tensor | None:
     return next((v for v in values if torch.is_tensor(v)), None)
 
 
+# layers that only pass values on, drop them or reshape them: nothing to report of their own
+PASS_THROUGH = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.Unflatten,
+    FlattenContext,
+    FlattenConsecutive,
+)
+
+
 def _is_leaf_with_output(module: nn.Module) -> bool:
     """A layer of its own (no children) that computes something: what goes unrecorded."""
-    return not any(True for _ in module.children()) and not isinstance(
-        module, nn.Identity | nn.Dropout | nn.Flatten
-    )
+    return not any(True for _ in module.children()) and not isinstance(module, PASS_THROUGH)
 
 
 def _layer_stats(name: str, kind: Kind, out: dict, grad: dict | None) -> LayerStats:

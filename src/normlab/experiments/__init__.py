@@ -9,7 +9,7 @@ import importlib
 
 from normlab.experiments.common import Context
 
-EXPERIMENTS = ("lecture", "depth", "batchnorm")
+EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet")
 
 
 def run_experiment(ctx: Context) -> dict:

@@ -7,6 +7,7 @@ gives the same losses as ``normlab train`` with the same config
 ``--compile``) a cell can do too.
 """
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -15,12 +16,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from normlab.calibrate import calibrate_batchnorm
 from normlab.checkpoint import atomic_write_bytes, atomic_write_json
 from normlab.config import ModelConfig, TrainConfig, check_configs
 from normlab.data import Dataset
 from normlab.diagnostics import Snapshot, Thresholds, finite, verdicts
 from normlab.distributed import SINGLE
 from normlab.errors import NormlabError, TrainingDiverged
+from normlab.evaluate import evaluate
 from normlab.lsuv import LSUVLayer
 from normlab.model import MLPLanguageModel
 from normlab.nn import ACTIVATIONS
@@ -147,6 +150,34 @@ def fit(
         time.perf_counter() - start,
         t.lsuv,
     )
+
+
+def calibrated_losses(model, data: Dataset, device: torch.device) -> dict:
+    """Train and val loss with BatchNorm statistics calibrated over the training set."""
+    calibrated = copy.deepcopy(model)
+    calibrate_batchnorm(calibrated, data.splits["train"][0].to(device))
+    return {
+        f"calibrated_{name}_loss": evaluate(calibrated, *(t.to(device) for t in data.splits[name]))
+        for name in ("train", "val")
+    }
+
+
+def against_the_lecture(rows: list[dict], labels: list[str], title: str):
+    """A figure of each row's train and val loss beside the lecture's, one tick per row."""
+    from normlab.report import pyplot  # matplotlib only when a figure is made
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    x = range(len(rows))
+    ax.plot(x, [r["val_loss"] for r in rows], "o-", label="val (normlab)")
+    ax.plot(x, [r["train_loss"] for r in rows], "o-", label="train (normlab)")
+    ax.plot(x, [r["lecture_val"] for r in rows], "s--", label="val (lecture)")
+    ax.plot(x, [r["lecture_train"] for r in rows], "s--", label="train (lecture)")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def step0_health(snapshot: Snapshot, num_classes: int | None = None) -> dict:

@@ -18,17 +18,16 @@ the lecture's final ``split_loss``, with the running statistics, and also with
 statistics calibrated over the whole training set.
 """
 
-import copy
 import math
 from dataclasses import asdict, dataclass
 
-from normlab.calibrate import calibrate_batchnorm
 from normlab.config import ModelConfig
 from normlab.data import load_dataset
-from normlab.evaluate import evaluate
 from normlab.experiments.common import (
     Context,
     Table,
+    against_the_lecture,
+    calibrated_losses,
     fit,
     lecture_sgd,
     new_model,
@@ -146,32 +145,7 @@ def run(ctx: Context) -> dict:
     )
     within = [abs(r["val_minus_lecture"]) <= TOLERANCE for r in rows]
     print(f"val within ±{TOLERANCE} of the lecture: {sum(within)} of {len(rows)} stages")
-    ctx.save_figure(_figure(rows), "lecture.png")
+    labels = [r["stage"] for r in rows]
+    fig = against_the_lecture(rows, labels, "makemore part 3, stage by stage")
+    ctx.save_figure(fig, "lecture.png")
     return {"steps": steps, "tolerance": TOLERANCE, "stages": rows}
-
-
-def calibrated_losses(model, data, device) -> dict:
-    """Train and val loss with BatchNorm statistics calibrated over the training set."""
-    calibrated = copy.deepcopy(model)
-    calibrate_batchnorm(calibrated, data.splits["train"][0].to(device))
-    return {
-        f"calibrated_{name}_loss": evaluate(calibrated, *(t.to(device) for t in data.splits[name]))
-        for name in ("train", "val")
-    }
-
-
-def _figure(rows: list[dict]):
-    from normlab.report import pyplot
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    x = range(len(rows))
-    ax.plot(x, [r["val_loss"] for r in rows], "o-", label="val (normlab)")
-    ax.plot(x, [r["train_loss"] for r in rows], "o-", label="train (normlab)")
-    ax.plot(x, [r["lecture_val"] for r in rows], "s--", label="val (lecture)")
-    ax.plot(x, [r["lecture_train"] for r in rows], "s--", label="train (lecture)")
-    ax.set_xticks(list(x), [r["stage"] for r in rows])
-    ax.set_ylabel("loss")
-    ax.set_title("makemore part 3, stage by stage")
-    ax.legend(fontsize=7)
-    return fig

@@ -10,7 +10,7 @@ diagnostics go by (``kinds``), and ``set_mode`` (``mode``).
 The modules: ``linear``, ``batchnorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
 ``instancenorm`` (``InstanceNorm1d/2d``), ``normalization`` (``LayerNorm``,
 ``GroupNorm``), ``activation`` (``Tanh``, ``ReLU``), ``flatten``
-(``FlattenContext``), ``kinds`` and ``mode``.
+(``FlattenContext``, ``FlattenConsecutive``), ``kinds`` and ``mode``.
 """
 
 from normlab.nn.activation import ReLU, Tanh
@@ -22,7 +22,7 @@ from normlab.nn.batchnorm import (
     SyncBatchNorm,
     convert_sync_batchnorm,
 )
-from normlab.nn.flatten import FlattenContext
+from normlab.nn.flatten import FlattenConsecutive, FlattenContext
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
 from normlab.nn.kinds import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, Kind, layer_kind, register_kind
 from normlab.nn.linear import Linear
@@ -37,6 +37,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormFunction",
+    "FlattenConsecutive",
     "FlattenContext",
     "GroupNorm",
     "InstanceNorm1d",
