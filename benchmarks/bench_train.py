@@ -1,25 +1,31 @@
-"""Training throughput of lecture-deep: normlab's compiled step against plain torch.nn + SGD.
+"""Training throughput of lecture-deep: normlab's default step against plain torch.nn + SGD.
 
 The baseline is the one the performance issue names, built here from the same
 initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
 torch.optim.SGD. Against it, in the same run:
 
-- normlab, eager: ``normlab.step.TrainStep``, the step ``normlab train`` runs
-  without ``--compile``: ``MLPLanguageModel``'s hand-written layers, autograd
-  and the fused SGD of ``make_optimizer``;
-- normlab, compiled: the same ``TrainStep`` with ``normlab.fast.FastStep``, the
-  hand-written whole step compiled as one graph (``normlab train --compile``).
+- normlab default: ``normlab.step.TrainStep`` with ``normlab.fast.FastStep``,
+  the step ``normlab train`` runs with no flag: the model's forward, autograd's
+  backward and the update traced into one graph and compiled;
+- normlab --no-compile: the same ``TrainStep`` eager: ``MLPLanguageModel``'s
+  hand-written layers, autograd and the fused SGD of ``make_optimizer``.
 
 At each batch size it first checks that the three agree over 100 steps (10
 at batch 4096) from the same weights, then times them in alternating rounds
-and prints steps/s, the ratios to the baseline, and the time of the first
-compiled step (the compilation) separately.
+and prints steps/s and the ratios to the baseline. Last, the compile time of
+``normlab bench --preset lecture-deep``, each in a new process: with an empty
+compile cache (a machine's first run), and again with the cache that run left.
 
     .venv/bin/python benchmarks/bench_train.py [--rounds 3] [--threads 1]
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -73,7 +79,7 @@ def sgd_runner(model: nn.Module, loss_of):
 
 
 def normlab_runner(model: MLPLanguageModel, batch_size: int, compiled: bool):
-    """normlab train's own step (``TrainStep``), eager or compiled, with its SGD."""
+    """normlab train's own step (``TrainStep``), compiled or eager, with its SGD."""
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
     fast = FastStep(model, optimizer) if compiled else None
     step = TrainStep(model, optimizer, batch_size, compiled=fast)
@@ -85,8 +91,10 @@ def runners(vocab_size: int, batch_size: int) -> dict:
     base = torch_nn_copy(lecture_deep(vocab_size))
     return {
         "torch.nn baseline": sgd_runner(base, lambda x, y: F.cross_entropy(base(x), y)),
-        "normlab eager": normlab_runner(lecture_deep(vocab_size), batch_size, compiled=False),
-        "normlab compiled": normlab_runner(lecture_deep(vocab_size), batch_size, compiled=True),
+        "normlab default": normlab_runner(lecture_deep(vocab_size), batch_size, compiled=True),
+        "normlab --no-compile": normlab_runner(
+            lecture_deep(vocab_size), batch_size, compiled=False
+        ),
     }
 
 
@@ -115,7 +123,7 @@ def main():
             for name, run in steps.items():
                 start = time.perf_counter()
                 losses.append(run(x, y).item())
-                if name == "normlab compiled" and not compile_s:  # the first call compiles
+                if name == "normlab default" and not compile_s:  # the first call compiles
                     compile_s = time.perf_counter() - start
             worst = max(worst, max(losses) - min(losses))
         assert worst < 1e-3, f"the three training steps disagree at batch {batch_size}"
@@ -137,6 +145,28 @@ def main():
             f"{compile_s:.1f} s; the three agree to {worst:.1e} in loss",
             flush=True,
         )
+    with tempfile.TemporaryDirectory() as cache:
+        cold, warm = (warmup_seconds(cache, args.threads) for _ in "ab")
+        eager = warmup_seconds(cache, args.threads, "--no-compile")
+    print(
+        f"normlab bench --preset lecture-deep, {args.threads} thread(s), the first "
+        f"{BENCH_WARMUP} steps: {cold:.1f} s with an empty compile cache, {warm:.1f} s with a "
+        f"warm one, {eager:.2f} s with --no-compile",
+        flush=True,
+    )
+
+
+BENCH_WARMUP = 10  # what normlab bench --steps 10 runs before timing
+
+
+def warmup_seconds(cache: str, threads: int, *flags: str) -> float:
+    """The warm-up of ``normlab bench`` (its first steps, the compile included) in a new
+    process whose compile cache is ``cache``."""
+    command = [sys.executable, "-m", "normlab", "bench", "--preset", "lecture-deep"]
+    command += ["--steps", "10", "--device", "cpu", "--threads", str(threads), *flags]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(result.stdout.splitlines()[-1])["warmup_s"]
 
 
 if __name__ == "__main__":

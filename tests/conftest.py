@@ -21,7 +21,8 @@ def names_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(names_file):
-    """CLI flags for a tiny, fast, CPU-only run on names_file."""
+    """CLI flags for a tiny, fast, CPU-only run on names_file: eager, as compiling the step
+    would take longer than such a run."""
     return [
         "--data",
         str(names_file),
@@ -37,4 +38,5 @@ def tiny(names_file):
         "1",
         "--device",
         "cpu",
+        "--no-compile",
     ]

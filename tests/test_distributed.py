@@ -191,6 +191,7 @@ LECTURE_DEEP_50 = [
     "cpu",
     "--threads",
     "1",
+    "--no-compile",  # one process on the autograd path, as several processes train
 ]
 
 

@@ -10,7 +10,7 @@ from normlab.cli import main
 from normlab.config import ModelConfig, TrainConfig
 from normlab.data import load_dataset
 from normlab.experiments import lecture
-from normlab.experiments.common import fit, new_model, train_config
+from normlab.experiments.common import Context, fit, new_model, train_config
 from normlab.schemes import scale_lecture_
 from normlab.train import train
 
@@ -46,14 +46,17 @@ def test_lecture_stages_scale_the_randn_tensors_as_the_lecture_does():
 @pytest.mark.parametrize("init", ["kaiming", "lsuv"])
 def test_fit_gives_the_losses_of_normlab_train(tmp_path, names_file, init, capsys):
     mcfg = ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init)
-    tcfg = TrainConfig(steps=40, batch_size=32, eval_every=40, seed=3, data=str(names_file))
+    tcfg = TrainConfig(
+        steps=40, batch_size=32, eval_every=40, seed=3, data=str(names_file), compile=False
+    )
     tcfg.threads = 1
     summary = train(mcfg, tcfg, tmp_path / "run")
     data = load_dataset(names_file, 3)
     model = new_model(
         ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init), data, 3
     )
-    result = fit(model, data, train_config(steps=40, batch_size=32, seed=3), torch.device("cpu"))
+    ctx = Context("fit", tmp_path, True, 3, torch.device("cpu"), "", compile=False)
+    result = fit(model, data, train_config(steps=40, batch_size=32, seed=3), ctx)
     assert result.losses["val"] == summary["val_loss"]
     assert result.losses["train"] == summary["train_loss"]
     assert result.init_loss == summary["init_loss"]

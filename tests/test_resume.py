@@ -117,8 +117,10 @@ def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, tiny):
     steps = 10_000  # the compiled step is fast: a run long enough to be killed in the middle
 
     def command(out):
-        flags = ["--optimizer", "sgd", "--lr", "0.1", "--compile", "--steps", str(steps)]
-        flags += ["--eval-every", "5000", "--checkpoint-every", "100", "--out", str(out)]
+        # dropout, AdamW and the moving average: what the compiled step updates and draws
+        flags = ["--optimizer", "adamw", "--lr", "0.01", "--dropout", "0.1", "--ema", "0.99"]
+        flags += ["--compile", "--steps", str(steps), "--eval-every", "5000"]
+        flags += ["--checkpoint-every", "100", "--out", str(out)]
         return [sys.executable, "-m", "normlab", "train", *tiny, *flags]
 
     straight = tmp_path / "straight"

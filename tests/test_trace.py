@@ -1,10 +1,11 @@
 """The same seed, config and thread count give the numbers recorded in tests/data, bit for bit.
 
 ``lecture_deep_trace.json`` holds the evaluations and the final weights' hash of
-100 ``lecture-deep`` steps, eager and ``--compile``, recorded by its
-``command``. Float arithmetic is only reproducible bit for bit with the same
-kernels: on another torch version or CPU instruction set the losses are held to
-1e-5 instead, and the weights' hash is not compared.
+100 ``lecture-deep`` steps, eager (``--no-compile``) and compiled, recorded by
+its ``command`` (``python tests/test_trace.py`` records them again). Float
+arithmetic is only reproducible bit for bit with the same kernels: on another
+torch version or CPU instruction set the losses are held to 1e-5 instead, and
+the weights' hash is not compared.
 """
 
 import hashlib
@@ -17,7 +18,8 @@ import torch
 from normlab.checkpoint import load_checkpoint
 from normlab.cli import main
 
-TRACE = json.loads((Path(__file__).parent / "data" / "lecture_deep_trace.json").read_text())
+TRACE_PATH = Path(__file__).parent / "data" / "lecture_deep_trace.json"
+TRACE = json.loads(TRACE_PATH.read_text())
 SAME_KERNELS = TRACE["recorded_with"] == {
     "torch": torch.__version__,
     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -32,12 +34,19 @@ def _weights_sha256(run: Path) -> str:
     return h.hexdigest()
 
 
-def _check(tmp_path, capsys, path: str, *flags: str) -> None:
+FLAGS = {"eager": ("--no-compile",), "compiled": ()}
+
+
+def _train(out: Path, path: str) -> list[dict]:
+    """Train as the trace's ``command`` on ``path`` (eager or compiled); the metrics rows."""
+    assert main([*TRACE["command"].split()[1:], *FLAGS[path], "--out", str(out)]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check(tmp_path, capsys, path: str) -> None:
     out = tmp_path / path
-    argv = [*TRACE["command"].split()[1:], *flags, "--out", str(out)]
-    assert main(argv) == 0
+    rows = _train(out, path)
     capsys.readouterr()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     expected = TRACE[path]
     if SAME_KERNELS:
         assert rows == expected["metrics"]
@@ -54,4 +63,23 @@ def test_eager_training_gives_the_recorded_numbers(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compiled_training_gives_the_recorded_numbers(tmp_path, capsys):
-    _check(tmp_path, capsys, "compiled", "--compile")
+    _check(tmp_path, capsys, "compiled")
+
+
+def record(folder: Path) -> None:
+    """Record both paths' numbers into the trace, on this machine's torch and CPU."""
+    TRACE["recorded_with"] = {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    for path in FLAGS:
+        rows = _train(folder / path, path)
+        TRACE[path] = {"metrics": rows, "weights_sha256": _weights_sha256(folder / path)}
+    TRACE_PATH.write_text(json.dumps(TRACE, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        record(Path(folder))

@@ -129,7 +129,7 @@ def test_trains_samples_and_exports_through_the_cli(tmp_path, capsys, tiny):
     code, stdout, err = run(capsys, "train", *tiny, *WAVENET, "--steps", 20, "--compile",
                             "--out", out)  # fmt: skip
     assert code == 0, err
-    assert "--compile does not cover arch wavenet; training with autograd" in stdout + err
+    assert "does not cover" not in stdout + err and "failed" not in stdout + err
     code, stdout, err = run(capsys, "sample", "--run", out, "--n", 5, "--seed", 1)
     assert code == 0 and len(stdout.splitlines()) == 5 + 1, err  # 5 names and a count
 

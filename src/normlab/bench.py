@@ -12,7 +12,7 @@ from normlab.train import MemoryLog, run_loop, start_training
 
 def bench(model_config: ModelConfig, train_config: TrainConfig, data: Dataset, steps: int) -> dict:
     """Time ``steps`` steps of ``normlab train``'s own loop after ``max(10, steps // 10)``
-    warm-up steps (the compilation, with ``--compile``).
+    warm-up steps (the compilation included, unless ``--no-compile``).
 
     What is timed is what a run does between two evaluations: batch, step (and
     every ``diagnose_every`` steps a recording), the loss check; the one

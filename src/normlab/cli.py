@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--out", type=Path, help="output folder (default: runs/experiment-NAME-<time>)")
-    p.add_argument("--quick", action="store_true", help="a small version that runs in seconds")
-    _add_field_flags(p, "seed", "device", "threads")
+    p.add_argument(
+        "--quick", action="store_true", help="a small version that runs in seconds (eager)"
+    )
+    _add_field_flags(p, "seed", "device", "threads", "compile")
     return parser
 
 
@@ -416,7 +418,11 @@ def cmd_experiment(args) -> int:
     command = f"normlab experiment {args.name} --seed {args.seed} --out {out}"
     command += (" --quick" if args.quick else "") + f" --device {args.device}"
     command += f" --threads {args.threads}" if args.threads is not None else ""
-    ctx = Context(args.name, out, args.quick, args.seed, resolve_device(args.device), command)
+    command += "" if args.compile else " --no-compile"
+    # a --quick cell trains for seconds: compiling its step would take longer
+    compile = args.compile and not args.quick
+    device = resolve_device(args.device)
+    ctx = Context(args.name, out, args.quick, args.seed, device, command, compile)
     run_experiment(ctx)
     return 0
 

@@ -237,7 +237,7 @@ class TrainConfig(_Config):
         True, "several processes: BatchNorm statistics over the whole global batch"
     )
     compile: bool = option(
-        False, "the hand-written training step (SGD or AdamW) compiled as one graph"
+        True, "the whole training step compiled as one graph (one process); off: eager autograd"
     )
     target_val_loss: float | None = option(None, "stop at the first evaluation at or below this")
     seed: int = option(42, "model init and batch order (the split always uses 42, as the lectures)")

@@ -92,11 +92,15 @@ PRESETS: dict[str, dict[str, dict]] = {
             nonlinearity="tanh",
             init="kaiming",
         ),
-        "train": dict(**MINUTES_ADAMW, steps=8000, eval_every=1000, checkpoint_every=1000),
+        # eager: its step is mostly matrix products, so compiling saves about 0.8 ms of 4.3 per
+        # step, less over 8,000 steps than a first compile costs (docs/PERFORMANCE.md)
+        "train": dict(
+            **MINUTES_ADAMW, steps=8000, eval_every=1000, checkpoint_every=1000, compile=False
+        ),
     },
     # the shortest wall time to val 2.10 (`normlab train --preset sprint --target-val-loss 2.10`):
     # one wide layer over a long context, large batches, a short cosine schedule; eager, as
-    # --compile's first step (the compilation) would take longer than the whole run
+    # compiling the step would take longer than the whole run
     "sprint": {
         "model": dict(
             n_embd=24,
@@ -118,6 +122,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             eval_every=100,
             eval_train_examples=5000,  # the whole train split would cost as much as 50 steps
             checkpoint_every=500,
+            compile=False,
         ),
     },
     # a first recipe for the lowest loss from a plain BatchNorm MLP, for runs of minutes

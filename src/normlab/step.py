@@ -4,9 +4,9 @@
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. Under several processes the forward
-runs through DDP; where ``--compile`` applies (``normlab.fast.unsupported``)
-the same call runs the compiled step instead, except on recording steps,
-which need autograd's hooks.
+runs through DDP; on one process, unless ``--no-compile``, the same call runs
+the compiled step (``normlab.fast``) instead, except on recording steps, which
+need autograd's hooks.
 """
 
 from dataclasses import dataclass
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.config import ModelConfig, TrainConfig
+from normlab.config import TrainConfig
 from normlab.diagnostics import Diagnostics, Snapshot
 from normlab.distributed import SINGLE, Ranks, wrap_ddp
 from normlab.fast import FastStep, unsupported
@@ -116,17 +116,16 @@ def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> float:
 def compiled_step(
     model: MLPLanguageModel,
     optimizer: torch.optim.Optimizer,
-    model_config: ModelConfig,
     train_config: TrainConfig,
     ranks: Ranks,
     say=print,
 ) -> FastStep | None:
-    """``--compile``: the compiled step, or None where it is off or does not cover the run
+    """The compiled step, or None with ``--no-compile`` or where it does not cover the run
     (with one line why, through ``say``). Build it after loading a checkpoint."""
     if not train_config.compile:
         return None
-    reason = unsupported(model_config, train_config, ranks)
+    reason = unsupported(ranks)
     if reason is not None:
-        say(f"--compile does not cover {reason}; training with autograd")
+        say(f"the compiled step does not cover {reason}; training with autograd")
         return None
     return FastStep(model, optimizer)

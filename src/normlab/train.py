@@ -238,7 +238,7 @@ def start_training(
             averaged.module.load_state_dict(ckpt["model"])
             averaged.n_averaged.fill_(progress.step)  # one update per step
         restore_rng(ckpt["rng"], batches, model, ranks, hash((tcfg.seed, progress.step)))
-    compiled = compiled_step(model, optimizer, mcfg, tcfg, ranks, say)  # after loading
+    compiled = compiled_step(model, optimizer, tcfg, ranks, say)  # after loading
     step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, compiled)
     parts = (mcfg, tcfg, data, ranks, model, optimizer, averaged, step, batches, eval_sets)
     return Training(*parts, diagnostics, progress, lsuv)

@@ -19,6 +19,7 @@ half the steps. Five measurements:
 """
 
 import copy
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -159,7 +160,8 @@ def run(ctx: Context) -> dict:
     # 1 and 2: one run, four momenta tracked alongside the model's own (0.1)
     model = new_model(base_config(), data, ctx.seed)
     tracker = MomentumTracker(_batchnorms(model))
-    base = fit(model, data, tcfg, device, desc="base")
+    # the tracker's hooks see every step's batch only on the eager step
+    base = fit(model, data, replace(tcfg, compile=False), ctx, desc="base")
     tracker.remove()
     running = _stats(model)
     calibrated_model = copy.deepcopy(model)
@@ -234,7 +236,7 @@ def bias_before_batchnorm(ctx: Context, data, tcfg, base) -> dict:
     handles = [b.register_hook(track("bias")) for b in biases]
     handles += [block[0].weight.register_hook(track("weight")) for block in model.blocks]
     initial = [b.detach().clone() for b in biases]
-    with_bias = fit(model, data, tcfg, ctx.device, desc="with bias")
+    with_bias = fit(model, data, tcfg, ctx, desc="with bias")
     for handle in handles:
         handle.remove()
     diffs = [abs(a - b) for a, b in zip(base.step_losses, with_bias.step_losses, strict=True)]
@@ -303,7 +305,7 @@ def gap_by_batch_size(ctx: Context) -> list[dict]:
                 seed=ctx.seed,
             )
             model = new_model(gap_config(norm), data, ctx.seed)
-            result = fit(model, data, tcfg, ctx.device, desc=f"gap {norm} {batch_size}")
+            result = fit(model, data, tcfg, ctx, desc=f"gap {norm} {batch_size}")
             train, val = result.losses["train"], result.losses["val"]
             rows.append(
                 {

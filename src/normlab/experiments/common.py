@@ -4,7 +4,7 @@
 (``normlab.train.run_loop``), in memory instead of a run folder, so a cell
 gives the same losses as ``normlab train`` with the same config
 (``tests/test_experiments.py`` checks it), and whatever a run can do (EMA,
-``--compile``) a cell can do too.
+the compiled step) a cell can do too.
 """
 
 import copy
@@ -42,6 +42,7 @@ class Context:
     seed: int
     device: torch.device
     command: str  # the command that reproduces the results, stored with them
+    compile: bool  # each cell's training step compiled, as normlab train's
 
     def prepare(self) -> None:
         if self.out.exists() and not self.out.is_dir():
@@ -117,11 +118,7 @@ def new_model(config: ModelConfig, data: Dataset, seed: int) -> MLPLanguageModel
 
 
 def fit(
-    model: MLPLanguageModel,
-    data: Dataset,
-    tcfg: TrainConfig,
-    device: torch.device,
-    desc: str = "train",
+    model: MLPLanguageModel, data: Dataset, tcfg: TrainConfig, ctx: Context, desc: str = "train"
 ) -> Fit:
     """Train ``model`` as ``normlab train`` would, and evaluate it at the end.
 
@@ -129,7 +126,13 @@ def fit(
     split, or on ``eval_train_examples`` of it), records diagnostics at step 0,
     and saves nothing. A non-finite loss stops it: ``diverged_at`` is that step.
     """
-    tcfg = replace(tcfg, device=device.type, eval_every=tcfg.steps, checkpoint_every=tcfg.steps)
+    tcfg = replace(
+        tcfg,
+        device=ctx.device.type,
+        compile=tcfg.compile and ctx.compile,
+        eval_every=tcfg.steps,
+        checkpoint_every=tcfg.steps,
+    )
     check_configs(model.config, tcfg)
     start = time.perf_counter()
     t = start_training(model.config, tcfg, data, SINGLE, model=model)

@@ -83,7 +83,7 @@ def run(ctx: Context) -> dict:
         for variant in VARIANTS:
             for depth in depths:
                 model = new_model(cell_config(variant, depth), data, seed)
-                result = fit(model, data, tcfg, ctx.device, desc=f"{variant} {depth}")
+                result = fit(model, data, tcfg, ctx, desc=f"{variant} {depth}")
                 cell = {
                     "variant": variant,
                     "depth": depth,

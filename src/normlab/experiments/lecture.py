@@ -108,7 +108,7 @@ def run(ctx: Context) -> dict:
     for stage in STAGES:
         model = new_model(stage_config(stage), data, ctx.seed)
         scale_lecture_(model, stage.scales)
-        result = fit(model, data, tcfg, ctx.device, desc=stage.name)
+        result = fit(model, data, tcfg, ctx, desc=stage.name)
         lecture_train, lecture_val = LECTURE[stage.name]
         row = {
             "stage": stage.name,

@@ -79,7 +79,7 @@ def run(ctx: Context) -> dict:
     rows = []
     for name, config in ROWS.items():
         model = new_model(replace(config), data, ctx.seed)
-        result = fit(model, data, tcfg, ctx.device, desc=name)
+        result = fit(model, data, tcfg, ctx, desc=name)
         lecture_train, lecture_val = LECTURE[name]
         row = {
             "row": name,
