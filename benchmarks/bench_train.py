@@ -5,8 +5,8 @@ initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
 torch.optim.SGD. Against it, in the same run:
 
 - normlab default: ``normlab.step.TrainStep`` with ``normlab.fast.FastStep``,
-  the step ``normlab train`` runs with no flag: the model's forward, autograd's
-  backward and the update traced into one graph and compiled;
+  the step ``normlab train --preset lecture-deep`` runs with no flag: the model's
+  forward, autograd's backward and the update traced into one graph and compiled;
 - normlab --no-compile: the same ``TrainStep`` eager: ``MLPLanguageModel``'s
   hand-written layers, autograd and the fused SGD of ``make_optimizer``.
 

@@ -43,11 +43,11 @@ def test_lecture_stages_scale_the_randn_tensors_as_the_lecture_does():
     assert loss.item() == pytest.approx(math.log(27), abs=0.1)
 
 
-@pytest.mark.parametrize("init", ["kaiming", "lsuv"])
-def test_fit_gives_the_losses_of_normlab_train(tmp_path, names_file, init, capsys):
+@pytest.mark.parametrize("init, compiled", [("kaiming", False), ("lsuv", False), ("kaiming", True)])
+def test_fit_gives_the_losses_of_normlab_train(tmp_path, names_file, init, compiled, capsys):
     mcfg = ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init)
     tcfg = TrainConfig(
-        steps=40, batch_size=32, eval_every=40, seed=3, data=str(names_file), compile=False
+        steps=40, batch_size=32, eval_every=40, seed=3, data=str(names_file), compile=compiled
     )
     tcfg.threads = 1
     summary = train(mcfg, tcfg, tmp_path / "run")
@@ -55,12 +55,13 @@ def test_fit_gives_the_losses_of_normlab_train(tmp_path, names_file, init, capsy
     model = new_model(
         ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init), data, 3
     )
-    ctx = Context("fit", tmp_path, True, 3, torch.device("cpu"), "", compile=False)
+    ctx = Context("fit", tmp_path, True, 3, torch.device("cpu"), "", compile=compiled)
     result = fit(model, data, train_config(steps=40, batch_size=32, seed=3), ctx)
     assert result.losses["val"] == summary["val_loss"]
     assert result.losses["train"] == summary["train_loss"]
     assert result.init_loss == summary["init_loss"]
     assert (result.lsuv is not None) == (init == "lsuv")
+    assert "torch.compile failed" not in capsys.readouterr().out
 
 
 def _quick(capsys, tmp_path, name):

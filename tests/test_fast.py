@@ -151,6 +151,36 @@ def test_the_compiled_step_equals_the_eager_step(names, overrides, optimizer_nam
         torch.testing.assert_close(value, expected[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
+class _WithAnUnusedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(27, 4)
+        self.head = torch.nn.Linear(12, 27)
+        self.unused = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(self.embedding(x).flatten(1)), None
+
+
+def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_optim_does(names):
+    reference, model = _WithAnUnusedLayer(), _WithAnUnusedLayer()
+    model.load_state_dict(reference.state_dict())
+    cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    optimizer, own_optimizer = make_optimizer(reference, cfg), make_optimizer(model, cfg)
+    step = FastStep(model, own_optimizer, compile=False)
+    before = model.unused.weight.detach().clone()
+    for x, y in _batches(names, 5):
+        logits, _ = reference(x)
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        optimizer.step()
+        step(x, y, 0.01)
+    assert torch.equal(model.unused.weight, before)
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], value, atol=1e-5, rtol=1e-5)
+    assert own_optimizer.state[model.unused.weight]["step"] == 0
+
+
 def test_the_compile_cache_is_the_users_own(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -420,9 +420,9 @@ def cmd_experiment(args) -> int:
     command += f" --threads {args.threads}" if args.threads is not None else ""
     command += "" if args.compile else " --no-compile"
     # a --quick cell trains for seconds: compiling its step would take longer
-    compile = args.compile and not args.quick
+    compiled = args.compile and not args.quick
     device = resolve_device(args.device)
-    ctx = Context(args.name, out, args.quick, args.seed, device, command, compile)
+    ctx = Context(args.name, out, args.quick, args.seed, device, command, compiled)
     run_experiment(ctx)
     return 0
 

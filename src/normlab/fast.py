@@ -1,4 +1,5 @@
-"""The whole training step as one compiled graph: what ``normlab train`` runs by default.
+"""The whole training step as one compiled graph: what a run trains with unless ``--no-compile``
+(or its preset) turns it off.
 
 These networks are small: an eager step spends most of its time on the
 per-operator overhead of a hundred small kernels and of the autograd engine,
@@ -15,8 +16,12 @@ decay. Several processes take the autograd path (``unsupported()``). The
 parameters and AdamW's moments are updated in place, in the optimizer's own
 state, so the model, its optimizer and its checkpoints are the same objects
 whichever path a step takes (diagnostic recordings take the autograd path).
-Module hooks run while the step is traced, not in the compiled step: a run
-whose hooks must see every step trains with ``--no-compile``.
+Module hooks run while the step is traced, not in the compiled step, and
+hooks on the parameters or their gradients never run in it (the step
+differentiates detached copies): a run whose hooks must see every step trains
+with ``--no-compile``. A BatchNorm with ``momentum=None`` (a cumulative
+average, which reads its step count on the host) cannot be traced; the step
+then says so and runs uncompiled.
 """
 
 import os
@@ -45,12 +50,13 @@ def compile_cache_dir() -> Path:
     options, so a changed model or a new torch compiles anew."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "normlab" / "torchinductor"
 
 
-# inductor reads its cache folder from the environment, and on its first import puts its own
-# default there (under /tmp, which a reboot empties): set the user's cache folder before that
+# inductor reads its cache folder from the environment, and the first time it needs one, which
+# importing parts of torch's compile machinery can be, puts its own default there (under /tmp,
+# which a reboot empties): set the user's cache folder before that
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
 
 
@@ -84,7 +90,9 @@ class FastStep:
     optimizer's state tensors, creating them in torch's own format when absent.
     The loss is the batch's mean cross-entropy. ``compile=False`` runs the same
     step eagerly, untraced (for tests, and where ``torch.compile`` fails). A
-    batch of a new shape traces and compiles the step again.
+    batch of a new shape, or the model in another mode, traces and compiles
+    the step again. The step holds the model's tensors as they are when it is
+    built: build it after moving the model to its device and dtype.
     """
 
     def __init__(
@@ -150,13 +158,15 @@ class FastStep:
         with torch.enable_grad():
             logits, _ = torch.func.functional_call(self.model, state, (x,))
             loss = F.cross_entropy(logits, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        # a parameter the loss does not use gets None, and no update, as in torch.optim
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
-            _apply_update(tensors, dict(enumerate(grads)), lr, self.update)
+            used = {i: g for i, g in enumerate(grads) if g is not None}
+            _apply_update(tensors, used, lr, self.update)
         return loss.detach()
 
     def _compiled_for(self, x: Tensor, y: Tensor):
-        key = (x.shape, y.shape, x.dtype, x.device)
+        key = (x.shape, y.shape, x.dtype, x.device, self.model.training)
         if key not in self._compiled:
 
             def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
@@ -178,6 +188,7 @@ class FastStep:
         # (no C++ compiler, an unsupported platform) may have updated some tensors already,
         # and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
+        rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
             loss = self._compiled_for(x, y)(self.tensors, x, y, self._lr)
         except Exception as e:
@@ -186,6 +197,7 @@ class FastStep:
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
+            torch.set_rng_state(rng)
             self.compile = False
             return self._step(self.tensors, x, y, self._lr)
         self._proven = True
@@ -194,7 +206,8 @@ class FastStep:
 
 def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple) -> None:
     r"""The optimizer's update, in place, with :math:`\eta` the learning rate and
-    :math:`\lambda` the weight decay.
+    :math:`\lambda` the weight decay. ``grads`` maps a parameter's index to its gradient;
+    a parameter without one is left alone, as ``torch.optim`` does.
 
     ``torch.optim.SGD``: decay as L2, :math:`p \leftarrow p - \eta (g + \lambda p)`.
 
@@ -208,6 +221,8 @@ def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple)
     """
     if update[0] == "sgd":
         for i, decay, _ in update[1]:
+            if i not in grads:
+                continue
             p, g = tensors[i], grads[i]
             if decay:
                 g = g + decay * p
@@ -215,6 +230,8 @@ def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple)
         return
     _, beta1, beta2, eps, rules = update
     for i, decay, k in rules:
+        if i not in grads:
+            continue
         p, g = tensors[i], grads[i]
         exp_avg, exp_avg_sq, step = tensors[k : k + 3]
         step.add_(1)
