@@ -101,14 +101,15 @@ class FastStep:
         self.model = model
         # the tensors the step reads and updates, as one list: the parameters, the buffers
         # (running statistics), then the optimizer's state
-        named = dict(model.named_parameters()) | dict(model.named_buffers())
+        params = dict(model.named_parameters())
+        named = params | dict(model.named_buffers())
         self.names = tuple(named)
-        self.n_params = len(dict(model.named_parameters()))
+        self.n_params = len(params)
         self.tensors: list[Tensor] = [t.detach() for t in named.values()]
-        self.update = self._update_plan(optimizer, list(model.parameters()))
+        self.update = self._update_plan(optimizer, list(params.values()))
         self.compile = compile
         self._lr = None
-        self._compiled: dict[tuple, object] = {}  # by the batch's shapes, dtypes and device
+        self._compiled: dict[tuple, object] = {}  # by the batch and the model's mode
         self._proven = False  # a compiled step has run: no more falling back
 
     def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple:

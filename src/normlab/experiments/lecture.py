@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from normlab.config import ModelConfig
 from normlab.data import load_dataset
 from normlab.experiments.common import (
+    TOLERANCE,
     Context,
     Table,
     against_the_lecture,
@@ -43,7 +44,6 @@ LECTURE = {
     "kaiming": (2.0377, 2.1070),
     "batchnorm": (2.0668, 2.1048),
 }
-TOLERANCE = 0.03  # the bar: each val within ±0.03 of the lecture's
 N_EMBD, BLOCK_SIZE, N_HIDDEN = 10, 3, 200
 
 

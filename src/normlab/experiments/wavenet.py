@@ -23,6 +23,7 @@ from dataclasses import replace
 from normlab.config import ModelConfig, preset_configs
 from normlab.data import load_dataset
 from normlab.experiments.common import (
+    TOLERANCE,
     Context,
     Table,
     against_the_lecture,
@@ -38,7 +39,6 @@ LECTURE = {
     "batchnorm fix": (1.912, 2.022),
     "scaled up": (1.769, 1.993),
 }
-TOLERANCE = 0.03  # the bar: each val within ±0.03 of the lecture's
 QUICK_STEPS = 1_000
 
 SCALED_UP, LECTURE_SGD = preset_configs("lecture-wavenet")
