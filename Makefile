@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py src/normlab/nn/csrc/batchnorm.cpp
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# torch first: setup.py builds BatchNorm's C++ kernel against it (no build isolation)
+	$(PY) -m pip install --quiet -c constraints.txt setuptools torch
+	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -24,4 +26,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_batchnorm.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) runs build .pytest_cache .ruff_cache .hypothesis src/normlab/nn/*.so

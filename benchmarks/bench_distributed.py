@@ -7,7 +7,10 @@ global batch:
 - 1 process on ``--threads`` threads (the baseline), and on 2 threads;
 - 2 processes, synchronized BatchNorm (the default): one all-reduce per
   BatchNorm per forward and per backward, besides DDP's gradient all-reduce;
-- 2 processes with ``--no-sync-batchnorm``: DDP's all-reduce alone.
+- 2 processes with ``--no-sync-batchnorm``: DDP's all-reduce alone;
+- 2 processes, synchronized, ``--no-compile``: autograd and DDP instead of the
+  compiled step (which all-reduces the gradients itself). Presets that train
+  eagerly anyway (``default``, ``best``) run the same thing twice here.
 
 It reads the mean time of a training step from each run's checkpoint (steps
 without evaluations or diagnostics, after the first 5% of them) and prints
@@ -15,7 +18,7 @@ the medians over rounds and the ratios measured in this run: sync against
 no-sync is what synchronized BatchNorm costs, 2 processes against 1 what data
 parallelism costs or gains at this size.
 
-    .venv/bin/python benchmarks/bench_distributed.py [--rounds 3] [--steps 500]
+    .venv/bin/python benchmarks/bench_distributed.py [--rounds 3] [--steps 500] [--preset P]
 """
 
 import argparse
@@ -36,6 +39,7 @@ SETUPS = {  # name: (processes, extra flags)
     "1 process, 2 threads": (1, ["--threads", "2"]),  # the same cores as 2 processes
     "2 processes, sync BN": (2, []),
     "2 processes, local BN": (2, ["--no-sync-batchnorm"]),
+    "2 processes, sync BN, --no-compile": (2, ["--no-compile"]),
 }
 
 
@@ -60,15 +64,19 @@ def main():
     parser.add_argument(
         "--threads", type=int, default=1, help="per process (OMP_NUM_THREADS; default 1)"
     )
+    parser.add_argument(
+        "--preset", action="append", choices=[p for p, _ in CASES], help="only these cases"
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # every process, 1 or 2 of them
     results = []
+    cases = [(p, b) for p, b in CASES if args.preset is None or p in args.preset]
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, batch_size in CASES:
+        for preset, batch_size in cases:
             times = {name: [] for name in SETUPS}
             for r in range(args.rounds):
                 for name, (nproc, flags) in SETUPS.items():
-                    out = Path(tmp) / f"{preset}-{batch_size}-{nproc}-{len(flags)}-{r}"
+                    out = Path(tmp) / f"{preset}-{batch_size}-{nproc}-{'-'.join(flags)}-{r}"
                     times[name].append(step_ms(preset, batch_size, nproc, flags, args.steps, out))
             ms = {name: statistics.median(t) for name, t in times.items()}
             sync, local = ms["2 processes, sync BN"], ms["2 processes, local BN"]

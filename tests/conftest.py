@@ -2,12 +2,24 @@ import pytest
 import torch
 
 from normlab.data import bundled_names_path
+from normlab.nn import kernel
 
 
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=["kernel", "aten"])
+def batchnorm_path(request, monkeypatch):
+    """Run the test on BatchNorm's C++ kernel, then on its ATen operators (the path that
+    traced steps, SyncBatchNorm and other devices take)."""
+    if request.param == "aten":
+        monkeypatch.setattr(kernel, "applies", lambda x: False)
+    else:
+        assert kernel.ops() is not None, "BatchNorm's C++ kernel is not built: see setup.py"
+    return request.param
 
 
 @pytest.fixture(scope="session")

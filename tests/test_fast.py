@@ -11,8 +11,7 @@ from normlab import fast as fast_module
 from normlab.cli import main
 from normlab.config import ModelConfig, TrainConfig
 from normlab.data import load_dataset
-from normlab.distributed import SINGLE, Ranks
-from normlab.fast import FastStep, compile_cache_dir, unsupported
+from normlab.fast import FastStep, compile_cache_dir
 from normlab.model import MLPLanguageModel
 from normlab.optim import make_optimizer
 from normlab.presets import PRESETS
@@ -120,11 +119,6 @@ def test_the_step_is_the_same_arithmetic_in_float64(names, optimizer_name, nonli
     for i, state in theirs.items():  # AdamW's moments
         for key, value in state.items():
             torch.testing.assert_close(ours[i][key], value, atol=1e-9, rtol=1e-9, msg=key)
-
-
-def test_what_it_does_not_cover_is_named():
-    assert unsupported(SINGLE) is None
-    assert unsupported(Ranks(0, 2)) == "several processes"
 
 
 @pytest.mark.parametrize(

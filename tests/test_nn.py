@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from normlab import nn as nl
+from normlab.nn import kernel
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-12, rtol=1e-10)}
 DTYPES = [torch.float32, torch.float64]
@@ -66,7 +67,7 @@ def _assert_buffers_equal(ours, theirs, tol):
         {"eps": 1e-3},
     ],
 )
-def test_batchnorm_matches_torch_over_steps(dtype, shape, kw):
+def test_batchnorm_matches_torch_over_steps(dtype, shape, kw, batchnorm_path):
     C = shape[1]
     ours, theirs = _bn_pair(C, dtype, **kw)
     tol = TOL[dtype]
@@ -95,6 +96,32 @@ def test_batchnorm_gradcheck_float64(shape, affine):
     else:
         fn = lambda x: nl.BatchNormFunction.apply(x, None, None, 1e-5, None)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x,))
+
+
+@pytest.mark.parametrize("shape, channel_dim", [((6, 4), 1), ((5, 3, 4), 1), ((3, 4, 5), 2)])
+@pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, False)])
+def test_the_kernel_passes_gradcheck_in_float64(shape, channel_dim, affine, bias):
+    C = shape[channel_dim]
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_(True) if affine else None
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True) if bias else None
+    running = [torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)]
+    op = kernel.ops().batch_norm
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def fn(x, *params):
+        params = list(params) + [None] * (2 - len(params))
+        return op(x, *params, *running, 0.1, 1e-5, channel_dim)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_batchnorm_trains_on_the_kernel_on_the_cpu():
+    bn = nl.BatchNorm1d(5)
+    y = bn(torch.randn(8, 5, requires_grad=True))
+    assert "BatchNormNode" in y.grad_fn.name()  # not BatchNormFunction's ATen operators
+    with torch.inference_mode():  # and without autograd
+        torch.testing.assert_close(bn(torch.ones(8, 5)), torch.zeros(8, 5))
 
 
 @settings(max_examples=30, deadline=None)

@@ -77,7 +77,9 @@ def _assert_same(ours, theirs, x, tol):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kw", OPTIONS, ids=lambda kw: ",".join(kw) or "defaults")
 @pytest.mark.parametrize("ours_type, theirs_type, shapes", LAYERS, ids=IDS)
-def test_training_steps_then_eval_match_torch(ours_type, theirs_type, shapes, kw, dtype):
+def test_training_steps_then_eval_match_torch(
+    ours_type, theirs_type, shapes, kw, dtype, batchnorm_path
+):
     tol = TOL[dtype]
     for shape in shapes:
         ours, theirs = _pair(ours_type, theirs_type, dtype, **kw)
@@ -89,7 +91,7 @@ def test_training_steps_then_eval_match_torch(ours_type, theirs_type, shapes, kw
 
 
 @pytest.mark.parametrize("ours_type, theirs_type, shapes", LAYERS, ids=IDS)
-def test_gradcheck_in_float64(ours_type, theirs_type, shapes):
+def test_gradcheck_in_float64(ours_type, theirs_type, shapes, batchnorm_path):
     for shape in shapes:
         ours, _ = _pair(ours_type, theirs_type, torch.float64)
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -136,7 +138,7 @@ def test_a_zero_size_batch_behaves_as_torchs(ours_type, theirs_type, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_channels_last_normalizes_a_sequence_over_batch_and_time(dtype):
+def test_channels_last_normalizes_a_sequence_over_batch_and_time(dtype, batchnorm_path):
     # makemore part 5: (B, T, C) normalized over (B, T); torch needs the transpose around it
     ours, theirs = _pair(nl.BatchNorm1d, nn.BatchNorm1d, dtype)
     ours.channels_last = True

@@ -10,9 +10,11 @@ included), the optimizer's update and the running statistics. ``torch.compile``
 turns that graph into fused kernels. Nothing in it is a second copy of the
 model: a change to a layer changes the graph, and with it the compiled step.
 
-It covers every model and option the CLI builds, on one process, trained by
-the optimizers ``make_optimizer`` builds: plain SGD and AdamW, with their weight
-decay. Several processes take the autograd path (``unsupported()``). The
+It covers every model and option the CLI builds, trained by the optimizers
+``make_optimizer`` builds: plain SGD and AdamW, with their weight decay. On
+several processes the step all-reduces the gradients itself (summed, as
+``normlab.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
+functional collectives that are part of the graph. The
 parameters and AdamW's moments are updated in place, in the optimizer's own
 state, so the model, its optimizer and its checkpoints are the same objects
 whichever path a step takes (diagnostic recordings take the autograd path).
@@ -28,19 +30,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from normlab.distributed import Ranks
 from normlab.errors import first_line
-
-
-def unsupported(ranks: Ranks) -> str | None:
-    """What the compiled step does not cover in this run, or None if it covers all."""
-    if ranks.distributed:
-        return "several processes"
-    return None
 
 
 def compile_cache_dir() -> Path:
@@ -88,7 +83,11 @@ class FastStep:
     builds them; each parameter's weight decay comes from its group. Build the
     step after loading a checkpoint into the optimizer: it works on the
     optimizer's state tensors, creating them in torch's own format when absent.
-    The loss is the batch's mean cross-entropy. ``compile=False`` runs the same
+    The loss is the rows' summed cross-entropy over ``batch_size`` (the global
+    batch; by default the batch's own size, so its mean). With a process
+    ``group``, each process steps on its own rows and the gradients are summed
+    over the group, so every process takes the global batch's step.
+    ``compile=False`` runs the same
     step eagerly, untraced (for tests, and where ``torch.compile`` fails). A
     batch of a new shape, or the model in another mode, traces and compiles
     the step again. The step holds the model's tensors as they are when it is
@@ -96,9 +95,17 @@ class FastStep:
     """
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, compile: bool = True
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        compile: bool = True,
+        *,
+        batch_size: int | None = None,
+        group=None,
     ) -> None:
         self.model = model
+        self.batch_size = batch_size
+        self.group = group
         # the tensors the step reads and updates, as one list: the parameters, the buffers
         # (running statistics), then the optimizer's state
         params = dict(model.named_parameters())
@@ -158,11 +165,13 @@ class FastStep:
         state = dict(zip(self.names, params + buffers, strict=True))
         with torch.enable_grad():
             logits, _ = torch.func.functional_call(self.model, state, (x,))
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, reduction="sum") / (self.batch_size or len(y))
         # a parameter the loss does not use gets None, and no update, as in torch.optim
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             used = {i: g for i, g in enumerate(grads) if g is not None}
+            if self.group is not None:
+                used = _sum_over_group(used, self.group)
             _apply_update(tensors, used, lr, self.update)
         return loss.detach()
 
@@ -203,6 +212,15 @@ class FastStep:
             return self._step(self.tensors, x, y, self._lr)
         self._proven = True
         return loss
+
+
+def _sum_over_group(grads: dict, group) -> dict:
+    """``grads`` (index -> gradient) summed over the processes of ``group``: one all-reduce
+    of them all, flattened."""
+    flat = torch.cat([g.flatten() for g in grads.values()])  # (total numel,)
+    flat = funcol.all_reduce(flat, "sum", group)
+    summed = flat.split([g.numel() for g in grads.values()])
+    return {i: s.view_as(g) for (i, g), s in zip(grads.items(), summed, strict=True)}
 
 
 def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple) -> None:

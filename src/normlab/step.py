@@ -3,22 +3,23 @@
 ``normlab train``, ``experiment``, ``bench`` and ``diagnose`` all train through
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
-and on request a diagnostics recording. Under several processes the forward
-runs through DDP; on one process, unless ``--no-compile``, the same call runs
-the compiled step (``normlab.fast``) instead, except on recording steps, which
-need autograd's hooks.
+and on request a diagnostics recording. Unless ``--no-compile``, the same
+call runs the compiled step (``normlab.fast``) instead, except on recording
+steps, which need autograd's hooks; there, under several processes, the
+forward runs through DDP.
 """
 
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
 from normlab.config import TrainConfig
 from normlab.diagnostics import Diagnostics, Snapshot
 from normlab.distributed import SINGLE, Ranks, wrap_ddp
-from normlab.fast import FastStep, unsupported
+from normlab.fast import FastStep
 from normlab.model import MLPLanguageModel
 from normlab.nn import set_mode
 
@@ -74,14 +75,22 @@ class TrainStep:
         self.forward_model = wrap_ddp(model, device) if ranks.distributed else model
 
     def __call__(
-        self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None = None, index: int = 0
+        self,
+        x: Tensor,
+        y: Tensor,
+        lr: float,
+        record: Diagnostics | None = None,
+        index: int = 0,
+        autograd: bool = False,
     ) -> StepResult:
         """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``record``, record the
-        step into it as step ``index``."""
+        step into it as step ``index``. Recording steps take the autograd path, and so does a
+        step with ``autograd``: under several processes rank 0 alone records, and the other
+        ranks must take its path for their collectives to match."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         snapshot = None
-        if self.compiled is not None and record is None:
+        if self.compiled is not None and record is None and not autograd:
             loss = self.compiled(x, y, lr)
         else:
             if record is not None:
@@ -118,14 +127,9 @@ def compiled_step(
     optimizer: torch.optim.Optimizer,
     train_config: TrainConfig,
     ranks: Ranks,
-    say=print,
 ) -> FastStep | None:
-    """The compiled step, or None with ``--no-compile`` or where it does not cover the run
-    (with one line why, through ``say``). Build it after loading a checkpoint."""
+    """The compiled step, or None with ``--no-compile``. Build it after loading a checkpoint."""
     if not train_config.compile:
         return None
-    reason = unsupported(ranks)
-    if reason is not None:
-        say(f"the compiled step does not cover {reason}; training with autograd")
-        return None
-    return FastStep(model, optimizer)
+    group = dist.group.WORLD if ranks.distributed else None
+    return FastStep(model, optimizer, batch_size=train_config.batch_size, group=group)

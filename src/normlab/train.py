@@ -117,8 +117,9 @@ class Training:
         return self.model if self.averaged is None else self.averaged.module
 
     def records(self, step: int) -> bool:
+        """Whether rank 0 records diagnostics at ``step`` (the same answer on every rank)."""
         every = self.train_config.diagnose_every
-        return self.diagnostics is not None and step % every == 0
+        return every > 0 and step % every == 0
 
     def checkpoint_state(self) -> dict:
         """What ``checkpoint.pt`` holds (a collective under several processes: the RNGs)."""
@@ -238,7 +239,7 @@ def start_training(
             averaged.module.load_state_dict(ckpt["model"])
             averaged.n_averaged.fill_(progress.step)  # one update per step
         restore_rng(ckpt["rng"], batches, model, ranks, hash((tcfg.seed, progress.step)))
-    compiled = compiled_step(model, optimizer, tcfg, ranks, say)  # after loading
+    compiled = compiled_step(model, optimizer, tcfg, ranks)  # after loading
     step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, compiled)
     parts = (mcfg, tcfg, data, ranks, model, optimizer, averaged, step, batches, eval_sets)
     return Training(*parts, diagnostics, progress, lsuv)
@@ -287,7 +288,8 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             lr = lr_at(progress.step, cfg)
             xb, yb = t.batches.next()
             recording = t.records(progress.step)
-            result = t.step(xb, yb, lr, t.diagnostics if recording else None, progress.step)
+            record = t.diagnostics if recording else None  # None on ranks other than 0
+            result = t.step(xb, yb, lr, record, progress.step, autograd=recording)
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
             progress.add_step_time(time.perf_counter() - started, recording)
             progress.step += 1

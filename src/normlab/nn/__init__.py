@@ -10,7 +10,8 @@ diagnostics go by (``kinds``), and ``set_mode`` (``mode``).
 The modules: ``linear``, ``batchnorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
 ``instancenorm`` (``InstanceNorm1d/2d``), ``normalization`` (``LayerNorm``,
 ``GroupNorm``), ``activation`` (``Tanh``, ``ReLU``), ``flatten``
-(``FlattenContext``, ``FlattenConsecutive``), ``kinds`` and ``mode``.
+(``FlattenContext``, ``FlattenConsecutive``), ``kinds`` and ``mode``; ``kernel``
+runs BatchNorm's training-mode math as one C++ operator on the CPU.
 """
 
 from normlab.nn.activation import ReLU, Tanh

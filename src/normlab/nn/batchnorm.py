@@ -13,8 +13,11 @@ normlab's BatchNorms and torch's. Every module has torch's constructor, buffers,
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from normlab.nn import kernel
 
 
 def _stat_shape(x: Tensor, channel_dim: int) -> list[int]:
@@ -54,11 +57,17 @@ class BatchNormFunction(torch.autograd.Function):
     statistics and the two sums of the backward are all-reduced (``n`` is then
     the global count), so every rank computes what one process would compute
     on the whole batch, and the running statistics stay identical on every rank.
+    The all-reduces are functional collectives, so a traced step (``normlab.fast``)
+    holds them as it holds the arithmetic.
+
+    The BatchNorm modules run this math on the CPU, in float32 and float64, as one
+    C++ operator each way (``normlab.nn.kernel``), where nothing traces them.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, running, group=None, channel_dim: int = 1):
-        dims = tuple(d for d in range(x.dim()) if d != channel_dim % x.dim())
+        channel_dim %= x.dim()
+        dims = tuple(d for d in range(x.dim()) if d != channel_dim)
         shape = _stat_shape(x, channel_dim)
         if group is None:
             n = x.numel() // x.size(channel_dim)
@@ -97,9 +106,8 @@ class BatchNormFunction(torch.autograd.Function):
             if ctx.group is not None:  # the sums over every rank's values; the parameter
                 # gradients stay this rank's own share (DDP sums those)
                 C = grad_bias.size(0)
-                sums = torch.cat((grad_bias, grad_weight))  # (2C,)
-                dist.all_reduce(sums, group=ctx.group)
-                sum_g, sum_g_xhat = sums[:C], sums[C:]
+                sums = funcol.all_reduce(torch.cat((grad_bias, grad_weight)), "sum", ctx.group)
+                sum_g, sum_g_xhat = sums[:C], sums[C:]  # (C,) each
             # (γ/σ)(g - Σg/n - x̂·Σg·x̂/n) with x̂ = (x - μ)/σ, as two fused passes
             minus_scale_n = scale * (-1.0 / ctx.n)
             grad_x = torch.addcmul(
@@ -125,7 +133,7 @@ def _global_moments(x: Tensor, dims: tuple[int, ...], group) -> tuple[Tensor, Te
     C = x64.sum(dims).numel()
     count = x64.new_full((1,), x.numel() // C)
     stats = torch.cat((count, x64.sum(dims), x64.square().sum(dims)))  # (1 + 2C,)
-    dist.all_reduce(stats, group=group)
+    stats = funcol.all_reduce(stats, "sum", group)
     n = stats[0]
     mean = stats[1 : C + 1] / n
     var = (stats[C + 1 :] / n - mean.square()).clamp_min_(0.0)
@@ -289,8 +297,8 @@ class _BatchNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        shape = _stat_shape(x, self.channel_dim)
         if not (self.training or not self.track_running_stats):  # eval: running statistics
+            shape = _stat_shape(x, self.channel_dim)
             scale, shift = running_affine(self)
             return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
@@ -304,13 +312,21 @@ class _BatchNorm(_NormBase):
                 factor = self.momentum
             running = (self.running_mean, self.running_var, factor)
         if group is None and x.numel() == 0:  # no examples: no statistics, as torch
-            return x * self.weight.view(shape) if self.weight is not None else x.clone()
+            return (
+                x * self.weight.view(_stat_shape(x, self.channel_dim))
+                if self.weight is not None
+                else x.clone()
+            )
         if group is None and x.numel() // x.size(self.channel_dim) <= 1:
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 values per channel in a training "
                 f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
                 "(model.eval()) to run single examples with the running statistics"
             )
+        if group is None and kernel.applies(x):  # the same math, in C++ (normlab.nn.kernel)
+            stats = running or (None, None, 0.0)
+            channel_dim = self.channel_dim % x.dim()
+            return kernel.ops().batch_norm(x, self.weight, self.bias, *stats, self.eps, channel_dim)
         args = (self.eps, running, group, self.channel_dim)
         return BatchNormFunction.apply(x, self.weight, self.bias, *args)
 

@@ -1,0 +1,313 @@
+// Training-mode batch normalization on the CPU: the forward and the closed-form backward of
+// normlab.nn.BatchNormFunction, each one call, for float32 and float64 of any rank and layout.
+//
+// The input is viewed as (outer, C, inner): C channels at channel_dim, the dimensions before it
+// folded into outer and those after into inner, so (N, C) and (N, T, C) with channel_dim = -1
+// have inner = 1, and (N, C, L), (N, C, H, W) have inner = L, H·W. Each pass reads the data
+// once: the forward's sums, then y; the backward's two sums, then the input's gradient. Sums
+// run over blocks of values in the input's dtype and in double across blocks, each channel's
+// in a fixed order: threads split the channels for the sums and the rows for the elementwise
+// passes, so the results do not depend on the thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+void check_dtypes(const at::Tensor& x, std::initializer_list<at::Tensor> others) {
+  for (const at::Tensor& t : others) {
+    TORCH_CHECK(!t.defined() || (t.scalar_type() == x.scalar_type() && t.is_contiguous()),
+                "normlab::batch_norm: the gain, bias and running statistics must be contiguous "
+                "and of the input's dtype");
+  }
+}
+
+struct Layout {
+  int64_t outer, C, inner;
+};
+
+Layout layout_of(const at::Tensor& x, int64_t channel_dim) {
+  Layout l{1, x.size(channel_dim), 1};
+  for (int64_t d = 0; d < channel_dim; ++d) l.outer *= x.size(d);
+  for (int64_t d = channel_dim + 1; d < x.dim(); ++d) l.inner *= x.size(d);
+  return l;
+}
+
+// For each channel c, the two sums Σ first(c, k) and Σ second(c, k) over the indices k of its
+// outer·inner values, in one read of the data. Runs of kBlock values are summed in scalar_t
+// (full SIMD width), the runs' sums in double; each channel in one fixed order, whichever
+// thread computes it.
+constexpr int64_t kBlock = 64;
+
+template <typename scalar_t, typename First, typename Second>
+void channel_sums(const Layout& l, double* __restrict out1, double* __restrict out2,
+                  const First& first, const Second& second) {
+  // a grain of channels per thread that keeps a thread's slice of a row in whole cache lines
+  at::parallel_for(0, l.C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) out1[c] = out2[c] = 0.0;
+    if (l.inner == 1) {  // rows of C: sum kBlock rows at a time, across the channels
+      std::vector<scalar_t> run1(c1 - c0), run2(c1 - c0);
+      scalar_t* __restrict r1 = run1.data() - c0;
+      scalar_t* __restrict r2 = run2.data() - c0;
+      for (int64_t o0 = 0; o0 < l.outer; o0 += kBlock) {
+        std::fill(run1.begin(), run1.end(), scalar_t(0));
+        std::fill(run2.begin(), run2.end(), scalar_t(0));
+        for (int64_t o = o0; o < std::min(o0 + kBlock, l.outer); ++o) {
+#pragma omp simd
+          for (int64_t c = c0; c < c1; ++c) {
+            r1[c] += first(c, o * l.C + c);
+            r2[c] += second(c, o * l.C + c);
+          }
+        }
+        for (int64_t c = c0; c < c1; ++c) {
+          out1[c] += r1[c];
+          out2[c] += r2[c];
+        }
+      }
+      return;
+    }
+    for (int64_t o = 0; o < l.outer; ++o) {  // runs of inner values, one channel each
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t start = (o * l.C + c) * l.inner;
+        for (int64_t i0 = 0; i0 < l.inner; i0 += kBlock) {
+          scalar_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = i0; i < std::min(i0 + kBlock, l.inner); ++i) {
+            s1 += first(c, start + i);
+            s2 += second(c, start + i);
+          }
+          out1[c] += s1;
+          out2[c] += s2;
+        }
+      }
+    }
+  });
+}
+
+// out[index] = term(c, index) for every value, c its channel; threads split the rows.
+template <typename scalar_t, typename Term>
+void channel_map(const Layout& l, scalar_t* __restrict out, const Term& term) {
+  at::parallel_for(0, l.outer, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const int64_t row = o * l.C * l.inner;
+      if (l.inner == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < l.C; ++c) out[row + c] = term(c, row + c);
+      } else {
+        for (int64_t c = 0; c < l.C; ++c) {
+          const int64_t start = row + c * l.inner;
+#pragma omp simd
+          for (int64_t i = 0; i < l.inner; ++i) out[start + i] = term(c, start + i);
+        }
+      }
+    }
+  });
+}
+
+// y = (x - mean)·γ/σ + β; returns (y, mean, invstd) and moves the running statistics.
+// weight, bias and the running statistics may each be undefined (absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
+                                                       const at::Tensor& weight,
+                                                       const at::Tensor& bias,
+                                                       const at::Tensor& running_mean,
+                                                       const at::Tensor& running_var,
+                                                       double factor, double eps,
+                                                       int64_t channel_dim) {
+  check_dtypes(input, {weight, bias, running_mean, running_var});
+  TORCH_CHECK(0 <= channel_dim && channel_dim < input.dim(),
+              "normlab::batch_norm: channel_dim out of range");
+  const at::Tensor x = input.contiguous();
+  const Layout l = layout_of(x, channel_dim);
+  const int64_t n = l.outer * l.inner;
+  TORCH_CHECK(n > 1, "normlab::batch_norm: needs at least 2 values per channel");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({l.C}, x.options());
+  at::Tensor invstd = at::empty({l.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_batch_norm_forward", [&] {
+    const scalar_t* __restrict xp = x.const_data_ptr<scalar_t>();
+    // one read: the sums of d = x - x₀ and d², x₀ the channel's first value, a shift that
+    // keeps Σd² - (Σd)²/n free of the cancellation E[x²] - E[x]² suffers far from 0
+    std::vector<scalar_t> x0(l.C);
+    std::vector<double> mean64(l.C), var64(l.C);
+    for (int64_t c = 0; c < l.C; ++c) x0[c] = xp[c * l.inner];
+    const scalar_t* __restrict shift0 = x0.data();
+    channel_sums<scalar_t>(
+        l, mean64.data(), var64.data(), [=](int64_t c, int64_t k) { return xp[k] - shift0[c]; },
+        [=](int64_t c, int64_t k) {
+          const scalar_t d = xp[k] - shift0[c];
+          return d * d;
+        });
+    for (int64_t c = 0; c < l.C; ++c) {
+      const double sum_d = mean64[c];
+      mean64[c] = x0[c] + sum_d / n;
+      var64[c] = std::max(0.0, var64[c] - sum_d * sum_d / n);  // n·(biased variance)
+    }
+    std::vector<scalar_t> m(l.C), scale(l.C), shift(l.C);
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bt = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
+    scalar_t* ip = invstd.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < l.C; ++c) {
+      var64[c] /= n;
+      const double inv = 1.0 / std::sqrt(var64[c] + eps);
+      const double gamma = weight.defined() ? double(w[c]) : 1.0;
+      mp[c] = m[c] = scalar_t(mean64[c]);
+      ip[c] = scalar_t(inv);
+      scale[c] = scalar_t(inv * gamma);
+      shift[c] = bias.defined() ? bt[c] : scalar_t(0);
+    }
+    const scalar_t *__restrict mc = m.data(), *__restrict sc = scale.data(),
+                               *__restrict sh = shift.data();
+    channel_map(l, y.mutable_data_ptr<scalar_t>(),
+                [=](int64_t c, int64_t k) { return (xp[k] - mc[c]) * sc[c] + sh[c]; });
+    if (running_mean.defined() && running_var.defined()) {  // torch's rule, unbiased variance
+      scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
+      scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < l.C; ++c) {
+        rm[c] = scalar_t(rm[c] + factor * (mean64[c] - rm[c]));
+        rv[c] = scalar_t(rv[c] + factor * (var64[c] * n / (n - 1) - rv[c]));
+      }
+    }
+  });
+  return {y.view(input.sizes()), mean, invstd};
+}
+
+// The gradients of x, γ and β (x's only when need_input_grad, else undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, bool need_input_grad,
+    int64_t channel_dim) {
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor x = input.contiguous();
+  const Layout l = layout_of(x, channel_dim);
+  const int64_t n = l.outer * l.inner;
+  at::Tensor grad_x;
+  at::Tensor grad_weight = at::empty({l.C}, x.options());
+  at::Tensor grad_bias = at::empty({l.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_batch_norm_backward", [&] {
+    const scalar_t* __restrict gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict ip = invstd.const_data_ptr<scalar_t>();
+    std::vector<double> sum_g(l.C), sum_g_xc(l.C);
+    channel_sums<scalar_t>(
+        l, sum_g.data(), sum_g_xc.data(), [=](int64_t, int64_t k) { return gp[k]; },
+        [=](int64_t c, int64_t k) { return gp[k] * (xp[k] - mp[c]); });
+    scalar_t* gw = grad_weight.mutable_data_ptr<scalar_t>();
+    scalar_t* gb = grad_bias.mutable_data_ptr<scalar_t>();
+    // (γ/σ)(g - Σg/n - x̂·Σg·x̂/n) = g·γ/σ + (x - μ)·a + b, with x̂ = (x - μ)/σ
+    std::vector<scalar_t> scale(l.C), a(l.C), b(l.C);
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    for (int64_t c = 0; c < l.C; ++c) {
+      const double inv = ip[c];
+      const double gamma = weight.defined() ? double(w[c]) : 1.0;
+      gb[c] = scalar_t(sum_g[c]);
+      gw[c] = scalar_t(sum_g_xc[c] * inv);
+      scale[c] = scalar_t(gamma * inv);
+      a[c] = scalar_t(-gamma * inv * inv * inv * sum_g_xc[c] / n);
+      b[c] = scalar_t(-gamma * inv * sum_g[c] / n);
+    }
+    if (need_input_grad) {
+      grad_x = at::empty_like(x);
+      const scalar_t *__restrict sc = scale.data(), *__restrict ac = a.data(),
+                                 *__restrict bc = b.data();
+      channel_map(l, grad_x.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t k) {
+        return gp[k] * sc[c] + (xp[k] - mp[c]) * ac[c] + bc[c];
+      });
+    }
+  });
+  if (grad_x.defined()) grad_x = grad_x.view(input.sizes());
+  return {grad_x, grad_weight, grad_bias};
+}
+
+at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? *t : at::Tensor();
+}
+
+// The autograd node: saves x, the batch's mean and 1/σ, and γ, and calls backward(). Its
+// differentiable inputs are x and ``params``, the gain and the bias that are present (none,
+// the gain, or both): an autograd Function cannot take an absent tensor as an input.
+class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            at::TensorList params,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var, double factor,
+                            double eps, int64_t channel_dim) {
+    const at::Tensor weight = params.size() > 0 ? params[0] : at::Tensor();
+    const at::Tensor bias = params.size() > 1 ? params[1] : at::Tensor();
+    auto [y, mean, invstd] = ::forward(x, weight, bias, value_or_undefined(running_mean),
+                                       value_or_undefined(running_var), factor, eps, channel_dim);
+    ctx->save_for_backward({x, mean, invstd, weight});
+    ctx->saved_data["channel_dim"] = channel_dim;
+    ctx->saved_data["params"] = int64_t(params.size());
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_x, grad_weight, grad_bias] =
+        ::backward(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0),
+                   ctx->saved_data["channel_dim"].toInt());
+    const int64_t params = ctx->saved_data["params"].toInt();
+    const at::Tensor none;
+    torch::autograd::variable_list out = {grad_x};
+    if (params > 0) out.push_back(ctx->needs_input_grad(1) ? grad_weight : none);
+    if (params > 1) out.push_back(ctx->needs_input_grad(2) ? grad_bias : none);
+    out.insert(out.end(), 5, none);  // running_mean, running_var, factor, eps, channel_dim
+    return out;
+  }
+};
+
+std::vector<at::Tensor> present(const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias) {
+  std::vector<at::Tensor> params;
+  if (weight.has_value()) params.push_back(*weight);
+  if (bias.has_value()) {
+    TORCH_CHECK(weight.has_value(), "normlab::batch_norm: a bias needs a gain");
+    params.push_back(*bias);
+  }
+  return params;
+}
+
+at::Tensor batch_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var, double factor,
+                               double eps, int64_t channel_dim) {
+  const std::vector<at::Tensor> params = present(weight, bias);
+  return BatchNormNode::apply(x, at::TensorList(params), running_mean, running_var, factor, eps,
+                              channel_dim);
+}
+
+at::Tensor batch_norm_no_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var, double factor,
+                              double eps, int64_t channel_dim) {
+  return std::get<0>(forward(x, value_or_undefined(weight), value_or_undefined(bias),
+                             value_or_undefined(running_mean), value_or_undefined(running_var),
+                             factor, eps, channel_dim));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(normlab, m) {
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float factor, float eps, int channel_dim) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(normlab, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
+
+// under torch.inference_mode, which skips the autograd key
+TORCH_LIBRARY_IMPL(normlab, CPU, m) { m.impl("batch_norm", &batch_norm_no_grad); }

@@ -1,0 +1,57 @@
+"""BatchNorm's C++ kernel for the CPU (``csrc/batchnorm.cpp``), where it was built.
+
+``torch.ops.normlab.batch_norm`` is ``BatchNormFunction``'s training-mode math
+(the batch's statistics, the running statistics, the closed-form backward) as
+one operator with its autograd node in C++: a dozen ATen operators' overhead,
+which dominates at the sizes these networks have, becomes one call each way.
+Its sums run over blocks of values in the input's dtype and in float64 across
+blocks, in one fixed order per channel whatever the thread count.
+
+``pip install --no-build-isolation`` builds it against the installed torch
+(``setup.py``; the Makefile does so). An install without it, a kernel that does
+not load against this torch (with one line that says so), or
+``NORMLAB_BATCHNORM_KERNEL=0`` in the environment leave BatchNorm on the ATen
+operators, which also serve every other device and dtype, SyncBatchNorm, and
+whatever traces the model (``torch.compile``, ``make_fx``, export).
+"""
+
+import functools
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from normlab.errors import first_line
+
+DTYPES = (torch.float32, torch.float64)
+
+
+@functools.cache
+def ops():
+    """The kernel's operators (``torch.ops.normlab``), or None where there is no kernel."""
+    if os.environ.get("NORMLAB_BATCHNORM_KERNEL", "1") == "0":
+        return None
+    spec = importlib.util.find_spec("normlab.nn._batchnorm_cpu")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        torch.ops.load_library(spec.origin)
+    except OSError as e:  # built against another torch
+        reason = first_line(e, 120)
+        print(f"normlab: BatchNorm's C++ kernel did not load ({reason}); it runs on ATen operators")
+        return None
+    return torch.ops.normlab
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the kernel computes BatchNorm of ``x``: a plain CPU tensor in float32 or
+    float64, while nothing traces the computation (the kernel is opaque to tracers, the
+    ATen operators are not)."""
+    return (
+        type(x) is Tensor
+        and x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and not torch.compiler.is_compiling()
+        and ops() is not None
+    )
