@@ -297,12 +297,12 @@ class _BatchNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        channel_dim = x.dim() - 1 if self.channels_last else 1
         if not (self.training or not self.track_running_stats):  # eval: running statistics
-            shape = _stat_shape(x, self.channel_dim)
+            shape = _stat_shape(x, channel_dim)
             scale, shift = running_affine(self)
             return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
-        group = self._group()
         running = None
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -311,23 +311,27 @@ class _BatchNorm(_NormBase):
             else:
                 factor = self.momentum
             running = (self.running_mean, self.running_var, factor)
-        if group is None and x.numel() == 0:  # no examples: no statistics, as torch
-            return (
-                x * self.weight.view(_stat_shape(x, self.channel_dim))
-                if self.weight is not None
-                else x.clone()
-            )
-        if group is None and x.numel() // x.size(self.channel_dim) <= 1:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 values per channel in a training "
-                f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
-                "(model.eval()) to run single examples with the running statistics"
-            )
-        if group is None and kernel.applies(x):  # the same math, in C++ (normlab.nn.kernel)
-            stats = running or (None, None, 0.0)
-            channel_dim = self.channel_dim % x.dim()
-            return kernel.ops().batch_norm(x, self.weight, self.bias, *stats, self.eps, channel_dim)
-        args = (self.eps, running, group, self.channel_dim)
+        group = self._group()
+        if group is None:
+            if x.numel() == 0:  # no examples: no statistics, as torch
+                weight = self.weight
+                return (
+                    x * weight.view(_stat_shape(x, channel_dim))
+                    if weight is not None
+                    else x.clone()
+                )
+            if x.numel() // x.size(channel_dim) <= 1:
+                raise ValueError(
+                    f"{type(self).__name__} needs at least 2 values per channel in a training "
+                    f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
+                    "(model.eval()) to run single examples with the running statistics"
+                )
+            if kernel.applies(x):  # the same math, in C++ (normlab.nn.kernel)
+                stats = running or (None, None, 0.0)
+                return kernel.ops().batch_norm(
+                    x, self.weight, self.bias, *stats, self.eps, channel_dim
+                )
+        args = (self.eps, running, group, channel_dim)
         return BatchNormFunction.apply(x, self.weight, self.bias, *args)
 
     def extra_repr(self) -> str:

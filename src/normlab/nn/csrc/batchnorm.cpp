@@ -50,8 +50,11 @@ constexpr int64_t kBlock = 64;
 template <typename scalar_t, typename First, typename Second>
 void channel_sums(const Layout& l, double* __restrict out1, double* __restrict out2,
                   const First& first, const Second& second) {
-  // a grain of channels per thread that keeps a thread's slice of a row in whole cache lines
-  at::parallel_for(0, l.C, 16, [&](int64_t c0, int64_t c1) {
+  // threads only where each gets ATen's grain of values, and a slice of a row in whole cache
+  // lines: below that, starting them costs more than it saves
+  const int64_t per_channel = std::max<int64_t>(1, l.outer * l.inner);
+  const int64_t grain = std::max<int64_t>(16, at::internal::GRAIN_SIZE / per_channel);
+  at::parallel_for(0, l.C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) out1[c] = out2[c] = 0.0;
     if (l.inner == 1) {  // rows of C: sum kBlock rows at a time, across the channels
       std::vector<scalar_t> run1(c1 - c0), run2(c1 - c0);
@@ -95,7 +98,8 @@ void channel_sums(const Layout& l, double* __restrict out1, double* __restrict o
 // out[index] = term(c, index) for every value, c its channel; threads split the rows.
 template <typename scalar_t, typename Term>
 void channel_map(const Layout& l, scalar_t* __restrict out, const Term& term) {
-  at::parallel_for(0, l.outer, 1, [&](int64_t o0, int64_t o1) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (l.C * l.inner));
+  at::parallel_for(0, l.outer, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o) {
       const int64_t row = o * l.C * l.inner;
       if (l.inner == 1) {
@@ -177,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
       }
     }
   });
-  return {y.view(input.sizes()), mean, invstd};
+  return {y, mean, invstd};  // y: x's shape, which is the input's
 }
 
 // The gradients of x, γ and β (x's only when need_input_grad, else undefined).
@@ -224,7 +228,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       });
     }
   });
-  if (grad_x.defined()) grad_x = grad_x.view(input.sizes());
   return {grad_x, grad_weight, grad_bias};
 }
 
