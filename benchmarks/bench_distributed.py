@@ -13,7 +13,7 @@ global batch:
   eagerly anyway (``default``, ``best``) run the same thing twice here.
 
 It reads the mean time of a training step from each run's checkpoint (steps
-without evaluations or diagnostics, after the first 5% of them) and prints
+without evaluations or diagnostics, after the first, which compiles) and prints
 the medians over rounds and the ratios measured in this run: sync against
 no-sync is what synchronized BatchNorm costs, 2 processes against 1 what data
 parallelism costs or gains at this size.

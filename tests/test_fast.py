@@ -217,8 +217,9 @@ def _train(tmp_path, name, *flags, preset="lecture-deep"):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "preset, tol, weight_tol",
-    # SGD; AdamW, whose float32 drift (see above) moves a weight by up to a few lr = 3e-3
-    [("lecture-deep", 1e-4, 1e-4), ("default", 1e-3, 1e-2)],
+    # AdamW, whose float32 drift (see above) moves a weight by up to a few lr = 3e-3; SGD's
+    # lecture-deep is held to its recorded numbers on both paths by tests/test_trace.py
+    [("default", 1e-3, 1e-2)],
 )
 def test_compiled_training_matches_eager_training_over_100_steps(tmp_path, preset, tol, weight_tol):
     eager, _ = _train(tmp_path, "eager", "--no-compile", preset=preset)

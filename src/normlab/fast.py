@@ -14,10 +14,10 @@ It covers every model and option the CLI builds, trained by the optimizers
 ``make_optimizer`` builds: plain SGD and AdamW, with their weight decay. On
 several processes the step all-reduces the gradients itself (summed, as
 ``normlab.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
-functional collectives that are part of the graph. The
-parameters and AdamW's moments are updated in place, in the optimizer's own
-state, so the model, its optimizer and its checkpoints are the same objects
-whichever path a step takes (diagnostic recordings take the autograd path).
+functional collectives that are part of the graph. The parameters and AdamW's
+moments are updated in place, in the optimizer's own state, so the model, its
+optimizer and its checkpoints are the same objects whichever path a step takes
+(diagnostic recordings take the autograd path).
 Module hooks run while the step is traced, not in the compiled step, and
 hooks on the parameters or their gradients never run in it (the step
 differentiates detached copies): a run whose hooks must see every step trains

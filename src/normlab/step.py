@@ -5,8 +5,8 @@
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. Unless ``--no-compile``, the same
 call runs the compiled step (``normlab.fast``) instead, except on recording
-steps, which need autograd's hooks; there, under several processes, the
-forward runs through DDP.
+steps, which need autograd's hooks. Under several processes the autograd
+path runs the forward through DDP.
 """
 
 from dataclasses import dataclass

@@ -50,7 +50,8 @@ class Progress:
     train_time_s: float = 0.0  # seconds in the loop (steps and evals), summed over resumes
     time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
     init_loss: float | None = None  # the loss of the first batch, before any update
-    # step times, split by whether diagnostics were recorded in the step (evals excluded)
+    # step times, split by whether diagnostics were recorded in the step (evals excluded, and
+    # each start's first plain step, which pays for compiling the step)
     plain_steps: int = 0
     plain_step_s: float = 0.0
     recorded_steps: int = 0
@@ -282,6 +283,7 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
     cfg, progress = t.train_config, t.progress
     bar = log.progress_bar(cfg.steps, progress.step)
     lap = time.perf_counter()
+    warming_up = True  # this start's first plain step, which compiles the step: not typical
     with StopSignals() as signals:
         while progress.step < cfg.steps and progress.time_to_target_s is None:
             started = time.perf_counter()
@@ -291,7 +293,9 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             record = t.diagnostics if recording else None  # None on ranks other than 0
             result = t.step(xb, yb, lr, record, progress.step, autograd=recording)
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
-            progress.add_step_time(time.perf_counter() - started, recording)
+            if recording or not warming_up:
+                progress.add_step_time(time.perf_counter() - started, recording)
+            warming_up = warming_up and recording
             progress.step += 1
             step = progress.step
             log.step(step, loss, result.snapshot)

@@ -44,14 +44,13 @@ def ops():
     return torch.ops.normlab
 
 
+def traced(x: Tensor) -> bool:
+    """Whether ``x`` is being traced (``make_fx``, ``torch.compile``, export) rather than
+    computed: a fake or proxy tensor, or a compile under way."""
+    return type(x) is not Tensor or torch.compiler.is_compiling()
+
+
 def applies(x: Tensor) -> bool:
     """Whether the kernel computes BatchNorm of ``x``: a plain CPU tensor in float32 or
-    float64, while nothing traces the computation (the kernel is opaque to tracers, the
-    ATen operators are not)."""
-    return (
-        type(x) is Tensor
-        and x.device.type == "cpu"
-        and x.dtype in DTYPES
-        and not torch.compiler.is_compiling()
-        and ops() is not None
-    )
+    float64, not traced (the kernel is opaque to tracers, the ATen operators are not)."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and not traced(x) and ops() is not None
