@@ -1,3 +1,6 @@
+import importlib.machinery
+import importlib.util
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -122,6 +125,35 @@ def test_batchnorm_trains_on_the_kernel_on_the_cpu():
     assert "BatchNormNode" in y.grad_fn.name()  # not BatchNormFunction's ATen operators
     with torch.inference_mode():  # and without autograd
         torch.testing.assert_close(bn(torch.ones(8, 5)), torch.zeros(8, 5))
+
+
+@pytest.fixture
+def reload_kernel():
+    """Forget the loaded kernel before and after the test, which loads it its own way."""
+    kernel.ops.cache_clear()
+    yield
+    kernel.ops.cache_clear()
+
+
+def test_a_kernel_that_does_not_load_is_one_line_and_the_aten_path(
+    reload_kernel, monkeypatch, tmp_path, capsys
+):
+    broken = tmp_path / "_batchnorm_cpu.so"
+    broken.write_bytes(b"not a shared library")  # as one built against another torch
+    spec = importlib.machinery.ModuleSpec("normlab.nn._batchnorm_cpu", None, origin=str(broken))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert kernel.ops() is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "did not load" in out
+    y = nl.BatchNorm1d(3)(torch.randn(4, 3, requires_grad=True))
+    assert y.grad_fn.name() == "BatchNormFunctionBackward"
+
+
+def test_the_kernel_can_be_turned_off(reload_kernel, monkeypatch):
+    monkeypatch.setenv("NORMLAB_BATCHNORM_KERNEL", "0")
+    assert kernel.ops() is None
+    y = nl.BatchNorm1d(3)(torch.randn(4, 3, requires_grad=True))
+    assert y.grad_fn.name() == "BatchNormFunctionBackward"
 
 
 @settings(max_examples=30, deadline=None)

@@ -22,8 +22,6 @@ import os
 import torch
 from torch import Tensor
 
-from normlab.errors import first_line
-
 DTYPES = (torch.float32, torch.float64)
 
 
@@ -37,9 +35,8 @@ def ops():
         return None
     try:
         torch.ops.load_library(spec.origin)
-    except OSError as e:  # built against another torch
-        reason = first_line(e, 120)
-        print(f"normlab: BatchNorm's C++ kernel did not load ({reason}); it runs on ATen operators")
+    except OSError as e:  # built against another torch: dlopen's one line says why
+        print(f"normlab: BatchNorm's C++ kernel did not load ({e}); it runs on ATen operators")
         return None
     return torch.ops.normlab
 
