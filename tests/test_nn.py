@@ -127,6 +127,48 @@ def test_batchnorm_trains_on_the_kernel_on_the_cpu():
         torch.testing.assert_close(bn(torch.ones(8, 5)), torch.zeros(8, 5))
 
 
+def test_a_trace_sees_batchnorms_operators_not_the_kernel():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    bn = nl.BatchNorm1d(4, track_running_stats=False)
+    x = torch.randn(8, 4)
+    graph = make_fx(bn)(x)  # real tensors, under make_fx's dispatch mode
+    assert "normlab" not in graph.code
+    torch.testing.assert_close(graph(2 * x + 1), bn(2 * x + 1))
+
+
+def test_the_kernel_refuses_a_second_derivative():
+    x = torch.randn(8, 4, requires_grad=True)
+    y = nl.BatchNorm1d(4)(x)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad((y * y).sum(), x, create_graph=True)
+
+
+def test_the_kernels_statistics_hold_far_from_the_first_value():
+    # the mean is summed about each channel's first value: make that value a 100σ outlier
+    x = torch.randn(4096, 16)
+    x[0] = 100.0
+    ours, theirs = nl.BatchNorm1d(16), torch.nn.BatchNorm1d(16)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-5, rtol=1e-5)
+
+
+def test_what_the_kernel_does_not_take_runs_on_aten_operators():
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    promoted = nl.BatchNorm1d(4, track_running_stats=False)(x)  # float32 parameters
+    assert promoted.grad_fn.name() == "BatchNormFunctionBackward"
+    bn = nl.BatchNorm1d(4)
+    bn.weight = None  # a bias without a gain
+    assert bn(x.float()).grad_fn.name() == "BatchNormFunctionBackward"
+
+
+def test_the_kernel_moves_the_running_statistics_as_an_in_place_operator():
+    bn = nl.BatchNorm1d(4)
+    before = bn.running_mean._version, bn.running_var._version
+    bn(torch.randn(8, 4))
+    assert bn.running_mean._version > before[0] and bn.running_var._version > before[1]
+
+
 @pytest.fixture
 def reload_kernel():
     """Forget the loaded kernel before and after the test, which loads it its own way."""

@@ -337,11 +337,10 @@ class _BatchNorm(_NormBase):
                     f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
                     "(model.eval()) to run single examples with the running statistics"
                 )
-            if kernel.applies(x):  # the same math, in C++ (normlab.nn.kernel)
-                stats = running or (None, None, 0.0)
-                return kernel.ops().batch_norm(
-                    x, self.weight, self.bias, *stats, self.eps, channel_dim
-                )
+            weight, bias = self.weight, self.bias
+            stats = running or (None, None, 0.0)
+            if kernel.applies(x, weight, bias, *stats[:2]):  # the same math, in C++
+                return kernel.ops().batch_norm(x, weight, bias, *stats, self.eps, channel_dim)
         args = (self.eps, running, group, channel_dim)
         return BatchNormFunction.apply(x, self.weight, self.bias, *args)
 

@@ -43,11 +43,34 @@ def ops():
 
 def traced(x: Tensor) -> bool:
     """Whether ``x`` is being traced (``make_fx``, ``torch.compile``, export) rather than
-    computed: a fake or proxy tensor, or a compile under way."""
-    return type(x) is not Tensor or torch.compiler.is_compiling()
+    computed: a fake or proxy tensor, a dispatch mode that records operators, or a compile
+    under way."""
+    return (
+        type(x) is not Tensor
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.compiler.is_compiling()
+    )
 
 
-def applies(x: Tensor) -> bool:
-    """Whether the kernel computes BatchNorm of ``x``: a plain CPU tensor in float32 or
-    float64, not traced (the kernel is opaque to tracers, the ATen operators are not)."""
-    return x.device.type == "cpu" and x.dtype in DTYPES and not traced(x) and ops() is not None
+def applies(x: Tensor, weight, bias, running_mean, running_var) -> bool:
+    """Whether the kernel computes BatchNorm of ``x`` with these parameters and running
+    statistics (each may be None): a contiguous CPU tensor in float32 or float64, the others
+    contiguous and of its dtype, a bias only with a gain, and nothing tracing (the kernel is
+    opaque to tracers, the ATen operators are not). Anything else takes the ATen operators."""
+    return (
+        x.is_cpu
+        and x.dtype in DTYPES
+        and x.is_contiguous()
+        and _like(weight, x)
+        and _like(bias, x)
+        and _like(running_mean, x)
+        and _like(running_var, x)
+        and (weight is not None or bias is None)
+        and not traced(x)
+        and ops() is not None
+    )
+
+
+def _like(t: Tensor | None, x: Tensor) -> bool:
+    """``t`` is absent, or contiguous and of ``x``'s dtype."""
+    return t is None or (t.dtype == x.dtype and t.is_contiguous())

@@ -3,8 +3,9 @@
 //
 // The input is viewed as (outer, C, inner): C channels at channel_dim, the dimensions before it
 // folded into outer and those after into inner, so (N, C) and (N, T, C) with channel_dim = -1
-// have inner = 1, and (N, C, L), (N, C, H, W) have inner = L, H·W. Each pass reads the data
-// once: the forward's sums, then y; the backward's two sums, then the input's gradient. Sums
+// have inner = 1, and (N, C, L), (N, C, H, W) have inner = L, H·W. The forward reads the data
+// three times (the mean, the deviations, y), the backward twice (its two sums, then the
+// input's gradient). Sums
 // run over blocks of values in the input's dtype and in double across blocks, each channel's
 // in a fixed order: threads split the channels for the sums and the rows for the elementwise
 // passes, so the results do not depend on the thread count.
@@ -126,8 +127,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
                                                        double factor, double eps,
                                                        int64_t channel_dim) {
   check_dtypes(input, {weight, bias, running_mean, running_var});
+  TORCH_CHECK(input.is_cpu(), "normlab::batch_norm: a CPU operator, got a ", input.device(),
+              " tensor");
   TORCH_CHECK(0 <= channel_dim && channel_dim < input.dim(),
               "normlab::batch_norm: channel_dim out of range");
+  TORCH_CHECK(input.numel() > 0, "normlab::batch_norm: an empty input");
+  for (const at::Tensor& t : {running_mean, running_var}) {
+    TORCH_CHECK(!t.defined() || !t.requires_grad(),
+                "normlab::batch_norm: running statistics that require grad");
+  }
   const at::Tensor x = input.contiguous();
   const Layout l = layout_of(x, channel_dim);
   const int64_t n = l.outer * l.inner;
@@ -137,24 +145,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
   at::Tensor invstd = at::empty({l.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_batch_norm_forward", [&] {
     const scalar_t* __restrict xp = x.const_data_ptr<scalar_t>();
-    // one read: the sums of d = x - x₀ and d², x₀ the channel's first value, a shift that
-    // keeps Σd² - (Σd)²/n free of the cancellation E[x²] - E[x]² suffers far from 0
-    std::vector<scalar_t> x0(l.C);
-    std::vector<double> mean64(l.C), var64(l.C);
+    // two reads, the corrected two-pass algorithm: the mean (summed about the channel's first
+    // value x₀, so float blocks keep their precision), then Σ(x - μ)² - (Σ(x - μ))²/n, which
+    // does not cancel whatever the data's offset
+    std::vector<scalar_t> x0(l.C), m(l.C);
+    std::vector<double> sum_d(l.C), sum_d2(l.C), mean64(l.C), var64(l.C);
     for (int64_t c = 0; c < l.C; ++c) x0[c] = xp[c * l.inner];
     const scalar_t* __restrict shift0 = x0.data();
     channel_sums<scalar_t>(
-        l, mean64.data(), var64.data(), [=](int64_t c, int64_t k) { return xp[k] - shift0[c]; },
+        l, sum_d.data(), sum_d2.data(), [=](int64_t c, int64_t k) { return xp[k] - shift0[c]; },
+        [](int64_t, int64_t) { return scalar_t(0); });
+    for (int64_t c = 0; c < l.C; ++c) {
+      mean64[c] = x0[c] + sum_d[c] / n;
+      m[c] = scalar_t(mean64[c]);
+    }
+    const scalar_t* __restrict mc = m.data();
+    channel_sums<scalar_t>(
+        l, sum_d.data(), sum_d2.data(), [=](int64_t c, int64_t k) { return xp[k] - mc[c]; },
         [=](int64_t c, int64_t k) {
-          const scalar_t d = xp[k] - shift0[c];
+          const scalar_t d = xp[k] - mc[c];
           return d * d;
         });
     for (int64_t c = 0; c < l.C; ++c) {
-      const double sum_d = mean64[c];
-      mean64[c] = x0[c] + sum_d / n;
-      var64[c] = std::max(0.0, var64[c] - sum_d * sum_d / n);  // n·(biased variance)
+      var64[c] = std::max(0.0, sum_d2[c] - sum_d[c] * sum_d[c] / n);  // n·(biased variance)
     }
-    std::vector<scalar_t> m(l.C), scale(l.C), shift(l.C);
+    std::vector<scalar_t> scale(l.C), shift(l.C);
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* bt = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
@@ -163,13 +178,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
       var64[c] /= n;
       const double inv = 1.0 / std::sqrt(var64[c] + eps);
       const double gamma = weight.defined() ? double(w[c]) : 1.0;
-      mp[c] = m[c] = scalar_t(mean64[c]);
+      mp[c] = m[c];
       ip[c] = scalar_t(inv);
       scale[c] = scalar_t(inv * gamma);
       shift[c] = bias.defined() ? bt[c] : scalar_t(0);
     }
-    const scalar_t *__restrict mc = m.data(), *__restrict sc = scale.data(),
-                               *__restrict sh = shift.data();
+    const scalar_t *__restrict sc = scale.data(), *__restrict sh = shift.data();
     channel_map(l, y.mutable_data_ptr<scalar_t>(),
                 [=](int64_t c, int64_t k) { return (xp[k] - mc[c]) * sc[c] + sh[c]; });
     if (running_mean.defined() && running_var.defined()) {  // torch's rule, unbiased variance
@@ -179,6 +193,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
         rm[c] = scalar_t(rm[c] + factor * (mean64[c] - rm[c]));
         rv[c] = scalar_t(rv[c] + factor * (var64[c] * n / (n - 1) - rv[c]));
       }
+      // written in place: tell autograd, as an in-place operator would
+      torch::autograd::impl::bump_version(running_mean);
+      torch::autograd::impl::bump_version(running_var);
     }
   });
   return {y, mean, invstd};  // y: x's shape, which is the input's
@@ -257,6 +274,11 @@ class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    // the gradients come from raw arithmetic: differentiating them again (create_graph=True)
+    // would silently leave BatchNorm out, so refuse, as @once_differentiable does
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "normlab::batch_norm is differentiable once: a backward with create_graph=True "
+                "through it is refused");
     const auto saved = ctx->get_saved_variables();
     auto [grad_x, grad_weight, grad_bias] =
         ::backward(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0),
