@@ -124,7 +124,7 @@ def test_the_step_is_the_same_arithmetic_in_float64(names, optimizer_name, nonli
 @pytest.mark.parametrize(
     "overrides, optimizer_name",
     [
-        ({}, "sgd"),  # lecture-deep
+        # lecture-deep with SGD: tests/test_trace.py holds both paths to their records
         ({"norm": "layer", "dropout": 0.2, "embed_dropout": 0.1, "residual": True}, "adamw"),
         ({"arch": "wavenet", "block_size": 8, "n_layer": 3, "n_embd": 4}, "adamw"),
     ],

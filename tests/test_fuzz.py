@@ -81,7 +81,7 @@ DATA = st.one_of(
 
 @pytest.mark.slow
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(argv=flags(), data=DATA)
 def test_any_flags_and_any_data_end_cleanly(tmp_path_factory, capsys, argv, data):
