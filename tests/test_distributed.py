@@ -217,15 +217,23 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """50 steps of lecture-deep at global batch 33 on one process, with autograd."""
-    return _train(tmp_path_factory.mktemp("runs") / "one", *LECTURE_DEEP_50)
+def one_process_run(tmp_path_factory):
+    """50 steps of lecture-deep at global batch 33 on one process, with autograd: the run
+    folder."""
+    out = tmp_path_factory.mktemp("runs") / "one"
+    _train(out, *LECTURE_DEEP_50)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(one_process_run):
+    return torch.load(one_process_run / "checkpoint.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """The same on two processes, on the compiled step (step 0 records, with autograd and
-    DDP): the run folder."""
+    """The same on two processes, on the compiled step (step 0 records, on the step's traced
+    graph): the run folder."""
     out = tmp_path_factory.mktemp("runs") / "two"
     result = _normlab("train", "--out", out, "--nproc", 2, *LECTURE_DEEP_50, "--compile")
     assert result.returncode == 0, result.stderr
@@ -242,6 +250,22 @@ def test_two_processes_compiled_train_the_same_weights_as_one(one_process, two_p
     assert _max_difference(stats(one_process), stats(two)) <= 1e-5
     assert two["progress"]["step"] == 50
     assert len(two["rng"]["ranks"]) == 2  # each rank's own RNG, for an exact resume
+
+
+def test_a_recording_on_two_compiled_processes_measures_the_global_gradient(
+    one_process_run, two_processes
+):
+    # rank 0 records its own rows' activations, but the parameters' gradients and updates
+    # are the global batch's: the same as one process on autograd measures
+    one, two = (
+        json.loads((run / "diagnostics.jsonl").read_text().splitlines()[0])["params"]
+        for run in (one_process_run, two_processes)
+    )
+    assert [p["name"] for p in one] == [p["name"] for p in two]
+    for a, b in zip(one, two, strict=True):
+        for key in ("data_std", "grad_std", "grad_to_data", "update_to_data"):
+            expected = pytest.approx(a[key], rel=1e-4) if a[key] is not None else None
+            assert b[key] == expected, (a["name"], key)  # None: a constant BatchNorm gain
 
 
 def test_without_synced_batchnorm_two_processes_compute_something_else(one_process, tmp_path):

@@ -11,10 +11,13 @@ from normlab import fast as fast_module
 from normlab.cli import main
 from normlab.config import ModelConfig, TrainConfig
 from normlab.data import load_dataset
+from normlab.diagnostics import Diagnostics
+from normlab.diagnostics.snapshot import snapshot_to_dict
 from normlab.fast import FastStep, compile_cache_dir
 from normlab.model import MLPLanguageModel
 from normlab.optim import make_optimizer
 from normlab.presets import PRESETS
+from normlab.step import TrainStep
 
 LECTURE_DEEP = PRESETS["lecture-deep"]["model"]
 
@@ -46,20 +49,21 @@ def _batches(names, n, batch_size=32, block_size=3):
 # float64 test below holds AdamW, weights, moments and all, to 1e-9 over 20 steps.
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        {},  # lecture-deep: BatchNorm everywhere, output BatchNorm
-        {"norm": "none", "output_bn": False},  # biases, no BatchNorm
-        {"nonlinearity": "relu"},
-        {"block_size": 10, "residual": True},  # 10 × 10 = 100: every block residual
-        {"norm": "none", "bias": False, "output_bn": False},
-        {"init": "lecture", "norm": "none", "output_bn": False, "n_layer": 1},  # random biases
-        {"norm": "layer", "dropout": 0.2, "embed_dropout": 0.1},
-        {"norm": "group", "n_groups": 4, "nonlinearity": "relu"},
-        {"arch": "wavenet", "block_size": 8, "n_layer": 3, "n_embd": 4},
-    ],
-)
+# every architecture option the CLI builds, on lecture-deep
+ARCHITECTURES = [
+    {},  # lecture-deep: BatchNorm everywhere, output BatchNorm
+    {"norm": "none", "output_bn": False},  # biases, no BatchNorm
+    {"nonlinearity": "relu"},
+    {"block_size": 10, "residual": True},  # 10 × 10 = 100: every block residual
+    {"norm": "none", "bias": False, "output_bn": False},
+    {"init": "lecture", "norm": "none", "output_bn": False, "n_layer": 1},  # random biases
+    {"norm": "layer", "dropout": 0.2, "embed_dropout": 0.1},
+    {"norm": "group", "n_groups": 4, "nonlinearity": "relu"},
+    {"arch": "wavenet", "block_size": 8, "n_layer": 3, "n_embd": 4},
+]
+
+
+@pytest.mark.parametrize("overrides", ARCHITECTURES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("optimizer_name, lr", [("sgd", 0.1), ("adamw", 0.01)])
 def test_the_step_equals_autograd_and_the_optimizer(
@@ -94,6 +98,50 @@ def test_the_step_equals_autograd_and_the_optimizer(
             mine = ours["state"][i][key]
             assert (mine.shape, mine.dtype, mine.device) == (value.shape, value.dtype, value.device)
         assert torch.equal(ours["state"][i]["step"], state["step"])
+
+
+def _assert_same_recording(a, b, path="snapshot"):
+    """Two recordings' statistics (snapshot_to_dict) agree: values to float32 rounding,
+    histograms up to the few values that rounding moves across a bin's edge (gradients of
+    about 1e-9 on either side of 0, in a residual network: 0.7% of a histogram; or two)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _assert_same_recording(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list) and a and all(type(c) is int for c in a):  # histogram counts
+        assert sum(a) == sum(b), path
+        moved = (torch.tensor(a).cumsum(0) - torch.tensor(b).cumsum(0)).abs().max()
+        assert moved <= max(2, 0.01 * sum(a)), path
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_recording(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), path
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("overrides", ARCHITECTURES)
+def test_a_recording_on_the_fast_path_measures_what_autograd_does(names, overrides):
+    reference, model = _models(names, **overrides)
+    cfg = TrainConfig(optimizer="sgd", lr=0.1)
+    autograd = TrainStep(reference, make_optimizer(reference, cfg), batch_size=32)
+    optimizer = make_optimizer(model, cfg)
+    fast = TrainStep(model, optimizer, batch_size=32, compiled=FastStep(model, optimizer))
+    recorders = Diagnostics(reference), Diagnostics(model)
+    for i, (x, y) in enumerate(_batches(names, 3, block_size=model.config.block_size)):
+        rng = torch.get_rng_state()  # the same dropout masks on both sides
+        expected = autograd(x, y, 0.1, recorders[0], i).snapshot
+        torch.set_rng_state(rng)
+        measured = fast(x, y, 0.1, recorders[1], i).snapshot
+        _assert_same_recording(snapshot_to_dict(expected), snapshot_to_dict(measured))
+        for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert len(measured.layers) == len(recorders[1].layers)  # every layer, with its gradient
+    assert all(layer.grad_std is not None for layer in measured.layers)
+    with pytest.raises(RuntimeError, match="arm"):
+        fast.compiled.recorded(x, y, 0.1, recorders[1])  # a recording needs armed hooks
 
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])

@@ -16,9 +16,18 @@ several processes the step all-reduces the gradients itself (summed, as
 ``normlab.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
 functional collectives that are part of the graph. The parameters and AdamW's
 moments are updated in place, in the optimizer's own state, so the model, its
-optimizer and its checkpoints are the same objects whichever path a step takes
-(diagnostic recordings take the autograd path).
-Module hooks run while the step is traced, not in the compiled step, and
+optimizer and its checkpoints are the same objects whichever path a step takes.
+
+A diagnostics recording (``FastStep.recorded``) traces the same step with the
+``Diagnostics`` hooks attached: they run while it is traced, so what they
+capture (the layers' outputs, their gradients, BatchNorm's inputs and running
+statistics) becomes the graph's outputs, with the parameters' gradients and
+the batch's eval-mode loss. That graph runs without inductor: a recording is
+one step in many (every 100 by default), measuring what it captured costs more
+than the step itself, and compiling a second graph would cost about as much as
+the first.
+
+Other module hooks run while the step is traced, not in the compiled step, and
 hooks on the parameters or their gradients never run in it (the step
 differentiates detached copies): a run whose hooks must see every step trains
 with ``--no-compile``. A BatchNorm with ``momentum=None`` (a cumulative
@@ -35,7 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from normlab.diagnostics import Diagnostics
 from normlab.errors import first_line
+from normlab.nn import set_mode
 
 
 def compile_cache_dir() -> Path:
@@ -158,8 +169,12 @@ class FastStep:
             tuple(rules),
         )
 
-    def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor) -> Tensor:
-        """The step itself, from the model's forward and autograd; what is traced."""
+    def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor, record=None):
+        """The step itself, from the model's forward and autograd; what is traced.
+
+        Returns the loss; with ``record`` (an armed ``Diagnostics``, whose hooks capture as
+        the forward and backward passes run) also the batch's eval-mode loss before the
+        update, what the hooks captured, and the parameters' gradients (None where unused)."""
         params = [t.detach().requires_grad_() for t in tensors[: self.n_params]]
         buffers = tensors[self.n_params : len(self.names)]
         state = dict(zip(self.names, params + buffers, strict=True))
@@ -169,38 +184,50 @@ class FastStep:
         # a parameter the loss does not use gets None, and no update, as in torch.optim
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
+            if record is not None:  # with the running statistics this batch moved
+                with set_mode(self.model, training=False):
+                    eval_logits, _ = torch.func.functional_call(self.model, state, (x,))
+                eval_loss = F.cross_entropy(eval_logits, y)
             used = {i: g for i, g in enumerate(grads) if g is not None}
             if self.group is not None:
                 used = _sum_over_group(used, self.group)
             _apply_update(tensors, used, lr, self.update)
-        return loss.detach()
+        if record is None:
+            return loss.detach()
+        param_grads = [used.get(i) for i in range(self.n_params)]
+        return loss.detach(), eval_loss, record.captures(), param_grads
 
-    def _compiled_for(self, x: Tensor, y: Tensor):
-        key = (x.shape, y.shape, x.dtype, x.device, self.model.training)
+    def _compiled_for(self, x: Tensor, y: Tensor, record: Diagnostics | None = None):
+        """The compiled step for this batch's shape and the model's mode; with ``record``,
+        the recording step (traced with its hooks attached, so that the graph returns what
+        they capture), run uncompiled."""
+        key = (x.shape, y.shape, x.dtype, x.device, self.model.training, record is not None)
         if key not in self._compiled:
 
             def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
-                return self._step(tensors, x, y, lr)
+                return self._step(tensors, x, y, lr, record)
 
             graph = make_fx(step, tracing_mode="fake")(self.tensors, x, y, self._lr)
-            self._compiled[key] = torch.compile(graph, dynamic=False, options=_options())
+            if record is None:
+                graph = torch.compile(graph, dynamic=False, options=_options())
+            self._compiled[key] = graph
         return self._compiled[key]
 
-    def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
+    def _run(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None):
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
         if not self.compile:
-            return self._step(self.tensors, x, y, self._lr)
+            return self._step(self.tensors, x, y, self._lr, record)
         if self._proven:
-            return self._compiled_for(x, y)(self.tensors, x, y, self._lr)
+            return self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
         # Until a compiled step has run once, keep what it updates in place: a step that fails
         # (no C++ compiler, an unsupported platform) may have updated some tensors already,
         # and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            loss = self._compiled_for(x, y)(self.tensors, x, y, self._lr)
+            out = self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
         except Exception as e:
             reason = first_line(e, 160)
             print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
@@ -209,9 +236,28 @@ class FastStep:
                     t.copy_(before)
             torch.set_rng_state(rng)
             self.compile = False
-            return self._step(self.tensors, x, y, self._lr)
-        self._proven = True
-        return loss
+            if record is not None:
+                record.arm()  # drop what the failed trace's hooks captured
+            return self._step(self.tensors, x, y, self._lr, record)
+        if record is None:  # the recording step's graph runs uncompiled: it proves nothing
+            self._proven = True
+        return out
+
+    def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
+        return self._run(x, y, lr, None)
+
+    def recorded(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics) -> tuple:
+        """The step, recorded into ``record``, which must be armed: returns the loss and the
+        batch's eval-mode loss before the update (0-dim tensors), and leaves in ``record``
+        what its hooks capture in an autograd step, and in each parameter's ``.grad`` its
+        gradient, for ``record.collect()`` to measure."""
+        if not record.armed:  # its hooks would capture nothing, in the graph too
+            raise RuntimeError("FastStep.recorded(): arm() the Diagnostics first")
+        loss, eval_loss, captured, grads = self._run(x, y, lr, record)
+        record.restore(captured)
+        for p, grad in zip(self.model.parameters(), grads, strict=True):
+            p.grad = grad  # as loss.backward() leaves them, for record.collect()
+        return loss, eval_loss
 
 
 def _sum_over_group(grads: dict, group) -> dict:

@@ -4,9 +4,9 @@
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. Unless ``--no-compile``, the same
-call runs the compiled step (``normlab.fast``) instead, except on recording
-steps, which need autograd's hooks. Under several processes the autograd
-path runs the forward through DDP.
+call runs the compiled step (``normlab.fast``) instead, recording steps
+included. Under several processes the autograd path runs the forward through
+DDP.
 """
 
 from dataclasses import dataclass
@@ -71,8 +71,11 @@ class TrainStep:
         self.batch_size = batch_size
         self.averaged = averaged
         self.compiled = compiled
+        # the hooks a rank that does not record traces its recording steps with
+        self._peer = Diagnostics(model) if compiled is not None and ranks.distributed else None
         device = next(model.parameters()).device
-        self.forward_model = wrap_ddp(model, device) if ranks.distributed else model
+        ddp = ranks.distributed and compiled is None  # the compiled step sums gradients itself
+        self.forward_model = wrap_ddp(model, device) if ddp else model
 
     def __call__(
         self,
@@ -81,28 +84,36 @@ class TrainStep:
         lr: float,
         record: Diagnostics | None = None,
         index: int = 0,
-        autograd: bool = False,
+        recording: bool = False,
     ) -> StepResult:
         """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``record``, record the
-        step into it as step ``index``. Recording steps take the autograd path, and so does a
-        step with ``autograd``: under several processes rank 0 alone records, and the other
-        ranks must take its path for their collectives to match."""
+        step into it as step ``index``. Under several processes rank 0 alone records; the
+        others pass ``recording`` on its recording steps, so that every process runs the same
+        graph and their collectives match."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        snapshot = None
-        if self.compiled is not None and record is None and not autograd:
-            loss = self.compiled(x, y, lr)
-        else:
-            if record is not None:
-                record.arm()
+        if record is not None:
+            record.arm()
+        eval_loss = None
+        if self.compiled is None:
             logits, _ = self.forward_model(x)
             loss = F.cross_entropy(logits, y, reduction="sum") / self.batch_size
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            eval_loss = _eval_mode_loss(self.model, x, y) if record is not None else None
-            self.optimizer.step()
             if record is not None:
-                snapshot = record.collect(index, self._rows_loss(loss, len(x)), eval_loss)
+                eval_loss = _eval_mode_loss(self.model, x, y)
+            self.optimizer.step()
+        elif record is not None:
+            loss, eval_loss = self.compiled.recorded(x, y, lr, record)
+        elif recording:  # another rank records: trace the same step, and drop what it captured
+            self._peer.arm()
+            loss, _ = self.compiled.recorded(x, y, lr, self._peer)
+            self._peer.detach()
+        else:
+            loss = self.compiled(x, y, lr)
+        snapshot = None
+        if record is not None:
+            snapshot = record.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
         if self.averaged is not None:
             self.averaged.update_parameters(self.model)
         return StepResult(loss, snapshot)
@@ -115,11 +126,11 @@ class TrainStep:
 
 
 @torch.no_grad()
-def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> float:
+def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> Tensor:
     """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
     with set_mode(model, training=False):
         _, loss = model(x, y)
-    return loss.item()
+    return loss
 
 
 def compiled_step(

@@ -291,7 +291,7 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             xb, yb = t.batches.next()
             recording = t.records(progress.step)
             record = t.diagnostics if recording else None  # None on ranks other than 0
-            result = t.step(xb, yb, lr, record, progress.step, autograd=recording)
+            result = t.step(xb, yb, lr, record, progress.step, recording=recording)
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
             if recording or not warming_up:
                 progress.add_step_time(time.perf_counter() - started, recording)

@@ -80,6 +80,10 @@ class Diagnostics:
 
     def detach(self) -> None:
         """Remove every hook; an armed recording is dropped."""
+        self._remove_hooks()
+        self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -136,11 +140,23 @@ class Diagnostics:
         self._before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self._armed, self._awaits_backward = True, False
 
+    def captures(self) -> dict:
+        """What the armed recording's hooks have captured so far: the layers' outputs, their
+        gradients, and BatchNorm's inputs with its running statistics before the batch."""
+        return {"outputs": self._outputs, "grads": self._grads, "batchnorm": self._batchnorm}
+
+    def restore(self, captures: dict) -> None:
+        """Take ``captures`` as what the hooks captured: a traced step's graph returns
+        ``captures()`` of its trace, computed (``normlab.fast``)."""
+        self._outputs = captures["outputs"]
+        self._grads = captures["grads"]
+        self._batchnorm = captures["batchnorm"]
+
     def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
         """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
         if not self._armed:
             raise RuntimeError("Diagnostics.collect() without arm()")
-        self.detach()  # hooks cost time on every call: they stay only for a recording
+        self._remove_hooks()  # hooks cost time on every call: they stay only for a recording
         if self._awaits_backward and not self._grads:
             raise RuntimeError(
                 "Diagnostics.collect(): the armed step ran a forward pass but no backward pass; "

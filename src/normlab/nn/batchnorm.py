@@ -308,7 +308,7 @@ class _BatchNorm(_NormBase):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        channel_dim = x.dim() - 1 if self.channels_last else 1
+        channel_dim = self.channel_dim % x.dim()  # non-negative: the kernel takes it as an index
         if not (self.training or not self.track_running_stats):  # eval: running statistics
             shape = _stat_shape(x, channel_dim)
             scale, shift = running_affine(self)
