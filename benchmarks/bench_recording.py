@@ -17,13 +17,13 @@ import tempfile
 import time
 
 import torch
+from bench_train import lecture_deep
 
 from normlab import fast
-from normlab.config import ModelConfig, TrainConfig
+from normlab.config import TrainConfig
 from normlab.data import load_dataset
 from normlab.diagnostics import Diagnostics
 from normlab.fast import FastStep
-from normlab.model import MLPLanguageModel
 from normlab.optim import make_optimizer
 from normlab.presets import PRESETS
 from normlab.step import TrainStep
@@ -33,8 +33,8 @@ CASES = ((32, 100), (256, 40))  # batch size, recordings per round
 
 
 def lecture_deep_step(vocab_size: int, batch_size: int, compiled: bool):
-    config = ModelConfig(**PRESETS["lecture-deep"]["model"], vocab_size=vocab_size)
-    model = MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+    """``TrainStep`` on lecture-deep with SGD, and a ``Diagnostics`` of its model."""
+    model = lecture_deep(vocab_size)
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
     steps = FastStep(model, optimizer) if compiled else None
     return TrainStep(model, optimizer, batch_size, compiled=steps), Diagnostics(model)

@@ -114,7 +114,7 @@ def test_the_kernel_passes_gradcheck_in_float64(shape, channel_dim, affine, bias
 
     def fn(x, *params):
         params = list(params) + [None] * (2 - len(params))
-        return op(x, *params, *running, 0.1, 1e-5, channel_dim)
+        return op(x, *params, *running, None, 0.1, 1e-5, channel_dim)  # no batch count
 
     assert torch.autograd.gradcheck(fn, inputs)
 
@@ -164,9 +164,12 @@ def test_what_the_kernel_does_not_take_runs_on_aten_operators():
 
 def test_the_kernel_moves_the_running_statistics_as_an_in_place_operator():
     bn = nl.BatchNorm1d(4)
-    before = bn.running_mean._version, bn.running_var._version
-    bn(torch.randn(8, 4))
-    assert bn.running_mean._version > before[0] and bn.running_var._version > before[1]
+    buffers = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    before = [t._version for t in buffers]
+    y = bn(torch.randn(8, 4, requires_grad=True))
+    assert "BatchNormNode" in y.grad_fn.name()
+    assert all(t._version > v for t, v in zip(buffers, before, strict=True))
+    assert bn.num_batches_tracked.item() == 1  # counted by the kernel
 
 
 @pytest.fixture
@@ -187,6 +190,17 @@ def test_a_kernel_that_does_not_load_is_one_line_and_the_aten_path(
     assert kernel.ops() is None
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "did not load" in out
+    y = nl.BatchNorm1d(3)(torch.randn(4, 3, requires_grad=True))
+    assert y.grad_fn.name() == "BatchNormFunctionBackward"
+
+
+def test_a_kernel_built_from_other_sources_is_one_line_and_the_aten_path(
+    reload_kernel, monkeypatch, capsys
+):
+    monkeypatch.setattr(kernel, "ARGUMENTS", kernel.ARGUMENTS[:-1])  # as an older operator's
+    assert kernel.ops() is None
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "out of date" in out
     y = nl.BatchNorm1d(3)(torch.randn(4, 3, requires_grad=True))
     assert y.grad_fn.name() == "BatchNormFunctionBackward"
 

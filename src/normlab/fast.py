@@ -39,6 +39,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -230,7 +231,8 @@ class FastStep:
             out = self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
         except Exception as e:
             reason = first_line(e, 160)
-            print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
+            if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
+                print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)

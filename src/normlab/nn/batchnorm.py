@@ -314,8 +314,20 @@ class _BatchNorm(_NormBase):
             scale, shift = running_affine(self)
             return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
+        tracking = self.training and self.track_running_stats
+        weight, bias = self.weight, self.bias
+        stats = (self.running_mean, self.running_var) if tracking else (None, None)
+        if (
+            kernel.applies(x, weight, bias, *stats)
+            and self._group() is None
+            and x.numel() // x.size(channel_dim) > 1
+        ):  # the same math in C++, which also counts the batch
+            counter = self.num_batches_tracked if tracking else None
+            args = (counter, self.momentum, self.eps, channel_dim)
+            return kernel.ops().batch_norm(x, weight, bias, *stats, *args)
+
         running = None
-        if self.training and self.track_running_stats:
+        if tracking:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
@@ -325,7 +337,6 @@ class _BatchNorm(_NormBase):
         group = self._group()
         if group is None:
             if x.numel() == 0:  # no examples: no statistics, as torch
-                weight = self.weight
                 return (
                     x * weight.view(_stat_shape(x, channel_dim))
                     if weight is not None
@@ -337,12 +348,8 @@ class _BatchNorm(_NormBase):
                     f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
                     "(model.eval()) to run single examples with the running statistics"
                 )
-            weight, bias = self.weight, self.bias
-            stats = running or (None, None, 0.0)
-            if kernel.applies(x, weight, bias, *stats[:2]):  # the same math, in C++
-                return kernel.ops().batch_norm(x, weight, bias, *stats, self.eps, channel_dim)
         args = (self.eps, running, group, channel_dim)
-        return BatchNormFunction.apply(x, self.weight, self.bias, *args)
+        return BatchNormFunction.apply(x, weight, bias, *args)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", channels_last=True" if self.channels_last else "")

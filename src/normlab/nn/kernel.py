@@ -1,7 +1,8 @@
 """BatchNorm's C++ kernel for the CPU (``csrc/batchnorm.cpp``), where it was built.
 
 ``torch.ops.normlab.batch_norm`` is ``BatchNormFunction``'s training-mode math
-(the batch's statistics, the running statistics, the closed-form backward) as
+(the batch's statistics, the running statistics and the batch count, the
+closed-form backward) as
 one operator with its autograd node in C++: a dozen ATen operators' overhead,
 which dominates at the sizes these networks have, becomes one call each way.
 Its sums run over blocks of values in the input's dtype and in float64 across
@@ -23,6 +24,18 @@ import torch
 from torch import Tensor
 
 DTYPES = (torch.float32, torch.float64)
+# the operator's arguments, as BatchNorm calls it
+ARGUMENTS = [
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "momentum",
+    "eps",
+    "channel_dim",
+]
 
 
 @functools.cache
@@ -37,6 +50,13 @@ def ops():
         torch.ops.load_library(spec.origin)
     except OSError as e:  # built against another torch: dlopen's one line says why
         print(f"normlab: BatchNorm's C++ kernel did not load ({e}); it runs on ATen operators")
+        return None
+    arguments = [a.name for a in torch.ops.normlab.batch_norm.default._schema.arguments]
+    if arguments != ARGUMENTS:  # a build left from other sources (setup.py build_ext --inplace)
+        print(
+            "normlab: BatchNorm's C++ kernel is out of date (rebuild it: pip install "
+            "--no-build-isolation -e .); it runs on ATen operators"
+        )
         return None
     return torch.ops.normlab
 

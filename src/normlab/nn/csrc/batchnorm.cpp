@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -117,15 +118,30 @@ void channel_map(const Layout& l, scalar_t* __restrict out, const Term& term) {
   });
 }
 
-// y = (x - mean)·γ/σ + β; returns (y, mean, invstd) and moves the running statistics.
-// weight, bias and the running statistics may each be undefined (absent).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
-                                                       const at::Tensor& weight,
-                                                       const at::Tensor& bias,
-                                                       const at::Tensor& running_mean,
-                                                       const at::Tensor& running_var,
-                                                       double factor, double eps,
-                                                       int64_t channel_dim) {
+// Counts the batch in num_batches_tracked (an int64 scalar) when there is one, and returns the
+// running statistics' factor: momentum, or 1/count without one (a cumulative average), as
+// torch's BatchNorm does.
+double count_batch(const at::Tensor& num_batches_tracked, std::optional<double> momentum) {
+  int64_t count = 0;
+  if (num_batches_tracked.defined()) {
+    TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1,
+                "normlab::batch_norm: num_batches_tracked must be one int64");
+    count = ++num_batches_tracked.mutable_data_ptr<int64_t>()[0];
+    torch::autograd::impl::bump_version(num_batches_tracked);  // written in place
+  }
+  if (momentum.has_value()) return *momentum;
+  TORCH_CHECK(count > 0, "normlab::batch_norm: momentum=None needs num_batches_tracked");
+  return 1.0 / double(count);
+}
+
+// y = (x - mean)·γ/σ + β; returns (y, mean, invstd), and where there are running statistics
+// counts the batch and moves them. weight, bias, the running statistics and the batch count
+// may each be undefined (absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var,
+    const at::Tensor& num_batches_tracked, std::optional<double> momentum, double eps,
+    int64_t channel_dim) {
   check_dtypes(input, {weight, bias, running_mean, running_var});
   TORCH_CHECK(input.is_cpu(), "normlab::batch_norm: a CPU operator, got a ", input.device(),
               " tensor");
@@ -140,6 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
   const Layout l = layout_of(x, channel_dim);
   const int64_t n = l.outer * l.inner;
   TORCH_CHECK(n > 1, "normlab::batch_norm: needs at least 2 values per channel");
+  const bool running = running_mean.defined() && running_var.defined();
+  const double factor = running ? count_batch(num_batches_tracked, momentum) : 0.0;
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({l.C}, x.options());
   at::Tensor invstd = at::empty({l.C}, x.options());
@@ -186,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& input,
     const scalar_t *__restrict sc = scale.data(), *__restrict sh = shift.data();
     channel_map(l, y.mutable_data_ptr<scalar_t>(),
                 [=](int64_t c, int64_t k) { return (xp[k] - mc[c]) * sc[c] + sh[c]; });
-    if (running_mean.defined() && running_var.defined()) {  // torch's rule, unbiased variance
+    if (running) {  // torch's rule, unbiased variance
       scalar_t* rm = running_mean.mutable_data_ptr<scalar_t>();
       scalar_t* rv = running_var.mutable_data_ptr<scalar_t>();
       for (int64_t c = 0; c < l.C; ++c) {
@@ -260,12 +278,15 @@ class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             at::TensorList params,
                             const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, double factor,
-                            double eps, int64_t channel_dim) {
+                            const std::optional<at::Tensor>& running_var,
+                            const std::optional<at::Tensor>& num_batches_tracked,
+                            std::optional<double> momentum, double eps, int64_t channel_dim) {
     const at::Tensor weight = params.size() > 0 ? params[0] : at::Tensor();
     const at::Tensor bias = params.size() > 1 ? params[1] : at::Tensor();
-    auto [y, mean, invstd] = ::forward(x, weight, bias, value_or_undefined(running_mean),
-                                       value_or_undefined(running_var), factor, eps, channel_dim);
+    auto [y, mean, invstd] =
+        ::forward(x, weight, bias, value_or_undefined(running_mean),
+                  value_or_undefined(running_var), value_or_undefined(num_batches_tracked),
+                  momentum, eps, channel_dim);
     ctx->save_for_backward({x, mean, invstd, weight});
     ctx->saved_data["channel_dim"] = channel_dim;
     ctx->saved_data["params"] = int64_t(params.size());
@@ -288,7 +309,8 @@ class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
     torch::autograd::variable_list out = {grad_x};
     if (params > 0) out.push_back(ctx->needs_input_grad(1) ? grad_weight : none);
     if (params > 1) out.push_back(ctx->needs_input_grad(2) ? grad_bias : none);
-    out.insert(out.end(), 5, none);  // running_mean, running_var, factor, eps, channel_dim
+    // running_mean, running_var, num_batches_tracked, momentum, eps, channel_dim
+    out.insert(out.end(), 6, none);
     return out;
   }
 };
@@ -307,21 +329,24 @@ std::vector<at::Tensor> present(const std::optional<at::Tensor>& weight,
 at::Tensor batch_norm_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var, double factor,
-                               double eps, int64_t channel_dim) {
+                               const std::optional<at::Tensor>& running_var,
+                               const std::optional<at::Tensor>& num_batches_tracked,
+                               std::optional<double> momentum, double eps, int64_t channel_dim) {
   const std::vector<at::Tensor> params = present(weight, bias);
-  return BatchNormNode::apply(x, at::TensorList(params), running_mean, running_var, factor, eps,
-                              channel_dim);
+  return BatchNormNode::apply(x, at::TensorList(params), running_mean, running_var,
+                              num_batches_tracked, momentum, eps, channel_dim);
 }
 
 at::Tensor batch_norm_no_grad(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& running_mean,
-                              const std::optional<at::Tensor>& running_var, double factor,
-                              double eps, int64_t channel_dim) {
+                              const std::optional<at::Tensor>& running_var,
+                              const std::optional<at::Tensor>& num_batches_tracked,
+                              std::optional<double> momentum, double eps, int64_t channel_dim) {
   return std::get<0>(forward(x, value_or_undefined(weight), value_or_undefined(bias),
                              value_or_undefined(running_mean), value_or_undefined(running_var),
-                             factor, eps, channel_dim));
+                             value_or_undefined(num_batches_tracked), momentum, eps,
+                             channel_dim));
 }
 
 }  // namespace
@@ -329,7 +354,8 @@ at::Tensor batch_norm_no_grad(const at::Tensor& x, const std::optional<at::Tenso
 TORCH_LIBRARY(normlab, m) {
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float factor, float eps, int channel_dim) -> Tensor");
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float? momentum, float eps, "
+      "int channel_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normlab, Autograd, m) { m.impl("batch_norm", &batch_norm_autograd); }
