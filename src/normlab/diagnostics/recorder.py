@@ -163,7 +163,7 @@ class Diagnostics:
                 "call loss.backward() (and the optimizer's step) between arm() and collect()"
             )
         kinds = {name: kind for name, _, kind in self.layers}
-        rows: dict[tuple, stats.Columns] = {}
+        params = dict(self.model.named_parameters())
         measured = (
             (
                 "out",
@@ -176,17 +176,18 @@ class Diagnostics:
                 {name: captured[0] for name, captured in self._batchnorm.items()},
                 lambda names, _: stats.batchnorm_stats([self._batchnorm[n] for n in names]),
             ),
+            (
+                "param",
+                params,
+                lambda names, ps: stats.param_stats([self._before[n] for n in names], ps),
+            ),
         )
-        for what, named, measure in measured:
-            for name, columns in stats.grouped(named, measure).items():
-                rows[(what, name)] = columns
-        params = dict(self.model.named_parameters())
-        param_rows = stats.grouped(
-            params, lambda names, ps: stats.param_stats([self._before[n] for n in names], ps)
-        )
-        for name in params:
-            rows[("param", name)] = param_rows[name]
-        snapshot = self._snapshot(stats.to_host(rows), step, loss, eval_loss)
+        groups = [
+            (what, names, columns)
+            for what, named, measure in measured
+            for names, columns in stats.grouped(named, measure)
+        ]
+        snapshot = self._snapshot(stats.to_host(groups), step, loss, eval_loss)
         self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
         self.extend([snapshot])
         return snapshot

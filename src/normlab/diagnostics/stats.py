@@ -180,11 +180,13 @@ def _stack(tensors: list[Tensor]) -> Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def grouped(named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]], Columns]):
+def grouped(
+    named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]], Columns]
+) -> list[tuple[list[str], Columns]]:
     """Apply ``stats(names, tensors)`` to each group of same-shaped tensors of ``named``, of
     at most ``GROUP_NUMEL`` values (or one tensor) each.
 
-    Returns ``{name: {column: its row}}``.
+    Returns each group's names and its columns, one row per name.
     """
     groups: dict[tuple, list[str]] = {}
     for name, t in named.items():
@@ -195,27 +197,25 @@ def grouped(named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]],
                 break  # one tensor alone, whatever its size
             chunk += 1
         groups.setdefault((*key, chunk), []).append(name)
-    rows: dict[str, Columns] = {}
-    for names in groups.values():
-        columns = stats(names, [named[n] for n in names])
-        for i, name in enumerate(names):
-            rows[name] = {column: values[i] for column, values in columns.items()}
-    return rows
+    return [(names, stats(names, [named[n] for n in names])) for names in groups.values()]
 
 
-def to_host(rows: dict[tuple, Columns]) -> dict[tuple, dict[str, float | list[float]]]:
-    """Every row's columns as Python numbers, in one transfer from the device.
+def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[tuple, dict]:
+    """Every group's columns as Python numbers, in one transfer from the device:
+    ``{(what, name): {column: its row}}`` for the groups ``(what, names, columns)``.
 
-    A 0-dim column becomes a float, a longer one a list.
+    A row of a (G,) column becomes a float, of a (G, k) column a list.
     """
-    parts = [(key, column, t) for key, columns in rows.items() for column, t in columns.items()]
+    parts = [(what, names, c, t) for what, names, columns in groups for c, t in columns.items()]
     if not parts:
         return {}
-    values = torch.cat([t.reshape(-1) for _, _, t in parts]).cpu().tolist()
-    host: dict[tuple, dict] = {key: {} for key in rows}
+    values = torch.cat([t.reshape(-1) for *_, t in parts]).cpu().tolist()
+    host: dict[tuple, dict] = {}
     offset = 0
-    for key, column, t in parts:
-        n = t.numel()
-        host[key][column] = values[offset] if t.dim() == 0 else values[offset : offset + n]
-        offset += n
+    for what, names, column, t in parts:
+        width = t.numel() // len(names)
+        for i, name in enumerate(names):
+            row = values[offset + i * width : offset + (i + 1) * width]
+            host.setdefault((what, name), {})[column] = row[0] if t.dim() == 1 else row
+        offset += t.numel()
     return host
