@@ -191,6 +191,12 @@ def fold_batchnorm(
     layer that something else uses too is not folded into. A model without
     BatchNorms comes back as an eval-mode copy.
 
+    A Linear and a BatchNorm1d are folded as if the BatchNorm's channels were the Linear's
+    features: true on (N, C) input, and for a ``channels_last`` BatchNorm on (N, *, C). A
+    channels-first BatchNorm1d after a Linear on (N, L, features) normalizes over L instead
+    (it runs only where L equals its ``num_features``); nothing in the modules says which
+    input they get, so check such a pair on an input, as the example does.
+
     Args:
         model: any module with BatchNorms (normlab's or torch's) next to Linear or
             Conv1d/2d/3d layers.

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -44,20 +45,26 @@ Layout layout_of(const at::Tensor& x, int64_t channel_dim) {
 }
 
 // For each channel c, the two sums Σ first(c, k) and Σ second(c, k) over the indices k of its
-// outer·inner values, in one read of the data. Runs of kBlock values are summed in scalar_t
-// (full SIMD width), the runs' sums in double; each channel in one fixed order, whichever
-// thread computes it.
+// outer·inner values, in one read of the data; with second = NoSecond{}, the first alone (out2
+// unused). Runs of kBlock values are summed in scalar_t (full SIMD width), the runs' sums in
+// double; each channel in one fixed order, whichever thread computes it.
 constexpr int64_t kBlock = 64;
+
+struct NoSecond {};
 
 template <typename scalar_t, typename First, typename Second>
 void channel_sums(const Layout& l, double* __restrict out1, double* __restrict out2,
                   const First& first, const Second& second) {
+  constexpr bool two = !std::is_same_v<Second, NoSecond>;
   // threads only where each gets ATen's grain of values, and a slice of a row in whole cache
   // lines: below that, starting them costs more than it saves
   const int64_t per_channel = std::max<int64_t>(1, l.outer * l.inner);
   const int64_t grain = std::max<int64_t>(16, at::internal::GRAIN_SIZE / per_channel);
   at::parallel_for(0, l.C, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) out1[c] = out2[c] = 0.0;
+    for (int64_t c = c0; c < c1; ++c) {
+      out1[c] = 0.0;
+      if constexpr (two) out2[c] = 0.0;
+    }
     if (l.inner == 1) {  // rows of C: sum kBlock rows at a time, across the channels
       std::vector<scalar_t> run1(c1 - c0), run2(c1 - c0);
       scalar_t* __restrict r1 = run1.data() - c0;
@@ -69,12 +76,12 @@ void channel_sums(const Layout& l, double* __restrict out1, double* __restrict o
 #pragma omp simd
           for (int64_t c = c0; c < c1; ++c) {
             r1[c] += first(c, o * l.C + c);
-            r2[c] += second(c, o * l.C + c);
+            if constexpr (two) r2[c] += second(c, o * l.C + c);
           }
         }
         for (int64_t c = c0; c < c1; ++c) {
           out1[c] += r1[c];
-          out2[c] += r2[c];
+          if constexpr (two) out2[c] += r2[c];
         }
       }
       return;
@@ -87,10 +94,10 @@ void channel_sums(const Layout& l, double* __restrict out1, double* __restrict o
 #pragma omp simd reduction(+ : s1, s2)
           for (int64_t i = i0; i < std::min(i0 + kBlock, l.inner); ++i) {
             s1 += first(c, start + i);
-            s2 += second(c, start + i);
+            if constexpr (two) s2 += second(c, start + i);
           }
           out1[c] += s1;
-          out2[c] += s2;
+          if constexpr (two) out2[c] += s2;
         }
       }
     }
@@ -171,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     for (int64_t c = 0; c < l.C; ++c) x0[c] = xp[c * l.inner];
     const scalar_t* __restrict shift0 = x0.data();
     channel_sums<scalar_t>(
-        l, sum_d.data(), sum_d2.data(), [=](int64_t c, int64_t k) { return xp[k] - shift0[c]; },
-        [](int64_t, int64_t) { return scalar_t(0); });
+        l, sum_d.data(), nullptr, [=](int64_t c, int64_t k) { return xp[k] - shift0[c]; },
+        NoSecond{});
     for (int64_t c = 0; c < l.C; ++c) {
       mean64[c] = x0[c] + sum_d[c] / n;
       m[c] = scalar_t(mean64[c]);
