@@ -293,6 +293,27 @@ def test_the_step_is_compiled_unless_turned_off(flags, compiled, capsys):
     assert json.loads(capsys.readouterr().out)["compiled"] is compiled
 
 
+def test_a_new_batch_shape_that_fails_to_compile_falls_back_too(names, monkeypatch, capsys):
+    def compiles_once(fn, **kwargs):  # the first graph "compiles" (runs as traced), no other
+        if compiles_once.calls:
+            raise RuntimeError("no C++ compiler found")
+        compiles_once.calls += 1
+        return fn
+
+    compiles_once.calls = 0
+    monkeypatch.setattr(fast_module.torch, "compile", compiles_once)
+    a, b = _models(names)
+    sgd = TrainConfig(optimizer="sgd")
+    step = FastStep(a, make_optimizer(a, sgd))
+    eager = FastStep(b, make_optimizer(b, sgd), compile=False)
+    for batch_size in (32, 32, 20, 20):
+        x, y = next(_batches(names, 1, batch_size=batch_size))
+        torch.testing.assert_close(step(x, y, 0.1), eager(x, y, 0.1), atol=1e-6, rtol=1e-6)
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "normlab: torch.compile failed (no C++ compiler found); the step runs uncompiled"
+    ]
+
+
 def test_a_compiled_step_that_fails_after_updating_is_not_applied_twice(names, monkeypatch, capsys):
     def updates_then_fails(fn, **kwargs):
         def compiled(*args):

@@ -102,7 +102,8 @@ class FastStep:
     ``compile=False`` runs the same
     step eagerly, untraced (for tests, and where ``torch.compile`` fails). A
     batch of a new shape, or the model in another mode, traces and compiles
-    the step again. The step holds the model's tensors as they are when it is
+    the step again, and falls back as the first one does where that fails.
+    The step holds the model's tensors as they are when it is
     built: build it after moving the model to its device and dtype.
     """
 
@@ -129,7 +130,7 @@ class FastStep:
         self.compile = compile
         self._lr = None
         self._compiled: dict[tuple, object] = {}  # by the batch and the model's mode
-        self._proven = False  # a compiled step has run: no more falling back
+        self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
 
     def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple:
         """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
@@ -202,7 +203,7 @@ class FastStep:
         """The compiled step for this batch's shape and the model's mode; with ``record``,
         the recording step (traced with its hooks attached, so that the graph returns what
         they capture), run uncompiled."""
-        key = (x.shape, y.shape, x.dtype, x.device, self.model.training, record is not None)
+        key = self._key(x, y, record)
         if key not in self._compiled:
 
             def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
@@ -214,15 +215,19 @@ class FastStep:
             self._compiled[key] = graph
         return self._compiled[key]
 
+    def _key(self, x: Tensor, y: Tensor, record: Diagnostics | None) -> tuple:
+        return (x.shape, y.shape, x.dtype, x.device, self.model.training, record is not None)
+
     def _run(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None):
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
         if not self.compile:
             return self._step(self.tensors, x, y, self._lr, record)
-        if self._proven:
-            return self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
-        # Until a compiled step has run once, keep what it updates in place: a step that fails
+        key = self._key(x, y, record)
+        if key in self._proven:
+            return self._compiled[key](self.tensors, x, y, self._lr)
+        # Until a graph has run once, keep what it updates in place: a step that fails
         # (no C++ compiler, an unsupported platform) may have updated some tensors already,
         # and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
@@ -241,8 +246,7 @@ class FastStep:
             if record is not None:
                 record.arm()  # drop what the failed trace's hooks captured
             return self._step(self.tensors, x, y, self._lr, record)
-        if record is None:  # the recording step's graph runs uncompiled: it proves nothing
-            self._proven = True
+        self._proven.add(key)
         return out
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
