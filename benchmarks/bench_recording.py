@@ -10,14 +10,13 @@ Each recording includes ``Diagnostics.collect()``, the statistics themselves.
     .venv/bin/python benchmarks/bench_recording.py [--rounds 3] [--threads 1]
 """
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 
 import torch
-from bench_train import lecture_deep
+from bench_train import lecture_deep, rounds_and_threads
 
 from normlab import fast
 from normlab.config import TrainConfig
@@ -48,11 +47,7 @@ def per_step_ms(run, batches) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = rounds_and_threads(__doc__)
     with tempfile.TemporaryDirectory() as cache:
         # an empty compile cache: compiling costs what it costs on a machine's first run
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache

@@ -98,12 +98,18 @@ def runners(vocab_size: int, batch_size: int) -> dict:
     }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rounds_and_threads(doc: str) -> argparse.Namespace:
+    """The flags ``--rounds`` (default 3) and ``--threads`` (default 1, set for torch)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main():
+    args = rounds_and_threads(__doc__)
     data = load_dataset(None, PRESETS["lecture-deep"]["model"]["block_size"])
     X, Y = data.splits["train"]
 
