@@ -176,6 +176,34 @@ def test_calibration_on_n_ranks_gives_every_rank_the_whole_data_sets_statistics(
             torch.testing.assert_close(state[name], value, atol=1e-12, rtol=1e-12, msg=name)
 
 
+def _compiled_step_rank(rank, world_size, init_file, result_dir):
+    """A model initialized differently on each rank, given a compiled step (no DDP)."""
+    from normlab.config import ModelConfig, TrainConfig
+    from normlab.fast import FastStep
+    from normlab.model import MLPLanguageModel
+    from normlab.optim import make_optimizer
+    from normlab.step import TrainStep
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    config = ModelConfig(n_layer=2, n_hidden=16, vocab_size=27)
+    model = MLPLanguageModel(config, torch.Generator().manual_seed(rank), verbose=False)
+    optimizer = make_optimizer(model, TrainConfig())
+    fast = FastStep(model, optimizer, compile=False, batch_size=8, group=dist.group.WORLD)
+    TrainStep(model, optimizer, 8, Ranks(rank, world_size), compiled=fast)
+    torch.save(model.state_dict(), result_dir / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_compiled_step_starts_every_rank_from_rank_0s_weights(tmp_path):
+    # what DDP's constructor does; LSUV through dropout, for one, draws per-rank batches
+    mp.spawn(_compiled_step_rank, args=(2, tmp_path / "init", tmp_path), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2))
+    for name, value in zero.items():
+        assert torch.equal(one[name], value), name
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 LECTURE_DEEP_50 = [

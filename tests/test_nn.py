@@ -170,6 +170,11 @@ def test_the_kernel_moves_the_running_statistics_as_an_in_place_operator():
     assert "BatchNormNode" in y.grad_fn.name()
     assert all(t._version > v for t, v in zip(buffers, before, strict=True))
     assert bn.num_batches_tracked.item() == 1  # counted by the kernel
+    theirs = torch.nn.BatchNorm1d(4)
+    for m in (bn, theirs):  # tracking, but no running statistics: the batch is still counted
+        m.running_mean = m.running_var = None
+        m(torch.randn(8, 4))
+    assert (bn.num_batches_tracked.item(), theirs.num_batches_tracked.item()) == (2, 1)
 
 
 @pytest.fixture

@@ -143,6 +143,16 @@ def gather_objects(obj, ranks: Ranks) -> list:
     return everyone
 
 
+@torch.no_grad()
+def broadcast_state(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers, in place, on every rank: what DDP's constructor does,
+    for a step that sums gradients without DDP (``normlab.fast``). Ranks can start apart: an
+    initialization that draws from each rank's own generator (LSUV's batches through
+    dropout) scales each rank's weights differently."""
+    for t in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(t, src=0)
+
+
 def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
     """DDP around ``model``, summing gradients (see ``allreduce_sum_hook``), buffers left alone.
 

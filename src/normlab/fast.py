@@ -129,8 +129,9 @@ class FastStep:
         self.update = self._update_plan(optimizer, list(params.values()))
         self.compile = compile
         self._lr = None
-        self._compiled: dict[tuple, object] = {}  # by the batch and the model's mode
+        self._compiled: dict[tuple, object] = {}  # by the batch, the model's mode, the recording
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
+        self._record_eagerly = False  # a recording's trace failed: record without tracing
 
     def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple:
         """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
@@ -216,13 +217,15 @@ class FastStep:
         return self._compiled[key]
 
     def _key(self, x: Tensor, y: Tensor, record: Diagnostics | None) -> tuple:
-        return (x.shape, y.shape, x.dtype, x.device, self.model.training, record is not None)
+        # a recording's graph returns what its recorder's layers capture
+        layers = tuple(name for name, _, _ in record.layers) if record is not None else None
+        return (x.shape, y.shape, x.dtype, x.device, self.model.training, layers)
 
     def _run(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None):
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
-        if not self.compile:
+        if not self.compile or (record is not None and self._record_eagerly):
             return self._step(self.tensors, x, y, self._lr, record)
         key = self._key(x, y, record)
         if key in self._proven:
@@ -236,14 +239,21 @@ class FastStep:
             out = self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
         except Exception as e:
             reason = first_line(e, 160)
+            message = (
+                f"torch.compile failed ({reason}); the step runs uncompiled"
+                if record is None
+                else f"tracing a recording step failed ({reason}); recordings run untraced"
+            )
             if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
-                print(f"normlab: torch.compile failed ({reason}); the step runs uncompiled")
+                print(f"normlab: {message}")
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
             torch.set_rng_state(rng)
-            self.compile = False
-            if record is not None:
+            if record is None:
+                self.compile = False
+            else:  # the plain steps keep their compiled graph
+                self._record_eagerly = True
                 record.arm()  # drop what the failed trace's hooks captured
             return self._step(self.tensors, x, y, self._lr, record)
         self._proven.add(key)

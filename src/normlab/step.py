@@ -18,7 +18,7 @@ from torch import Tensor
 
 from normlab.config import TrainConfig
 from normlab.diagnostics import Diagnostics, Snapshot
-from normlab.distributed import SINGLE, Ranks, wrap_ddp
+from normlab.distributed import SINGLE, Ranks, broadcast_state, wrap_ddp
 from normlab.fast import FastStep
 from normlab.model import MLPLanguageModel
 from normlab.nn import set_mode
@@ -42,7 +42,7 @@ class TrainStep:
         model: the model to train.
         optimizer: its optimizer (``normlab.optim.make_optimizer``).
         batch_size: the global batch size.
-        ranks: this process's place among several (DDP when there are).
+        ranks: this process's place among several (DDP when there are, unless compiled).
         averaged: a moving average of the weights to update after every step, or None.
         compiled: the compiled step for this model and optimizer, or None.
 
@@ -74,8 +74,11 @@ class TrainStep:
         # the hooks a rank that does not record traces its recording steps with
         self._peer = Diagnostics(model) if compiled is not None and ranks.distributed else None
         device = next(model.parameters()).device
-        ddp = ranks.distributed and compiled is None  # the compiled step sums gradients itself
-        self.forward_model = wrap_ddp(model, device) if ddp else model
+        self.forward_model = model
+        if ranks.distributed and compiled is None:
+            self.forward_model = wrap_ddp(model, device)
+        elif ranks.distributed:  # the compiled step sums the gradients itself: no DDP
+            broadcast_state(model)
 
     def __call__(
         self,
@@ -105,7 +108,7 @@ class TrainStep:
             self.optimizer.step()
         elif record is not None:
             loss, eval_loss = self.compiled.recorded(x, y, lr, record)
-        elif recording:  # another rank records: trace the same step, and drop what it captured
+        elif recording and self._peer is not None:  # another rank records: run its graph too
             self._peer.arm()
             loss, _ = self.compiled.recorded(x, y, lr, self._peer)
             self._peer.detach()
@@ -114,6 +117,8 @@ class TrainStep:
         snapshot = None
         if record is not None:
             snapshot = record.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
+            if self.compiled is not None:  # the gradients recorded: the compiled step needs none
+                self.optimizer.zero_grad(set_to_none=True)
         if self.averaged is not None:
             self.averaged.update_parameters(self.model)
         return StepResult(loss, snapshot)

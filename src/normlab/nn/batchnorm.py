@@ -320,6 +320,7 @@ class _BatchNorm(_NormBase):
         if (
             kernel.applies(x, weight, bias, *stats)
             and self._group() is None
+            and x.numel() > 0  # not x.numel() // 0: a BatchNorm of 0 channels
             and x.numel() // x.size(channel_dim) > 1
         ):  # the same math in C++, which also counts the batch
             counter = self.num_batches_tracked if tracking else None

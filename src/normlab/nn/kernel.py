@@ -10,7 +10,8 @@ blocks, in one fixed order per channel whatever the thread count.
 
 ``pip install --no-build-isolation`` builds it against the installed torch
 (``setup.py``; the Makefile does so). An install without it, a kernel that does
-not load against this torch (with one line that says so), or
+not load against this torch or was built from other sources (with one line
+that says so), or
 ``NORMLAB_BATCHNORM_KERNEL=0`` in the environment leave BatchNorm on the ATen
 operators, which also serve every other device and dtype, SyncBatchNorm, and
 whatever traces the model (``torch.compile``, ``make_fx``, export).

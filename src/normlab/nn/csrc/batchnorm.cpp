@@ -27,9 +27,10 @@ namespace {
 
 void check_dtypes(const at::Tensor& x, std::initializer_list<at::Tensor> others) {
   for (const at::Tensor& t : others) {
-    TORCH_CHECK(!t.defined() || (t.scalar_type() == x.scalar_type() && t.is_contiguous()),
+    TORCH_CHECK(!t.defined() || (t.scalar_type() == x.scalar_type() && t.is_contiguous() &&
+                                 t.device() == x.device()),
                 "normlab::batch_norm: the gain, bias and running statistics must be contiguous "
-                "and of the input's dtype");
+                "and of the input's dtype and device");
   }
 }
 
@@ -66,12 +67,12 @@ void channel_sums(const Layout& l, double* __restrict out1, double* __restrict o
       if constexpr (two) out2[c] = 0.0;
     }
     if (l.inner == 1) {  // rows of C: sum kBlock rows at a time, across the channels
-      std::vector<scalar_t> run1(c1 - c0), run2(c1 - c0);
+      std::vector<scalar_t> run1(c1 - c0), run2(two ? c1 - c0 : 0);
       scalar_t* __restrict r1 = run1.data() - c0;
       scalar_t* __restrict r2 = run2.data() - c0;
       for (int64_t o0 = 0; o0 < l.outer; o0 += kBlock) {
         std::fill(run1.begin(), run1.end(), scalar_t(0));
-        std::fill(run2.begin(), run2.end(), scalar_t(0));
+        std::fill(run2.begin(), run2.end(), scalar_t(0));  // empty without a second term
         for (int64_t o = o0; o < std::min(o0 + kBlock, l.outer); ++o) {
 #pragma omp simd
           for (int64_t c = c0; c < c1; ++c) {
@@ -125,17 +126,20 @@ void channel_map(const Layout& l, scalar_t* __restrict out, const Term& term) {
   });
 }
 
-// Counts the batch in num_batches_tracked (an int64 scalar) when there is one, and returns the
-// running statistics' factor: momentum, or 1/count without one (a cumulative average), as
-// torch's BatchNorm does.
-double count_batch(const at::Tensor& num_batches_tracked, std::optional<double> momentum) {
-  int64_t count = 0;
-  if (num_batches_tracked.defined()) {
-    TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong && num_batches_tracked.numel() == 1,
-                "normlab::batch_norm: num_batches_tracked must be one int64");
-    count = ++num_batches_tracked.mutable_data_ptr<int64_t>()[0];
-    torch::autograd::impl::bump_version(num_batches_tracked);  // written in place
-  }
+// Counts the batch in num_batches_tracked (one int64 on the CPU) when there is one, as torch's
+// BatchNorm does; returns the count, or 0 without one.
+int64_t count_batch(const at::Tensor& num_batches_tracked) {
+  if (!num_batches_tracked.defined()) return 0;
+  TORCH_CHECK(num_batches_tracked.scalar_type() == at::kLong &&
+                  num_batches_tracked.numel() == 1 && num_batches_tracked.is_cpu(),
+              "normlab::batch_norm: num_batches_tracked must be one int64 on the CPU");
+  const int64_t count = ++num_batches_tracked.mutable_data_ptr<int64_t>()[0];
+  torch::autograd::impl::bump_version(num_batches_tracked);  // written in place
+  return count;
+}
+
+// The running statistics' factor: momentum, or without one 1/count (a cumulative average).
+double running_factor(std::optional<double> momentum, int64_t count) {
   if (momentum.has_value()) return *momentum;
   TORCH_CHECK(count > 0, "normlab::batch_norm: momentum=None needs num_batches_tracked");
   return 1.0 / double(count);
@@ -163,8 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const Layout l = layout_of(x, channel_dim);
   const int64_t n = l.outer * l.inner;
   TORCH_CHECK(n > 1, "normlab::batch_norm: needs at least 2 values per channel");
+  const int64_t count = count_batch(num_batches_tracked);
   const bool running = running_mean.defined() && running_var.defined();
-  const double factor = running ? count_batch(num_batches_tracked, momentum) : 0.0;
+  const double factor = running ? running_factor(momentum, count) : 0.0;
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({l.C}, x.options());
   at::Tensor invstd = at::empty({l.C}, x.options());
