@@ -83,7 +83,7 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     plain(x, y, LR)
     # the recording's graph, compiled as the plain step's is
     recording = traced.compiled
-    graph = recording._compiled_for(x, y, traced_diag)
+    graph = recording._compiled[recording._key(x, y, traced_diag)]
     compiled_graph = torch.compile(graph, dynamic=False, options=fast._options())
 
     def compiled_recording(x, y):

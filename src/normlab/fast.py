@@ -200,11 +200,10 @@ class FastStep:
         param_grads = [used.get(i) for i in range(self.n_params)]
         return loss.detach(), eval_loss, record.captures(), param_grads
 
-    def _compiled_for(self, x: Tensor, y: Tensor, record: Diagnostics | None = None):
-        """The compiled step for this batch's shape and the model's mode; with ``record``,
-        the recording step (traced with its hooks attached, so that the graph returns what
-        they capture), run uncompiled."""
-        key = self._key(x, y, record)
+    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, record: Diagnostics | None):
+        """The compiled step for ``key`` (``_key``: this batch's shape, the model's mode);
+        with ``record``, the recording step (traced with its hooks attached, so that the graph
+        returns what they capture), run uncompiled."""
         if key not in self._compiled:
 
             def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
@@ -236,7 +235,7 @@ class FastStep:
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            out = self._compiled_for(x, y, record)(self.tensors, x, y, self._lr)
+            out = self._compiled_for(key, x, y, record)(self.tensors, x, y, self._lr)
         except Exception as e:
             reason = first_line(e, 160)
             message = (

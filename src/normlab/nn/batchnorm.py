@@ -317,12 +317,10 @@ class _BatchNorm(_NormBase):
         tracking = self.training and self.track_running_stats
         weight, bias = self.weight, self.bias
         stats = (self.running_mean, self.running_var) if tracking else (None, None)
-        if (
-            kernel.applies(x, weight, bias, *stats)
-            and self._group() is None
-            and x.numel() > 0  # not x.numel() // 0: a BatchNorm of 0 channels
-            and x.numel() // x.size(channel_dim) > 1
-        ):  # the same math in C++, which also counts the batch
+        group = self._group()
+        per_channel = x.numel() // x.size(channel_dim) if x.numel() else 0  # values per channel
+        if group is None and per_channel > 1 and kernel.applies(x, weight, bias, *stats):
+            # the same math in C++, which also counts the batch
             counter = self.num_batches_tracked if tracking else None
             args = (counter, self.momentum, self.eps, channel_dim)
             return kernel.ops().batch_norm(x, weight, bias, *stats, *args)
@@ -334,8 +332,7 @@ class _BatchNorm(_NormBase):
                 factor = 1.0 / float(self.num_batches_tracked)
             else:
                 factor = self.momentum
-            running = (self.running_mean, self.running_var, factor)
-        group = self._group()
+            running = (*stats, factor)
         if group is None:
             if x.numel() == 0:  # no examples: no statistics, as torch
                 return (
@@ -343,7 +340,7 @@ class _BatchNorm(_NormBase):
                     if weight is not None
                     else x.clone()
                 )
-            if x.numel() // x.size(channel_dim) <= 1:
+            if per_channel <= 1:
                 raise ValueError(
                     f"{type(self).__name__} needs at least 2 values per channel in a training "
                     f"batch, got input of shape {tuple(x.shape)}; put the model in eval mode "
