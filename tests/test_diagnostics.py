@@ -177,7 +177,8 @@ def test_arming_twice_does_not_double_count_and_detach_removes_every_hook():
     diag.arm()
     n_hooks = _hook_count(model)
     diag.arm()
-    assert n_hooks == _hook_count(model) == 5  # four layers and the BatchNorm's pre-hook
+    # four layers, the BatchNorm's pre-hook, and the model's two that watch in-place writes
+    assert n_hooks == _hook_count(model) == 7
     snap = _step(model, diag, *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
     assert [x.name for x in snap.layers] == ["0", "1", "2", "3"]  # torch's own layers work too
     assert [b.name for b in snap.batchnorms] == ["1"]

@@ -101,17 +101,24 @@ def test_the_step_equals_autograd_and_the_optimizer(
 
 
 def _assert_same_recording(a, b, path="snapshot"):
-    """Two recordings' statistics (snapshot_to_dict) agree: values to float32 rounding,
-    histograms up to the few values that rounding moves across a bin's edge (gradients of
-    about 1e-9 on either side of 0, in a residual network: 0.7% of a histogram; or two)."""
+    """Two recordings' statistics (snapshot_to_dict) agree: values to float32 rounding, and
+    histograms up to values that rounding moves across a bin's edge.
+
+    Rounding moves a value by far less than a bin's width (2% of the range), so it crosses
+    at most one edge, and only from a bin beside that edge: at each edge the cumulative
+    counts may differ by at most what the two bins beside it hold. How many do cross depends
+    on the processor's summation order (gradients of about 1e-9 change sign at the edge at 0
+    in a residual network), so no count tuned to one processor is assumed."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for key in a:
             _assert_same_recording(a[key], b[key], f"{path}.{key}")
     elif isinstance(a, list) and a and all(type(c) is int for c in a):  # histogram counts
         assert sum(a) == sum(b), path
-        moved = (torch.tensor(a).cumsum(0) - torch.tensor(b).cumsum(0)).abs().max()
-        assert moved <= max(2, 0.01 * sum(a)), path
+        a, b = torch.tensor(a), torch.tensor(b)
+        moved = (a.cumsum(0) - b.cumsum(0)).abs()[:-1]  # across each inner edge
+        beside = torch.minimum(a[:-1] + a[1:], b[:-1] + b[1:])  # the two bins at that edge
+        assert (moved <= beside).all(), path
     elif isinstance(a, list):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b, strict=True)):

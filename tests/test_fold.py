@@ -51,7 +51,7 @@ def test_fold_draws_no_random_numbers():
 def _folds(model, x, expected_folds: int, tol=1e-10):
     """Fold ``model``; check the outputs and the number folded; return the folded model and log."""
     lines = []
-    folded = fold_batchnorm(model, log=lines.append)
+    folded = fold_batchnorm(model, x, log=lines.append)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), atol=tol, rtol=tol)
     assert sum(line.startswith("folded ") for line in lines) == expected_folds, lines
@@ -66,16 +66,28 @@ def test_a_conv_net_folds_every_batchnorm():
     assert kinds.count("Identity") == 3 and "BatchNorm2d" not in kinds
 
 
-def test_a_resnet_like_model_folds_all_six_through_fx():
+def test_a_resnet_like_model_folds_all_six_in_its_own_module_tree():
     model = trained_statistics(ResNetLike().double(), (8, 3, 8, 8))
     folded, _ = _folds(model, torch.randn(2, 3, 8, 8, dtype=torch.float64), 6)
-    assert isinstance(folded, torch.fx.GraphModule)
+    assert type(folded) is ResNetLike and type(folded).forward is ResNetLike.forward
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert [n for n, _ in folded.named_modules()] == [n for n, _ in model.named_modules()]
+
+
+def test_without_an_example_only_sequentials_fold_and_the_rest_say_why():
+    model = trained_statistics(ResNetLike().double(), (8, 3, 8, 8))
+    lines = []
+    fold_batchnorm(model, log=lines.append)
+    assert "folded stem.1 (BatchNorm2d) into stem.0" in lines
+    assert any(
+        line.startswith("left layer1.bn1 (BatchNorm2d): not in a Sequential") for line in lines
+    )
+    assert len(lines) == 6
 
 
 def test_conv_folding_matches_torchs_own_fusion():
     conv = trained_statistics(conv_net(), (16, 3, 8, 8))
-    folded = fold_batchnorm(conv, log=lambda line: None)
+    folded = fold_batchnorm(conv, torch.randn(2, 3, 8, 8, dtype=torch.float64), log=lambda _: None)
     expected = torch.nn.utils.fusion.fuse_conv_bn_eval(conv[3], _torch_batchnorm(conv[4]))
     torch.testing.assert_close(folded[3].weight, expected.weight)
     torch.testing.assert_close(folded[3].bias, expected.bias)
@@ -111,14 +123,14 @@ def test_what_cannot_fold_is_left_with_the_reason():
     model = trained_statistics(zero_padded, (4, 3, 5, 5))
     _, lines = _folds(model, torch.randn(2, 3, 5, 5, dtype=torch.float64), 0)
     assert lines == [
-        "left 0 (BatchNorm2d): the layer after: the convolution after it pads with zeros, which "
-        "its shift would not reach"
+        "left 0 (BatchNorm2d): its input is not a layer's output; 1 after it: it pads with "
+        "zeros, which the BatchNorm's shift would not reach"
     ]
     untracked = nn.Sequential(nn.Linear(3, 4), nl.BatchNorm1d(4, track_running_stats=False))
     _, lines = _folds(untracked.eval(), torch.randn(5, 3), 0)
     assert "no running statistics" in lines[0]
     with pytest.raises(ValueError, match=r"fold_batchnorm left 1 \(BatchNorm1d\): .*no running"):
-        fold_batchnorm(untracked, strict=True)
+        fold_batchnorm(untracked, torch.randn(5, 3), strict=True)
 
 
 class _Shared(nn.Module):
@@ -145,12 +157,14 @@ class _Untraceable(nn.Module):
         return self.norm(self.body(x)) if x.sum() > -1e9 else x
 
 
-def test_a_shared_layer_is_not_folded_into_and_an_untraceable_model_folds_its_sequentials():
+def test_a_shared_layer_is_not_folded_into_and_an_untraceable_model_folds_all():
     shared = trained_statistics(_Shared(), (16, 4))
     _, lines = _folds(shared, torch.randn(5, 4), 0, tol=1e-6)
-    assert "linear is used elsewhere too" in lines[0]
+    assert lines == ["left norm (BatchNorm1d): linear is called 2 times; linear is called 2 times"]
     untraceable = trained_statistics(_Untraceable(), (16, 4))
     folded, lines = _folds(untraceable, torch.randn(5, 4), 1, tol=1e-6)
-    assert lines[0].startswith("the model does not trace with torch.fx")
-    assert lines[-1] == "left norm (BatchNorm1d): not in a Sequential"
+    assert lines == [
+        "folded body.1 (BatchNorm1d) into body.0",
+        "left norm (BatchNorm1d): body.1 before it: not a Linear or a convolution",
+    ]
     assert isinstance(folded, _Untraceable)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from normlab.calibrate import Batch, call_model
+from normlab.dataflow import Batch, call_model, first_tensor
 from normlab.diagnostics import Diagnostics, Report, Thresholds, format_table, judge_recording
 from normlab.errors import NormlabError, first_line
 from normlab.nn import set_mode
@@ -60,17 +60,10 @@ def _loss(output, batch: Batch, loss_fn: Callable | None) -> Tensor:
     own = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
     if torch.is_tensor(own) and own.dim() == 0:
         return own
-    first = output if torch.is_tensor(output) else _first(output)
+    first = first_tensor(output)
     if first is None:
         raise ValueError("audit: the model returned no tensor; give a loss_fn(output, batch)")
     return first.float().square().mean()
-
-
-def _first(output) -> Tensor | None:
-    values = output.values() if isinstance(output, dict) else output
-    if isinstance(values, tuple | list) or isinstance(output, dict):
-        return next((v for v in values if torch.is_tensor(v)), None)
-    return None
 
 
 def audit(

@@ -16,12 +16,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from normlab import nn as nl
+from normlab.dataflow import Batch, call_model
 from normlab.errors import first_line
-from normlab.nn import set_mode
-
-BATCHNORM_TYPES = (nl.batchnorm._BatchNorm, nn.modules.batchnorm._BatchNorm)
-Batch = Tensor | tuple | list | dict
+from normlab.nn import is_batchnorm, set_mode
 
 
 class _StopForward(Exception):
@@ -91,16 +88,6 @@ def _batches(data: Tensor | Iterable[Batch], batch_size: int) -> Iterable[Batch]
     return data
 
 
-def call_model(model: nn.Module, batch: Batch):
-    """``model(batch)`` for a tensor, ``model(*batch)`` for a tuple or list, ``model(**batch)``
-    for a dict."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, tuple | list):
-        return model(*batch)
-    return model(batch)
-
-
 def _channel_dim(layer: nn.Module) -> int:
     return -1 if getattr(layer, "channels_last", False) else 1
 
@@ -129,7 +116,7 @@ def batchnorm_layers(
     hooks = [
         m.register_forward_pre_hook(lambda m, _args: order.append(m) if m not in order else None)
         for m in model.modules()
-        if isinstance(m, BATCHNORM_TYPES)
+        if is_batchnorm(m) and hasattr(m, "track_running_stats")  # not a frozen one
     ]
     try:
         with set_mode(model, training=False), torch.no_grad():

@@ -91,9 +91,9 @@ def export_onnx(
     """Write ``model`` (in eval mode) to ``path`` as ONNX; ``log`` gets a line per BatchNorm."""
     _require("onnx")
     config = model.config
-    model = fold_batchnorm(model, log=log) if fold else copy.deepcopy(model).eval()
-    model = with_torch_batchnorms(model)  # what is left unfolded: BatchNormalization nodes
     example = torch.zeros(2, config.block_size, dtype=torch.long)
+    model = fold_batchnorm(model, example, log=log) if fold else copy.deepcopy(model).eval()
+    model = with_torch_batchnorms(model)  # what is left unfolded: BatchNormalization nodes
     with _quiet():
         program = torch.onnx.export(
             _Logits(model),

@@ -7,19 +7,25 @@ Conv1d/2d/3d, any stride, padding, dilation and groups: exact) or the layer
 after it (exact for a Linear, and for a convolution that pads with copies of its
 input or not at all; zero padding would not see the shift ``t``, so such a pair
 is left alone).
+
+The pairs come from what feeds what in an actual forward pass on an example batch
+(``normlab.dataflow``), so any model folds, whatever its ``forward`` does, and the
+copy keeps its class, its ``forward`` and its attribute names: a folded BatchNorm
+becomes ``nn.Identity`` (or, for a BatchNorm with an activation fused in, such as
+timm's ``BatchNormAct2d``, what it runs after its normalization).
 """
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
 from normlab import nn as nl
-from normlab.calibrate import BATCHNORM_TYPES
+from normlab.dataflow import Batch, Dataflow, call_model, trace_dataflow
 from normlab.errors import first_line
+from normlab.nn import BatchNormForm, batchnorm_form, is_batchnorm
 from normlab.nn.batchnorm import running_affine
 
 LINEARS = (nn.Linear, nl.Linear)
@@ -35,19 +41,20 @@ def _why_not(layer: nn.Module, bn: nn.Module, bn_first: bool) -> str | None:
     """Why ``bn`` cannot fold into ``layer`` (before it, or after it with ``bn_first``), or None."""
     if bn.running_mean is None:
         return "it has no running statistics (track_running_stats=False)"
+    channels = bn.running_mean.numel()
     if isinstance(layer, LINEARS):
         features = layer.in_features if bn_first else layer.out_features
-        if bn.num_features != features:
-            return f"its {bn.num_features} channels are not the Linear's {features} features"
+        if channels != features:
+            return f"its {channels} channels are not the Linear's {features} features"
         return None
     if isinstance(layer, CONVS):
-        channels = layer.in_channels if bn_first else layer.out_channels
-        if _channels_last(bn) or bn.num_features != channels:
-            return f"its channels are not the convolution's {channels} channels"
+        expected = layer.in_channels if bn_first else layer.out_channels
+        if _channels_last(bn) or channels != expected:
+            return f"its channels are not the convolution's {expected} channels"
         if bn_first and layer.padding_mode == "zeros" and any(p != 0 for p in _padding(layer)):
-            return "the convolution after it pads with zeros, which its shift would not reach"
+            return "it pads with zeros, which the BatchNorm's shift would not reach"
         return None
-    return f"{type(layer).__name__} is neither a Linear nor a convolution"
+    return "not a Linear or a convolution"
 
 
 def _padding(conv: nn.Module) -> tuple:
@@ -61,7 +68,7 @@ def _folded(layer: nn.Module, bn: nn.Module, bn_first: bool) -> nn.Module:
     """A copy of ``layer`` that computes ``layer(bn(x))`` (``bn_first``) or ``bn(layer(x))``."""
     s, t = running_affine(bn)
     W = layer.weight  # (out, in / groups, *kernel)
-    b = layer.bias if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype)
+    b = layer.bias if layer.bias is not None else W.new_zeros(W.shape[0])
     new = copy.deepcopy(layer)
     kernel = [1] * (W.dim() - 2)
     if not bn_first:  # each output channel scaled and shifted
@@ -83,92 +90,106 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def _choose(model: nn.Module, bn: nn.Module, candidates: list[tuple[str, bool]]):
+    """The first (name, bn_first) of ``candidates`` that ``bn`` folds into, and else every
+    reason why not."""
+    reasons = []
+    for name, bn_first in candidates:
+        reason = _why_not(model.get_submodule(name), bn, bn_first)
+        if reason is None:
+            return (name, bn_first), ""
+        reasons.append(f"{name} {'after' if bn_first else 'before'} it: {reason}")
+    return None, "; ".join(reasons)
+
+
+def _neighbours_in_sequentials(model: nn.Module, name: str, form: BatchNormForm):
+    """``(before, after)`` names of the BatchNorm ``name`` in a plain ``nn.Sequential``, which
+    runs its children one into the next (a subclass may not), or why there are none."""
+    parent_name, _, key = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if type(parent) is not nn.Sequential:
+        return [], "not in a Sequential; give an example batch to find its neighbours"
+    keys = list(parent._modules)
+    i = keys.index(key)
+    found = []
+    if i > 0:
+        found.append((_qualified(parent_name, keys[i - 1]), False))
+    if i + 1 < len(keys) and form.affine:
+        found.append((_qualified(parent_name, keys[i + 1]), True))
+    return found, "" if found else "no layer beside it in its Sequential"
+
+
 def _qualified(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _fold_sequentials(model: nn.Module, say: Callable[[str], None]) -> int:
-    """Fold consecutive (layer, BatchNorm) and (BatchNorm, layer) children of Sequentials."""
-    folded = 0
-    for prefix, container in list(model.named_modules()):
-        if not isinstance(container, nn.Sequential):
+def _neighbours_in_flow(flow: Dataflow, name: str, form: BatchNormForm):
+    """``(before, after)`` names of the BatchNorm ``name`` from the forward pass: the layer whose
+    output only it reads, and (for a BatchNorm whose output is its affine map alone) the layer
+    that alone reads its output; or why there are none."""
+    if name in flow.uncalled:
+        return [], "the forward pass on the example does not call it"
+    found, reasons = [], []
+    producer = flow.fed_by.get(name)
+    if producer is None:
+        reasons.append("its input is not a layer's output")
+    elif (why := flow.why_not_alone(producer, name)) is None:
+        found.append((producer, False))
+    else:
+        reasons.append(why)
+    readers = flow.feeds.get(name, [])
+    if not form.affine:
+        reasons.append("it runs an activation after its normalization")
+    elif len(readers) == 1 and (why := flow.why_not_alone(name, readers[0])) is None:
+        found.append((readers[0], True))
+    elif len(readers) == 1:
+        reasons.append(why)
+    elif readers:
+        reasons.append(f"its output goes to {', '.join(readers)}")
+    return found, "; ".join(reasons)
+
+
+def _fold_into_tree(model: nn.Module, flow: Dataflow | None, say: Callable[[str], None]) -> None:
+    """Fold every BatchNorm of ``model`` that can be folded, in place, in the order the forward
+    pass runs them; one line each through ``say``."""
+    batchnorms = [n for n, m in model.named_modules() if is_batchnorm(m)]
+    if flow is not None:  # forward order: a layer folded into is already what it computes now
+        rank = {n: i for i, n in enumerate(flow.order)}
+        batchnorms.sort(key=lambda n: rank.get(n, len(rank)))
+    for name in batchnorms:
+        bn = model.get_submodule(name)
+        label = f"{name} ({type(bn).__name__})"
+        form = batchnorm_form(bn)
+        if form is None:
+            say(
+                f"left {label}: normlab does not know what its forward computes "
+                "(declare it with normlab.nn.register_batchnorm)"
+            )
             continue
-        keys = list(container._modules)
-        for i, key in enumerate(keys):
-            bn = container._modules[key]
-            if not isinstance(bn, BATCHNORM_TYPES):
-                continue
-            before = container._modules[keys[i - 1]] if i > 0 else None
-            after = container._modules[keys[i + 1]] if i + 1 < len(keys) else None
-            neighbours = [(before, False), (after, True)]
-            target, reasons = _choose(bn, [(n, first) for n, first in neighbours if n is not None])
-            if target is None:
-                say(f"left {_qualified(prefix, key)} ({type(bn).__name__}): {reasons}")
-                continue
-            layer, bn_first = target
-            other = keys[i + (1 if bn_first else -1)]
-            container._modules[other] = _folded(layer, bn, bn_first)
-            container._modules[key] = nn.Identity()
-            folded_name, into = _qualified(prefix, key), _qualified(prefix, other)
-            say(f"folded {folded_name} ({type(bn).__name__}) into {into}")
-            folded += 1
-    return folded
-
-
-def _choose(bn: nn.Module, candidates: list[tuple[nn.Module, bool]]):
-    """The first (layer, bn_first) that ``bn`` folds into, and else every reason why not."""
-    reasons = []
-    for layer, bn_first in candidates:
-        reason = _why_not(layer, bn, bn_first)
-        if reason is None:
-            return (layer, bn_first), ""
-        reasons.append(f"{'the layer after' if bn_first else 'the layer before'}: {reason}")
-    return None, "; ".join(reasons) or "no Linear or convolution next to it"
-
-
-def _fold_graph(gm: fx.GraphModule, say: Callable[[str], None]) -> int:
-    """Fold BatchNorms into the module that alone feeds them, or that alone they feed."""
-    modules = dict(gm.named_modules())
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(modules[node.target], BATCHNORM_TYPES):
+        if bn.running_mean is None:
+            say(f"left {label}: it has no running statistics (track_running_stats=False)")
             continue
-        bn = modules[node.target]
-        candidates, reasons = [], []
-        producer, users = node.args[0], list(node.users)
-        for other, bn_first in ((producer, False), (users[0] if len(users) == 1 else None, True)):
-            if not (isinstance(other, fx.Node) and other.op == "call_module"):
-                continue
-            alone = (len(other.users) == 1) if not bn_first else other.args[0] is node
-            if calls[other.target] > 1 or not alone:
-                reasons.append(f"{other.target} is used elsewhere too")
-                continue
-            candidates.append((other, bn_first))
-        target, why = _choose(bn, [(modules[n.target], first) for n, first in candidates])
+        if flow is None:
+            found, why = _neighbours_in_sequentials(model, name, form)
+        else:
+            found, why = _neighbours_in_flow(flow, name, form)
+        target, reasons = _choose(model, bn, found)
         if target is None:
-            say(f"left {node.target} ({type(bn).__name__}): {'; '.join([*reasons, why])}")
+            say(f"left {label}: {'; '.join(r for r in (why, reasons) if r)}")
             continue
-        layer, bn_first = target
-        name = next(n.target for n, _ in candidates if modules[n.target] is layer)
-        modules[name] = _folded(layer, bn, bn_first)  # a later BatchNorm may fold into it too
-        _set_module(gm, name, modules[name])
-        node.replace_all_uses_with(producer)
-        gm.graph.erase_node(node)
-        say(f"folded {node.target} ({type(bn).__name__}) into {name}")
-        folded += 1
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return folded
+        into, bn_first = target
+        _set_module(model, into, _folded(model.get_submodule(into), bn, bn_first))
+        _set_module(model, name, form.after(bn) if form.after is not None else nn.Identity())
+        say(f"folded {label} into {into}")
 
 
 @torch.no_grad()
 def fold_batchnorm(
-    model: nn.Module, log: Callable[[str], None] | None = None, strict: bool = False
+    model: nn.Module,
+    example: Batch | None = None,
+    log: Callable[[str], None] | None = None,
+    strict: bool = False,
+    forward_fn: Callable[[nn.Module, Batch], object] = call_model,
 ) -> nn.Module:
     r"""Return an eval-mode copy of ``model`` with each foldable BatchNorm folded into its
     neighbour; ``model`` itself is not changed.
@@ -184,12 +205,14 @@ def fold_batchnorm(
     (per input channel), :math:`b' = b + W t`. A BatchNorm folds into the layer
     before it where it can, else into the one after it.
 
-    The pairs are found with ``torch.fx`` where the model traces (a
-    ``GraphModule`` is returned, the BatchNorms gone from it; arguments of
-    ``forward`` that default to None are traced as left out); otherwise in
-    ``nn.Sequential`` containers, whose BatchNorms become ``nn.Identity``. A
-    layer that something else uses too is not folded into. A model without
-    BatchNorms comes back as an eval-mode copy.
+    The pairs come from one eval-mode forward pass on ``example``
+    (``normlab.dataflow``): a BatchNorm folds into the layer whose output it alone
+    reads, or into the layer that alone reads its output, each called once. Without
+    an example, only neighbours in a plain ``nn.Sequential`` are paired. The copy
+    keeps the model's class and attribute names: a folded BatchNorm becomes
+    ``nn.Identity``, or what a norm-plus-activation layer runs after its
+    normalization (``normlab.nn.batchnorm_form``). A BatchNorm-like class whose
+    forward normlab does not know is left alone, and said so.
 
     A Linear and a BatchNorm1d are folded as if the BatchNorm's channels were the Linear's
     features: true on (N, C) input, and for a ``channels_last`` BatchNorm on (N, *, C). A
@@ -198,54 +221,37 @@ def fold_batchnorm(
     input they get, so check such a pair on an input, as the example does.
 
     Args:
-        model: any module with BatchNorms (normlab's or torch's) next to Linear or
-            Conv1d/2d/3d layers.
+        model: any module with BatchNorms next to Linear or Conv1d/2d/3d layers.
+        example: a batch as ``model`` takes it (a tensor, tuple, list or dict; see
+            ``normlab.dataflow.call_model``), run once to see what feeds what.
         log: called with one line per BatchNorm: what it was folded into, or why
             it was left (default: the ``normlab.fold`` logger, at INFO).
         strict: raise ``ValueError`` naming the first BatchNorm left, and why.
+        forward_fn: ``forward_fn(model, example)`` runs the example, for models called
+            some other way.
 
     Example:
         >>> from normlab.nn import BatchNorm2d
         >>> conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), BatchNorm2d(8)).eval()
-        >>> folded = fold_batchnorm(conv, log=print)
-        folded 1 (BatchNorm2d) into 0
         >>> X = torch.randn(2, 3, 8, 8)
+        >>> folded = fold_batchnorm(conv, X, log=print)
+        folded 1 (BatchNorm2d) into 0
         >>> torch.allclose(folded(X), conv(X), atol=1e-6)
         True
     """
     lines: list[str] = []
-    folded = _fold(copy.deepcopy(model).eval(), lines.append)
+    folded = copy.deepcopy(model).eval()
+    flow = None
+    if example is not None and any(is_batchnorm(m) for m in folded.modules()):
+        try:
+            flow = trace_dataflow(folded, example, forward_fn)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {first_line(e, 120)}"
+            lines.append(f"the forward pass on the example failed ({reason}); pairs in Sequentials")
+    _fold_into_tree(folded, flow, lines.append)
     for line in lines:
         (log if log is not None else logger.info)(line)
     left = [line for line in lines if line.startswith("left ")]
     if strict and left:
         raise ValueError(f"fold_batchnorm {left[0]}")
     return folded
-
-
-def _fold(model: nn.Module, say: Callable[[str], None]) -> nn.Module:
-    """Fold ``model`` in place (its BatchNorms all in Sequentials, or a model fx cannot
-    trace), or as a GraphModule."""
-    parents = [p for p in model.modules() for c in p.children() if isinstance(c, BATCHNORM_TYPES)]
-    if not parents:
-        return model  # nothing to fold: the model as it is, not a trace of it
-    if all(isinstance(p, nn.Sequential) for p in parents):  # the walk sees every BatchNorm
-        _fold_sequentials(model, say)
-        return model
-    # arguments that default to None (``targets=None``) are traced as left out: otherwise fx
-    # would take the branch where they are given
-    parameters = inspect.signature(model.forward).parameters.values()
-    absent = {p.name: None for p in parameters if p.default is None}
-    try:
-        gm = fx.symbolic_trace(model, concrete_args=absent)
-    except Exception as e:  # control flow or shape arithmetic on inputs: fx cannot trace it
-        reason = first_line(e, 120)
-        say(f"the model does not trace with torch.fx ({reason}); folding within Sequentials")
-        _fold_sequentials(model, say)
-        for name, module in model.named_modules():
-            parent = model.get_submodule(name.rpartition(".")[0])
-            if isinstance(module, BATCHNORM_TYPES) and not isinstance(parent, nn.Sequential):
-                say(f"left {name} ({type(module).__name__}): not in a Sequential")
-        return model
-    _fold_graph(gm, say)
-    return gm.eval()

@@ -21,22 +21,33 @@ layer's raw output to variance 1:
   paper. So every layer passes on the same, healthy statistics, measured on
   real data rather than assumed Gaussian.
 - **Layers that feed a normalization are skipped** (BatchNorm, LayerNorm,
-  GroupNorm): the normalization divides any scale back out, so rescaling
-  does nothing but move the layer's effective learning rate.
+  GroupNorm, a norm-plus-activation layer): the normalization divides any scale
+  back out, so rescaling does nothing but move the layer's effective learning rate.
 
-"What a layer feeds" is the next recognized layer the forward pass calls, as
-in any ``Sequential``-style model. Residual additions are not seen: for a
-residual block the nonlinearity's output is scaled, not the sum.
+"What a layer feeds" comes from one forward pass (``normlab.dataflow``): the
+layers that read its output. A layer whose output goes to one activation alone
+is measured after it; one whose output is used by a function (a residual
+addition, a reshape) is measured itself. The passes run with BatchNorm in
+training mode (the statistics training will see) and every other layer in eval
+mode, so that dropout, LayerDrop and stochastic depth are off. A layer the
+forward pass does not call (its weight passed to a function, say) is reported
+and left as it was, and so is a layer whose output a rescaling of its weight
+does not change (weight standardization), or whose weight is parametrized in a
+way that does not scale with its parameters.
 """
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, layer_kind, set_mode
+from normlab.dataflow import Batch, call_model, trace_dataflow
+from normlab.errors import first_line
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, is_batchnorm, layer_kind, set_mode
 
 
 @dataclass
@@ -45,9 +56,10 @@ class LSUVLayer:
 
     name: str
     feeds: str  # the kind of layer it feeds ("tanh", "batchnorm", ...), or "output"
-    target: float | None  # the variance aimed at; None: skipped (it feeds a normalization)
+    target: float | None  # the variance aimed at; None: skipped
     variance: float | None  # the variance reached, measured where the target applies
     iterations: int  # weight rescalings done
+    skipped: str | None = None  # why it was not rescaled (uncalled: not even started)
 
 
 class _Stop(Exception):
@@ -89,23 +101,18 @@ def _family(module: nn.Module | None) -> str | None:
     return kind.family if kind is not None else None
 
 
-def _forward_order(model: nn.Module, x: Tensor) -> list[nn.Module]:
-    """The recognized layers (``layer_kind``) in the order the forward pass calls them."""
-    order: list[nn.Module] = []
-    hooks = [
-        m.register_forward_hook(lambda m, _i, _o: order.append(m) if m not in order else None)
-        for m in model.modules()
-        if layer_kind(m) is not None
-    ]
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order
+@contextlib.contextmanager
+def _measuring_mode(model: nn.Module) -> Iterator[None]:
+    """BatchNorm in training mode, every other layer in eval mode (no dropout, LayerDrop or
+    stochastic depth); every module's mode restored afterwards."""
+    with set_mode(model, training=False):
+        for m in model.modules():
+            if is_batchnorm(m):
+                m.train()
+        yield
 
 
-def _output_variance(model: nn.Module, x: Tensor, probe: nn.Module) -> float:
+def _output_variance(model: nn.Module, x: Batch, probe: nn.Module, forward_fn) -> float:
     """The variance of ``probe``'s output over the whole batch, stopping the pass right after."""
     seen: list[float] = []
 
@@ -115,24 +122,39 @@ def _output_variance(model: nn.Module, x: Tensor, probe: nn.Module) -> float:
 
     handle = probe.register_forward_hook(hook)
     try:
-        model(x)
+        forward_fn(model, x)
     except _Stop:
         pass
     finally:
         handle.remove()
-    if not seen:
-        raise ValueError("lsuv_: a layer to initialize is not called by the model's forward pass")
     return seen[0]
+
+
+def _set_weight(layer: nn.Module, weight: Tensor) -> str | None:
+    """Set ``layer.weight`` to ``weight``, through its parametrization if it has one; or say
+    why it cannot be set."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        layer.weight.copy_(weight)
+        return None
+    names = ", ".join(type(p).__name__ for p in layer.parametrizations.weight)
+    try:
+        layer.weight = weight  # the parametrization's right_inverse sets its parameters
+    except Exception as e:
+        return f"its weight is parametrized ({names}) with no inverse: {first_line(e, 80)}"
+    if not torch.allclose(layer.weight, weight, rtol=1e-4, atol=1e-6 * weight.abs().max()):
+        return f"its weight is parametrized ({names}) in a way that does not take this weight"
+    return None
 
 
 @torch.no_grad()
 def lsuv_(
     model: nn.Module,
-    x: Tensor,
+    x: Batch,
     layers: list[nn.Module] | None = None,
     tol: float = 0.02,
     max_iter: int = 10,
     generator: torch.Generator | None = None,
+    forward_fn: Callable[[nn.Module, Batch], object] = call_model,
 ) -> list[LSUVLayer]:
     r"""Orthonormal start, then scale each layer in turn to its target variance on one batch.
 
@@ -144,22 +166,25 @@ def lsuv_(
         W \leftarrow W \sqrt{t / v} \quad \text{until} \quad |v / t - 1| \le \text{tol}
         \text{ or } \text{max\_iter} \text{ rescalings}
 
-    Biases of the given layers start at zero. The pass runs in training mode
-    (the statistics training will see); BatchNorm buffers, the model's mode
-    and the global RNG are left as they were.
+    Biases of the given layers start at zero. The passes run with BatchNorm in
+    training mode and the rest in eval mode (see the module docstring); BatchNorm
+    buffers, the model's mode and the global RNG are left as they were.
 
     Args:
-        model: any module; ``model(x)`` must run its forward pass.
-        x: one real batch of inputs.
+        model: any module.
+        x: one real batch of inputs: a tensor (``model(x)``), a tuple or list
+            (``model(*x)``) or a dict (``model(**x)``).
         layers: the layers to initialize, in any order (default: every Linear and
             Conv1d/2d/3d of ``model``, torch's or normlab's).
         tol: relative tolerance on the variance.
         max_iter: the most rescalings per layer.
         generator: draws the orthonormal matrices.
+        forward_fn: ``forward_fn(model, x)`` runs the batch, for models called some other way.
 
     Returns:
-        One :class:`LSUVLayer` per layer, in forward order: what it feeds,
-        the target, the variance reached, the iterations used.
+        One :class:`LSUVLayer` per layer, in forward order (the layers the pass does not
+        call last): what it feeds, the target, the variance reached, the iterations used,
+        and for a layer left as it was, why.
 
     Example:
         >>> from torch import nn
@@ -175,42 +200,74 @@ def lsuv_(
     if not layers:
         raise ValueError("lsuv_ found no Linear or convolution layer to initialize")
     names = {m: n for n, m in model.named_modules()}
-    for layer in layers:
-        w = torch.empty(layer.weight.shape, dtype=layer.weight.dtype)
-        nn.init.orthogonal_(w, generator=generator)  # on the CPU: the generator's device
-        layer.weight.copy_(w)
-        if layer.bias is not None:
-            layer.bias.zero_()
-
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    devices = [x.device] if x.device.type == "cuda" else []
+    devices = [d for d in {b.device for b in buffers.values()} if d.type == "cuda"]
     try:
-        # training mode: the statistics training will see; dropout must not use up the global RNG
-        with set_mode(model, training=True), torch.random.fork_rng(devices=devices):
-            order = _forward_order(model, x)
-            missing = [names[m] for m in layers if m not in order]
-            if missing:
-                raise ValueError(f"lsuv_: layers not called by the forward pass: {missing}")
-            results = []
-            for layer in sorted(layers, key=order.index):
-                i = order.index(layer)
-                nxt = order[i + 1] if i + 1 < len(order) else None
-                kind = layer_kind(nxt) if nxt is not None else None
-                feeds = kind.name if kind is not None else "output"
-                if _family(nxt) in NORMALIZATIONS:
-                    results.append(LSUVLayer(names[layer], feeds, None, None, 0))
-                    continue
-                if _family(nxt) in ACTIVATIONS:  # what the nonlinearity passes on
-                    probe, target = nxt, activation_variance(nxt)
-                else:  # another weighted layer or the output: its own output, as the paper
-                    probe, target = layer, 1.0
-                iterations, var = 0, _output_variance(model, x, probe)
-                while abs(var / target - 1) > tol and iterations < max_iter and var > 0:
-                    layer.weight.mul_(math.sqrt(target / var))
-                    iterations += 1
-                    var = _output_variance(model, x, probe)
-                results.append(LSUVLayer(names[layer], feeds, target, var, iterations))
+        # the global RNG is forked: a stochastic layer left on must not use it up
+        with _measuring_mode(model), torch.random.fork_rng(devices=devices):
+            flow = trace_dataflow(model, x, forward_fn)
+            modules = dict(model.named_modules())
+            called = sorted(
+                (m for m in layers if names[m] in flow.calls),
+                key=lambda m: flow.order.index(names[m]),
+            )
+            results = [
+                _lsuv_layer(
+                    model,
+                    x,
+                    layer,
+                    names[layer],
+                    flow,
+                    modules,
+                    tol,
+                    max_iter,
+                    generator,
+                    forward_fn,
+                )
+                for layer in called
+            ]
     finally:
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    return results
+    uncalled = [m for m in layers if names[m] not in flow.calls]
+    why = "the forward pass does not call it (its weight may be used by a function)"
+    return results + [LSUVLayer(names[m], "output", None, None, 0, why) for m in uncalled]
+
+
+def _lsuv_layer(model, x, layer, name, flow, modules, tol, max_iter, generator, forward_fn):
+    """LSUV on one layer: its orthonormal start and its rescalings (see ``lsuv_``)."""
+    readers = [r for r in flow.feeds.get(name, []) if r in modules]
+    families = [_family(modules[r]) for r in readers]
+    feeds = layer_kind(modules[readers[0]]).name if readers else "output"
+    w = torch.empty(layer.weight.shape, dtype=layer.weight.dtype)
+    nn.init.orthogonal_(w, generator=generator)  # on the CPU: the generator's device
+    refused = _set_weight(layer, w.to(layer.weight.device))
+    if refused is not None:
+        return LSUVLayer(name, feeds, None, None, 0, refused)
+    if getattr(layer, "bias", None) is not None:
+        layer.bias.zero_()
+    if readers and all(f in NORMALIZATIONS for f in families):
+        return LSUVLayer(name, feeds, None, None, 0, "it feeds a normalization")
+    only = len(readers) == 1 and len(flow.feeds[name]) == 1 and families[0] in ACTIVATIONS
+    if only:  # what the nonlinearity passes on
+        probe, target = modules[readers[0]], activation_variance(modules[readers[0]])
+    else:  # used by another layer, a function or nothing: its own output, as the paper
+        probe, target, feeds = layer, 1.0, feeds if readers else "output"
+    iterations, var = 0, _output_variance(model, x, probe, forward_fn)
+    if var == 0:
+        return LSUVLayer(name, feeds, target, var, 0, "its output is zero whatever its weight")
+    while abs(var / target - 1) > tol and iterations < max_iter:
+        factor = target / var  # the variance scales as the weight's square
+        refused = _set_weight(layer, layer.weight * math.sqrt(factor))
+        if refused is not None:
+            return LSUVLayer(name, feeds, target, var, iterations, refused)
+        iterations += 1
+        before, var = var, _output_variance(model, x, probe, forward_fn)
+        # a layer whose output follows less than a tenth of a material rescaling (in log
+        # terms; a saturating activation still follows about half) is not scaled by its
+        # weight: a standardized weight, a gain elsewhere
+        moved = abs(math.log(var / before)) if var > 0 else 0.0
+        if abs(math.log(factor)) > 0.05 and moved < 0.1 * abs(math.log(factor)):
+            why = "its output does not follow its weight's scale (a standardized weight?)"
+            return LSUVLayer(name, feeds, target, var, iterations, why)
+    return LSUVLayer(name, feeds, target, var, iterations)

@@ -1,12 +1,15 @@
 """``Diagnostics``: hooks on any ``nn.Module`` that record one training step into a Snapshot."""
 
-import dataclasses
 import math
+import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from normlab.dataflow import first_tensor
 from normlab.diagnostics import stats
+from normlab.diagnostics.keep import KeepAsIs
 from normlab.diagnostics.snapshot import (
     PERCENTILES,
     BatchNormStats,
@@ -16,6 +19,16 @@ from normlab.diagnostics.snapshot import (
     update_history,
 )
 from normlab.nn import FlattenConsecutive, FlattenContext, Kind, layer_kind
+
+
+class BatchNormCapture(NamedTuple):
+    """A BatchNorm's running statistics as they were before the recorded batch moved them."""
+
+    running_mean: Tensor  # (C,)
+    running_var: Tensor  # (C,)
+    eps: float
+    momentum: float | None
+    batches_tracked: Tensor  # ()
 
 
 class Diagnostics:
@@ -65,9 +78,13 @@ class Diagnostics:
         self._armed = False
         self._outputs: dict[str, Tensor] = {}
         self._grads: dict[str, Tensor] = {}
-        self._batchnorm: dict[str, tuple] = {}
+        self._batchnorm: dict[str, BatchNormCapture] = {}
+        self._batchnorm_inputs: dict[str, Tensor] = {}  # (N, C, *)
         self._before: dict[str, Tensor] = {}
         self._awaits_backward = False  # a recorded output will receive a gradient
+        self._keeper = KeepAsIs()  # active over the model's forward pass while armed
+        self._keeping = 0  # depth of the model's calls that entered it
+        self.overwritten: list[str] = []  # outputs written in place where no hook could see
 
     # -- hooks
     def _attach(self) -> None:
@@ -77,11 +94,30 @@ class Diagnostics:
             self._handles.append(module.register_forward_hook(self._forward_hook(name)))
             if kind.family == "batchnorm":
                 self._handles.append(module.register_forward_pre_hook(self._bn_hook(name)))
+        self._handles.append(self.model.register_forward_pre_hook(self._enter_keeper))
+        self._handles.append(self.model.register_forward_hook(self._exit_keeper, always_call=True))
+
+    def _enter_keeper(self, module, _inputs) -> None:
+        if self._recording(module):
+            if self._keeping == 0:
+                self._keeper.__enter__()
+            self._keeping += 1
+
+    def _exit_keeper(self, _module, _inputs, _out) -> None:
+        if self._keeping:
+            self._keeping -= 1
+            if self._keeping == 0:
+                self._keeper.__exit__(None, None, None)
 
     def detach(self) -> None:
         """Remove every hook; an armed recording is dropped."""
         self._remove_hooks()
-        self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
+        self._clear()
+
+    def _clear(self) -> None:
+        self._outputs, self._grads, self._before = {}, {}, {}
+        self._batchnorm, self._batchnorm_inputs = {}, {}
+        self._keeper.forget()
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -99,15 +135,16 @@ class Diagnostics:
 
     def _forward_hook(self, name: str):
         def hook(module, _inputs, out):
-            out = _first_tensor(out)
+            out = first_tensor(out)
             if not self._recording(module) or name in self._outputs or out is None:
                 return
-            self._outputs[name] = out.detach()  # measured in collect(), grouped by shape
+            self._keeper.keep(self._outputs, name, out.detach())  # measured in collect()
             if out.requires_grad:
                 self._awaits_backward = True
 
                 def grad_hook(grad):
-                    self._grads.setdefault(name, grad.detach())
+                    if name not in self._grads:
+                        self._keeper.keep(self._grads, name, grad.detach())
 
                 out.register_hook(grad_hook)
 
@@ -115,14 +152,15 @@ class Diagnostics:
 
     def _bn_hook(self, name: str):
         def hook(module, inputs):
-            tracked = module.running_mean is not None and module.track_running_stats
+            tracked = getattr(module, "track_running_stats", False)  # not on frozen ones
+            tracked = tracked and module.running_mean is not None
             if self._recording(module) and name not in self._batchnorm and tracked:
                 # the running statistics before this batch moves them; measured in collect()
                 x = inputs[0].detach()
                 if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
                     x = x.movedim(-1, 1)
-                self._batchnorm[name] = (
-                    x,
+                self._keeper.keep(self._batchnorm_inputs, name, x)
+                self._batchnorm[name] = BatchNormCapture(
                     module.running_mean.clone(),
                     module.running_var.clone(),
                     module.eps,
@@ -136,21 +174,28 @@ class Diagnostics:
     def arm(self) -> None:
         """Record the next training-mode forward and backward pass and the optimizer step."""
         self._attach()
-        self._outputs, self._grads, self._batchnorm = {}, {}, {}
+        self._clear()
         self._before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self._armed, self._awaits_backward = True, False
 
     def captures(self) -> dict:
         """What the armed recording's hooks have captured so far: the layers' outputs, their
         gradients, and BatchNorm's inputs with its running statistics before the batch."""
-        return {"outputs": self._outputs, "grads": self._grads, "batchnorm": self._batchnorm}
+        return {
+            "outputs": self._outputs,
+            "grads": self._grads,
+            "batchnorm": self._batchnorm,
+            "batchnorm_inputs": self._batchnorm_inputs,
+        }
 
     def restore(self, captures: dict) -> None:
         """Take ``captures`` as what the hooks captured: a traced step's graph returns
         ``captures()`` of its trace, computed (``normlab.fast``)."""
+        self._keeper.forget()  # the graph's outputs are fresh tensors
         self._outputs = captures["outputs"]
         self._grads = captures["grads"]
-        self._batchnorm = captures["batchnorm"]
+        self._batchnorm = {n: BatchNormCapture(*c) for n, c in captures["batchnorm"].items()}
+        self._batchnorm_inputs = captures["batchnorm_inputs"]
 
     def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
         """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
@@ -162,6 +207,7 @@ class Diagnostics:
                 "Diagnostics.collect(): the armed step ran a forward pass but no backward pass; "
                 "call loss.backward() (and the optimizer's step) between arm() and collect()"
             )
+        self._drop_overwritten()
         kinds = {name: kind for name, _, kind in self.layers}
         params = dict(self.model.named_parameters())
         measured = (
@@ -173,8 +219,8 @@ class Diagnostics:
             ("grad", self._grads, lambda _, ts: stats.spread_stats(ts)),
             (
                 "bn",
-                {name: captured[0] for name, captured in self._batchnorm.items()},
-                lambda names, _: stats.batchnorm_stats([self._batchnorm[n] for n in names]),
+                self._batchnorm_inputs,
+                lambda names, xs: stats.batchnorm_stats(xs, [self._batchnorm[n] for n in names]),
             ),
             (
                 "param",
@@ -188,9 +234,26 @@ class Diagnostics:
             for names, columns in stats.grouped(named, measure)
         ]
         snapshot = self._snapshot(stats.to_host(groups), step, loss, eval_loss)
-        self._outputs, self._grads, self._batchnorm, self._before = {}, {}, {}, {}
+        self._clear()  # after _snapshot, which reads the outputs' shapes
         self.extend([snapshot])
         return snapshot
+
+    def _drop_overwritten(self) -> None:
+        """Drop what was written in place outside the model's forward pass, where no hook saw
+        it (user code between the forward pass and ``collect()``): never measure it wrongly."""
+        stores = (self._outputs, self._grads, self._batchnorm_inputs)
+        overwritten = sorted({k for store in stores for k in self._keeper.overwritten(store)})
+        for store in stores:
+            for key in overwritten:
+                store.pop(key, None)
+        if overwritten:
+            warnings.warn(
+                "Diagnostics: not recorded, as written in place after the model's forward "
+                f"pass: {', '.join(overwritten)}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.overwritten = overwritten
 
     def extend(self, snapshots: list[Snapshot]) -> None:
         """Add recordings (a new one, or a run's saved ones) to ``history`` and
@@ -205,11 +268,13 @@ class Diagnostics:
     def _snapshot(self, host: dict, step: int, loss, eval_loss) -> Snapshot:
         """The Snapshot of the host's columns, layers in the model's module order."""
         layers, batchnorms = [], []
+        # dead units are judged per (channel or element) over the batch (and positions)
+        shapes = {n: (t.shape if t.dim() >= 4 else t.shape[:1]) for n, t in self._outputs.items()}
         for name, _, kind in self.layers:
             if ("out", name) in host:
-                layers.append(
-                    _layer_stats(name, kind, host[("out", name)], host.get(("grad", name)))
-                )
+                out = _layer_stats(name, kind, host[("out", name)], host.get(("grad", name)))
+                out.samples = shapes[name][0] * math.prod(shapes[name][2:])
+                layers.append(out)
             if ("bn", name) in host:
                 bn = host[("bn", name)]
                 batchnorms.append(
@@ -220,17 +285,6 @@ class Diagnostics:
             for name, p in self.model.named_parameters()
         ]
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
-
-
-def _first_tensor(out) -> Tensor | None:
-    """A layer's output as a tensor: itself, or the first tensor of a tuple, list, dict or
-    dataclass (transformers' outputs are dicts)."""
-    if torch.is_tensor(out):
-        return out
-    if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, tuple | list) else ()
-    return next((v for v in values if torch.is_tensor(v)), None)
 
 
 # layers that only pass values on, drop them or reshape them: nothing to report of their own

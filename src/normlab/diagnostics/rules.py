@@ -96,12 +96,38 @@ def _saturated(history, t, _classes):
             yield Verdict("saturated", layer.name, layer.saturated, t.saturated, message)
 
 
+def healthy_dead(samples: int) -> float:
+    """The fraction of units a healthy layer shows as dead over ``samples`` draws per unit:
+    a unit active half the time is never active in all of them with probability 0.5^samples
+    (at a batch of 2, a quarter of a healthy GELU layer's units read dead).
+
+    >>> healthy_dead(2), healthy_dead(32) < 1e-9
+    (0.25, True)
+    """
+    return 0.5**samples
+
+
 def _dead(history, t, _classes):
     snap = history[-1]
+    unjudged = []
     for i, layer in enumerate(snap.layers):
-        if layer.dead is not None and layer.dead > t.dead:
+        if layer.dead is None:
+            continue
+        # judged only where healthy units read dead at a tenth of the threshold or less
+        if layer.samples is not None and healthy_dead(layer.samples) > t.dead / 10:
+            unjudged.append(layer)
+        elif layer.dead > t.dead:
             message = f"{layer.dead:.0%} of units never active in the batch" + _scale_fix(snap, i)
             yield Verdict("dead", layer.name, layer.dead, t.dead, message)
+    if unjudged:
+        fewest = min(layer.samples for layer in unjudged)
+        need = math.ceil(math.log2(10 / t.dead))
+        message = (
+            f"dead units not judged on {len(unjudged)} layers: with {fewest} samples per unit "
+            f"{healthy_dead(fewest):.0%} of a healthy layer's units read dead; record a batch "
+            f"of at least {need} samples per unit"
+        )
+        yield Verdict("batch-too-small", unjudged[0].name, fewest, need, message)
 
 
 def _bias_before_batchnorm(history, t, _classes):
@@ -184,7 +210,8 @@ def _confident_at_init(history, t, num_classes):
 # verdict                  fires when (thresholds in Thresholds)
 RULES: tuple[Rule, ...] = (
     _saturated,  # saturated: a saturating layer's fraction beyond 0.97 of its range > saturated
-    _dead,  # dead: a rectifying layer's fraction of never-active units > dead
+    _dead,  # dead: a rectifying layer's fraction of never-active units > dead, where a healthy
+    # layer's is ≤ dead / 10 at its batch (else one batch-too-small for all such layers)
     _bias_before_batchnorm,  # bias-before-batchnorm: a weighted layer's bias feeds a BatchNorm
     _activation_depth,  # vanishing/exploding: activation std, last vs first, beyond depth_ratio
     _gradient_depth,  # vanishing/exploding: gradient std, first vs last, beyond depth_ratio

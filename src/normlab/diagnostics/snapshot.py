@@ -24,6 +24,7 @@ class LayerStats:
     dead: float | None  # rectifying: fraction of units never above the floor over the batch
     hist_range: float  # the histogram spans [-hist_range, hist_range]
     hist: list[int]
+    samples: int | None = None  # draws per unit that ``dead`` is over (batch × positions)
     grad_mean: float | None = None
     grad_std: float | None = None
     grad_hist_range: float | None = None

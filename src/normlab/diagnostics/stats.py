@@ -151,27 +151,28 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
     }
 
 
-def batchnorm_stats(captured: list[tuple]) -> Columns:
+def batchnorm_stats(inputs: list[Tensor], captured: list) -> Columns:
     """Per BatchNorm: mean drift, variance ratio and time constants; one input shape for all.
 
-    ``captured`` holds (input, running_mean, running_var, eps, momentum, batches tracked),
-    the running statistics as they were before this batch updated them.
+    ``inputs`` are the BatchNorms' inputs ``(B, C, *spatial)``; ``captured`` their
+    ``BatchNormCapture``: the running statistics as they were before this batch updated them.
     """
-    x = _stack([c[0].float() for c in captured])  # (G, B, C, *spatial)
+    x = _stack([t.float() for t in inputs])  # (G, B, C, *spatial)
     dims = (1, *range(3, x.dim()))  # every axis but the layer and the feature (BatchNorm1d/2d/3d)
     mean = x.mean(dims, keepdim=True)
     var = (x - mean).square().mean(dims)  # (G, C), biased: what the batch normalizes with
     mean = mean.flatten(1)  # (G, C)
-    running_mean = torch.stack([c[1] for c in captured]).float()
-    running_var = torch.stack([c[2] for c in captured]).float()
-    eps = torch.tensor([[c[3]] for c in captured], device=x.device)  # (G, 1)
+    running_mean = torch.stack([c.running_mean for c in captured]).float()
+    running_var = torch.stack([c.running_var for c in captured]).float()
+    eps = torch.tensor([[c.eps] for c in captured], device=x.device)  # (G, 1)
     ratio = (running_var + eps) / (var + eps)
     # time constants seen: batches × momentum (a cumulative average counts as momentum 0.1)
-    factor = torch.tensor([c[4] if c[4] is not None else 0.1 for c in captured], device=x.device)
+    factor = [c.momentum if c.momentum is not None else 0.1 for c in captured]
+    batches = torch.stack([c.batches_tracked for c in captured]).float()
     return {
         "mean_drift": ((running_mean - mean).abs() / (var + eps).sqrt()).amax(1),
         "var_ratio": torch.maximum(ratio, 1 / ratio).amax(1),
-        "time_constants": torch.stack([c[5] for c in captured]).float() * factor,
+        "time_constants": batches * torch.tensor(factor, device=x.device),
     }
 
 

@@ -6,23 +6,19 @@
     trainer.add_callback(DiagnosticsCallback(trainer, every_n_steps=100))
     trainer.train()               # report.html in args.output_dir at the end
 
-transformers' ``Conv1D`` (GPT-2's projections, a Linear with its weight
-transposed) is registered as a linear layer; its activation classes are
-recognized by what they do.
+transformers' ``Conv1D`` (GPT-2's projections) and its named norms are known to
+``normlab.nn.layer_kind`` itself, so this callback and ``normlab.audit`` record the
+same layers; its activation classes are recognized by what they do.
 """
 
 from pathlib import Path
 
 import transformers
 from transformers.integrations import TensorBoardCallback
-from transformers.pytorch_utils import Conv1D
 
 from normlab.diagnostics import Thresholds
 from normlab.integrations import Recorder
-from normlab.nn import Kind, register_kind
 from normlab.report import log_histograms, snapshot_scalars
-
-register_kind(Conv1D, Kind("linear", "linear"))
 
 
 class DiagnosticsCallback(transformers.TrainerCallback):

@@ -25,7 +25,18 @@ from normlab.nn.batchnorm import (
 )
 from normlab.nn.flatten import FlattenConsecutive, FlattenContext
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
-from normlab.nn.kinds import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, Kind, layer_kind, register_kind
+from normlab.nn.kinds import (
+    ACTIVATIONS,
+    NORMALIZATIONS,
+    WEIGHTED,
+    BatchNormForm,
+    Kind,
+    batchnorm_form,
+    is_batchnorm,
+    layer_kind,
+    register_batchnorm,
+    register_kind,
+)
 from normlab.nn.linear import Linear
 from normlab.nn.mode import set_mode
 from normlab.nn.normalization import GroupNorm, LayerNorm
@@ -37,6 +48,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormForm",
     "BatchNormFunction",
     "FlattenConsecutive",
     "FlattenContext",
@@ -49,8 +61,11 @@ __all__ = [
     "ReLU",
     "SyncBatchNorm",
     "Tanh",
+    "batchnorm_form",
     "convert_sync_batchnorm",
+    "is_batchnorm",
     "layer_kind",
+    "register_batchnorm",
     "register_kind",
     "set_mode",
 ]

@@ -66,11 +66,16 @@ def traced(x: Tensor) -> bool:
     """Whether ``x`` is being traced (``make_fx``, ``torch.compile``, export) rather than
     computed: a fake or proxy tensor, a dispatch mode that records operators, or a compile
     under way."""
-    return (
-        type(x) is not Tensor
-        or torch._C._len_torch_dispatch_stack() > 0
-        or torch.compiler.is_compiling()
-    )
+    return type(x) is not Tensor or _recording_modes() or torch.compiler.is_compiling()
+
+
+def _recording_modes() -> bool:
+    """A dispatch mode is active that records operators: any but those that declare
+    ``computes_as_is`` (they watch the operators run, as the diagnostics' ``KeepAsIs``)."""
+    if torch._C._len_torch_dispatch_stack() == 0:
+        return False
+    modes = torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+    return any(not getattr(mode, "computes_as_is", False) for mode in modes)
 
 
 def applies(x: Tensor, weight, bias, running_mean, running_var) -> bool:

@@ -11,15 +11,17 @@ A ``Kind`` names a layer and says which *family* it is of:
 - ``linear``, ``conv``, ``embedding`` and ``attention``.
 
 Layers are recognized by their type (normlab's and torch's), by a kind a user
-registers (``register_kind``), and, for a parameterless module of another
-library (say, transformers' ``NewGELUActivation``), by what it does: it is run
-on a probe of values from -6 to 6, and an elementwise function that is flat at
+registers (``register_kind``), by the qualified class name of a few layers of
+other libraries (``THIRD_PARTY``: no import of those libraries), and, for a
+parameterless module of another library (say, transformers'
+``NewGELUActivation``), by what it does: it is run on a probe of values from -6 to 6, and an elementwise function that is flat at
 both ends is saturating, one that is flat below and rises as its input above is
 rectifying. Attention is recognized by name: a module with parameters whose
 class name ends in ``Attention``.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +91,17 @@ _REGISTRY: list[tuple[tuple[type[nn.Module], ...], Kind]] = [
 ]
 
 
+# layers of other libraries, by qualified class name, so that normlab never imports them: every
+# tool (audit, the callbacks, fold, LSUV) then knows them whether or not the user imported them
+THIRD_PARTY: dict[str, Kind] = {
+    "transformers.pytorch_utils.Conv1D": Kind("linear", "linear"),  # GPT-2's, weight transposed
+    "torchvision.ops.misc.FrozenBatchNorm2d": Kind("batchnorm", "batchnorm"),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": Kind("batchnorm", "batchnorm"),
+}
+# a normalization of another library named for what it computes (T5LayerNorm, LlamaRMSNorm)
+NAMED_NORMS = {"LayerNorm": Kind("layernorm", "norm"), "RMSNorm": Kind("rmsnorm", "norm")}
+
+
 def register_kind(types: type[nn.Module] | tuple[type[nn.Module], ...], kind: Kind) -> None:
     """Recognize ``types`` (and their subclasses) as ``kind``, before every built-in kind.
 
@@ -125,9 +138,89 @@ def layer_kind(module: nn.Module) -> Kind | None:
     for types, kind in _REGISTRY:
         if isinstance(module, types):
             return _with_range(module, kind)
-    if type(module).__name__.endswith("Attention") and any(True for _ in module.parameters()):
+    cls = type(module)
+    if f"{cls.__module__}.{cls.__qualname__}" in THIRD_PARTY:
+        return THIRD_PARTY[f"{cls.__module__}.{cls.__qualname__}"]
+    weighted = any(True for _ in module.parameters())
+    if cls.__name__.endswith("Attention") and weighted:
         return Kind("attention", "attention")
+    suffix = next((s for s in NAMED_NORMS if cls.__name__.endswith(s)), None)
+    if suffix is not None and weighted:
+        return NAMED_NORMS[suffix]
     return _probe(module)
+
+
+# ---------------------------------------------------------------------------- BatchNorm's forms
+
+
+@dataclass(frozen=True)
+class BatchNormForm:
+    r"""How a BatchNorm-like layer computes in eval mode, for the tools that fold it: the map
+    :math:`x \mapsto s x + t` of its running statistics (``normlab.nn.batchnorm.running_affine``),
+    then ``after(layer)``, what the layer runs on that (timm's fused activation), if anything."""
+
+    after: Callable[[nn.Module], nn.Module] | None = None
+
+    @property
+    def affine(self) -> bool:
+        """Its output is the affine map alone, so a layer after it can absorb it too."""
+        return self.after is None
+
+
+def _dropout_then_activation(layer: nn.Module) -> nn.Module:
+    return nn.Sequential(layer.drop, layer.act)  # timm's BatchNormAct2d: bn → drop → act
+
+
+# BatchNorm-like classes whose forward is not torch's, by qualified class name; a subclass of
+# torch's or normlab's BatchNorm that keeps their forward needs no entry
+_BATCHNORM_FORMS: dict[str, BatchNormForm] = {
+    "torchvision.ops.misc.FrozenBatchNorm2d": BatchNormForm(),
+    "timm.layers.norm_act.BatchNormAct2d": BatchNormForm(_dropout_then_activation),
+    "timm.layers.norm_act.SyncBatchNormAct": BatchNormForm(_dropout_then_activation),
+    "timm.layers.norm_act.FrozenBatchNormAct2d": BatchNormForm(_dropout_then_activation),
+}
+_BATCHNORM_FORWARDS = (
+    _BatchNorm.forward,
+    nn.modules.batchnorm._BatchNorm.forward,
+    nn.SyncBatchNorm.forward,
+)
+
+
+def register_batchnorm(
+    cls: type[nn.Module], after: Callable[[nn.Module], nn.Module] | None = None
+) -> None:
+    """Declare that ``cls`` computes ``after(layer)(s x + t)`` in eval mode, with ``s, t`` its
+    running statistics' map (``after=None``: the map alone), so that ``fold_batchnorm`` folds it.
+
+    Example:
+        >>> class BatchNormReLU(torch.nn.BatchNorm2d):
+        ...     def forward(self, x):
+        ...         return torch.relu(super().forward(x))
+        >>> register_batchnorm(BatchNormReLU, after=lambda layer: torch.nn.ReLU())
+        >>> batchnorm_form(BatchNormReLU(4)).affine
+        False
+    """
+    _BATCHNORM_FORMS[f"{cls.__module__}.{cls.__qualname__}"] = BatchNormForm(after)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A layer of the batchnorm family (``layer_kind``): torch's, normlab's, any subclass of
+    them, and the BatchNorm-like layers of other libraries normlab knows."""
+    kind = layer_kind(module)
+    return kind is not None and kind.family == "batchnorm"
+
+
+def batchnorm_form(module: nn.Module) -> BatchNormForm | None:
+    """How the BatchNorm ``module`` computes (``BatchNormForm``), or None where normlab does not
+    know: a subclass that overrides ``forward`` and is not registered is never guessed at."""
+    cls = type(module)
+    for klass in cls.__mro__:  # the nearest registered class, else torch's own forward
+        form = _BATCHNORM_FORMS.get(f"{klass.__module__}.{klass.__qualname__}")
+        if form is not None:
+            return form
+        if klass.__dict__.get("forward") is not None:
+            return BatchNormForm() if klass.forward in _BATCHNORM_FORWARDS else None
+    return None
 
 
 PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)  # steps of 0.05
@@ -142,6 +235,7 @@ def _probe(module: nn.Module) -> Kind | None:
         with set_mode(module, training=False):
             y = module(PROBE)
             alone = torch.stack([module(PROBE[i : i + 1])[0] for i in (0, 120, 240)])
+            at_zero = module(torch.zeros(1, dtype=PROBE.dtype))
     except Exception:  # not a function of one tensor
         return None
     if not (torch.is_tensor(y) and y.shape == PROBE.shape and y.dtype == PROBE.dtype):
@@ -154,5 +248,5 @@ def _probe(module: nn.Module) -> Kind | None:
     if abs(slope(0)) < 1e-2 and abs(slope(239)) < 1e-2 and slope(119) > 0.1:
         return _saturating(name, y.min().item(), y.max().item())
     if abs(slope(0)) < 0.1 and abs(slope(239) - 1.0) < 0.05:
-        return _rectifying(name, module(torch.zeros(1, dtype=torch.float64)).item())
+        return _rectifying(name, at_zero.item())
     return None
