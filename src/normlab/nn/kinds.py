@@ -15,9 +15,11 @@ registers (``register_kind``), by the qualified class name of a few layers of
 other libraries (``THIRD_PARTY``: no import of those libraries), and, for a
 parameterless module of another library (say, transformers'
 ``NewGELUActivation``), by what it does: it is run on a probe of values from
--6 to 6, and an elementwise function that is flat at both ends is saturating, one that is flat below and rises as its input above is
-rectifying. Attention is recognized by name: a module with parameters whose
-class name ends in ``Attention``.
+-6 to 6, and an elementwise function that is flat at both ends is saturating,
+one that is flat below and rises as its input above is rectifying. Attention is
+recognized by name: a module with parameters whose class name ends in
+``Attention``, and so are norms whose class name ends in ``LayerNorm`` or
+``RMSNorm`` (T5's, Llama's).
 """
 
 import math
