@@ -1,0 +1,172 @@
+"""The library on every model of the zoo (tests/zoo.py): a pass table, and each tool's cost.
+
+For each torchvision, timm and transformers model the zoo builds (random weights,
+small inputs), in one run:
+
+- audit: every recorded output's mean and std against a copy of the output taken at its
+  hook (exact to float32 rounding: rel 1e-4 on the std);
+- fold: how many BatchNorms fold, one log line each, and the folded float64 model's
+  outputs against the unfolded one's (rounding alone: rel 1e-9);
+- LSUV: how many layers it rescaled, and how many it left and why (feeds a normalization,
+  not called, does not follow its weight);
+- calibrate: passes over the data per BatchNorm (``calibrate_batchnorm`` makes one each);
+
+and the cost of audit, fold, LSUV and calibrate as a multiple of one plain forward,
+backward and SGD step measured in the same run (median of ``--rounds``).
+
+    .venv/bin/python benchmarks/bench_zoo.py [--rounds 3] [--threads 1] [--only resnet18]
+"""
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from zoo import ZOO, declare_torchvision_operators
+
+declare_torchvision_operators()  # before anything imports torchvision: see tests/zoo.py
+
+from normlab import audit  # noqa: E402
+from normlab.calibrate import calibrate_batchnorm  # noqa: E402
+from normlab.dataflow import call_model, first_tensor  # noqa: E402
+from normlab.fold import fold_batchnorm  # noqa: E402
+from normlab.lsuv import lsuv_  # noqa: E402
+from normlab.nn import is_batchnorm  # noqa: E402
+
+
+def _timed(fn, rounds: int) -> float:
+    fn()  # warm-up: the first call allocates and picks kernels
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _as(batch, dtype):
+    if isinstance(batch, dict):
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    return batch.to(dtype)
+
+
+def _plain_step(model, batch):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = first_tensor(call_model(model, batch)).float().square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _audit_exact(model, batch) -> tuple[bool, float]:
+    copies = {}
+
+    def keep(name):
+        def hook(module, _inputs, out):
+            out = first_tensor(out)
+            if out is not None and module.training and name not in copies:
+                copies[name] = out.detach().double().clone()
+
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()]
+    start = time.perf_counter()
+    result = audit(model, batch, optimizer=torch.optim.SGD(model.parameters(), lr=1e-4))
+    seconds = time.perf_counter() - start
+    for h in handles:
+        h.remove()
+    ok = all(
+        abs(layer.std - copies[layer.name].std().item()) <= 1e-4 * copies[layer.name].std().item()
+        for layer in result.report.snapshot.layers
+    )
+    return ok and bool(result.report.snapshot.layers), seconds
+
+
+def _fold(model, batch):
+    model = copy.deepcopy(model).double().eval()
+    batch = _as(batch, torch.float64)
+    lines = []
+    start = time.perf_counter()
+    folded = fold_batchnorm(model, batch, log=lines.append)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        a, b = first_tensor(call_model(model, batch)), first_tensor(call_model(folded, batch))
+    exact = torch.allclose(a, b, rtol=1e-9, atol=1e-9 * a.abs().max().item())
+    n = sum(is_batchnorm(m) for m in model.modules())
+    done = sum(line.startswith("folded ") for line in lines)
+    return f"{done}/{n}" + ("" if exact and len(lines) == n else " WRONG"), seconds
+
+
+def _lsuv(model, batch):
+    model = copy.deepcopy(model)
+    start = time.perf_counter()
+    report = lsuv_(model, batch)
+    seconds = time.perf_counter() - start
+    skipped = {}
+    for r in report:
+        if r.skipped is not None:
+            key = {"it feeds a normalization": "norm"}.get(r.skipped, r.skipped.split()[0:3])
+            key = key if isinstance(key, str) else " ".join(key)
+            skipped[key] = skipped.get(key, 0) + 1
+    rescaled = sum(r.skipped is None for r in report)
+    return f"{rescaled} set, " + ", ".join(f"{v} {k}" for k, v in skipped.items()), seconds
+
+
+def _calibrate(model, batch):
+    model = copy.deepcopy(model)
+    if not any(is_batchnorm(m) and hasattr(m, "track_running_stats") for m in model.modules()):
+        return "-", None
+    start = time.perf_counter()
+    layers = calibrate_batchnorm(model, [batch], progress=False)
+    return f"{len(layers)} passes", time.perf_counter() - start
+
+
+def _times(seconds: float | None, step: float) -> str:
+    return "-" if seconds is None else f"{seconds / step:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the plain step")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--only", default=None, help="models whose name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    header = "| model | audit exact | fold (folded/BatchNorms) | LSUV | calibrate | step ms |"
+    print(header + " audit × | fold × | LSUV × | calibrate × |")
+    print("|" + " --- |" * 10)
+    for z in ZOO:
+        if args.only and args.only not in z.name:
+            continue
+        torch.manual_seed(0)
+        try:
+            model, batch = z.build(), z.batch()
+        except Exception as e:  # a library the machine lacks
+            print(f"| {z.library}/{z.name} | not built: {type(e).__name__} |")
+            continue
+        model.train()
+        step = _timed(_plain_step(model, batch), args.rounds)
+        exact, audit_s = _audit_exact(model, batch)
+        fold, fold_s = _fold(model, batch)
+        lsuv, lsuv_s = _lsuv(model, batch)
+        calibrate, calibrate_s = _calibrate(model, batch)
+
+        print(
+            f"| {z.library}/{z.name} | {'yes' if exact else 'NO'} | {fold} | {lsuv} | "
+            f"{calibrate} | {step * 1e3:.0f} | {_times(audit_s, step)} | {_times(fold_s, step)} | "
+            f"{_times(lsuv_s, step)} | {_times(calibrate_s, step)} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
