@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from normlab.dataflow import Batch, call_model
+from normlab.dataflow import Batch, call_model, trace_dataflow
 from normlab.errors import first_line
 from normlab.nn import is_batchnorm, set_mode
 
@@ -111,20 +111,23 @@ def batchnorm_layers(
     model: nn.Module, data, batch_size: int = 4096, forward_fn: Callable = call_model
 ) -> list[nn.Module]:
     """The BatchNorm layers of ``model`` in the order its forward pass runs them on the first
-    batch of ``data`` (a tensor, or an iterable of batches)."""
-    order: list[nn.Module] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, _args: order.append(m) if m not in order else None)
-        for m in model.modules()
-        if is_batchnorm(m) and hasattr(m, "track_running_stats")  # not a frozen one
-    ]
-    try:
-        with set_mode(model, training=False), torch.no_grad():
-            next(iter(_forward_passes(model, data, batch_size, forward_fn)), None)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order
+    batch of ``data`` (a tensor, or an iterable of batches); ``[]`` for no data."""
+    first = next(iter(_batches(data, batch_size)), None)
+    if first is None:
+        return []
+    with set_mode(model, training=False):
+        try:
+            flow = trace_dataflow(model, first, forward_fn, is_layer=_keeps_statistics)
+        except Exception as e:
+            reason = first_line(e)
+            raise ValueError(f"calibrate_batchnorm: the model rejected batch 0: {reason}") from e
+    modules = dict(model.named_modules())
+    return [modules[name] for name in flow.order]
+
+
+def _keeps_statistics(module: nn.Module) -> bool:
+    """A BatchNorm whose running statistics are its own to track (not a frozen one)."""
+    return is_batchnorm(module) and hasattr(module, "track_running_stats")
 
 
 @torch.no_grad()

@@ -211,18 +211,10 @@ def lsuv_(
                 (m for m in layers if names[m] in flow.calls),
                 key=lambda m: flow.order.index(names[m]),
             )
+            variance_of = lambda probe: _output_variance(model, x, probe, forward_fn)  # noqa: E731
             results = [
                 _lsuv_layer(
-                    model,
-                    x,
-                    layer,
-                    names[layer],
-                    flow,
-                    modules,
-                    tol,
-                    max_iter,
-                    generator,
-                    forward_fn,
+                    layer, names[layer], flow, modules, variance_of, tol, max_iter, generator
                 )
                 for layer in called
             ]
@@ -234,8 +226,9 @@ def lsuv_(
     return results + [LSUVLayer(names[m], "output", None, None, 0, why) for m in uncalled]
 
 
-def _lsuv_layer(model, x, layer, name, flow, modules, tol, max_iter, generator, forward_fn):
-    """LSUV on one layer: its orthonormal start and its rescalings (see ``lsuv_``)."""
+def _lsuv_layer(layer, name, flow, modules, variance_of, tol, max_iter, generator) -> LSUVLayer:
+    """LSUV on one layer: its orthonormal start and its rescalings (see ``lsuv_``);
+    ``variance_of(probe)`` runs the batch and measures ``probe``'s output."""
     readers = [r for r in flow.feeds.get(name, []) if r in modules]
     families = [_family(modules[r]) for r in readers]
     feeds = layer_kind(modules[readers[0]]).name if readers else "output"
@@ -252,8 +245,8 @@ def _lsuv_layer(model, x, layer, name, flow, modules, tol, max_iter, generator, 
     if only:  # what the nonlinearity passes on
         probe, target = modules[readers[0]], activation_variance(modules[readers[0]])
     else:  # used by another layer, a function or nothing: its own output, as the paper
-        probe, target, feeds = layer, 1.0, feeds if readers else "output"
-    iterations, var = 0, _output_variance(model, x, probe, forward_fn)
+        probe, target = layer, 1.0
+    iterations, var = 0, variance_of(probe)
     if var == 0:
         return LSUVLayer(name, feeds, target, var, 0, "its output is zero whatever its weight")
     while abs(var / target - 1) > tol and iterations < max_iter:
@@ -262,7 +255,7 @@ def _lsuv_layer(model, x, layer, name, flow, modules, tol, max_iter, generator, 
         if refused is not None:
             return LSUVLayer(name, feeds, target, var, iterations, refused)
         iterations += 1
-        before, var = var, _output_variance(model, x, probe, forward_fn)
+        before, var = var, variance_of(probe)
         # a layer whose output follows less than a tenth of a material rescaling (in log
         # terms; a saturating activation still follows about half) is not scaled by its
         # weight: a standardized weight, a gain elsewhere

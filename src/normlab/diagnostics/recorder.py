@@ -152,8 +152,10 @@ class Diagnostics:
 
     def _bn_hook(self, name: str):
         def hook(module, inputs):
-            tracked = getattr(module, "track_running_stats", False)  # not on frozen ones
-            tracked = tracked and module.running_mean is not None
+            # a frozen BatchNorm has running statistics but does not track them
+            tracked = (
+                getattr(module, "track_running_stats", False) and module.running_mean is not None
+            )
             if self._recording(module) and name not in self._batchnorm and tracked:
                 # the running statistics before this batch moves them; measured in collect()
                 x = inputs[0].detach()

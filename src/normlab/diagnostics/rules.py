@@ -115,8 +115,8 @@ def _dead(history, t, _classes):
             continue
         # judged only where healthy units read dead at a tenth of the threshold or less (a
         # threshold of 0 asks for every dead unit, whatever the batch)
-        small = layer.samples is not None and t.dead > 0
-        if small and healthy_dead(layer.samples) > t.dead / 10:
+        gated = layer.samples is not None and t.dead > 0
+        if gated and healthy_dead(layer.samples) > t.dead / 10:
             unjudged.append(layer)
         elif layer.dead > t.dead:
             message = f"{layer.dead:.0%} of units never active in the batch" + _scale_fix(snap, i)

@@ -137,6 +137,12 @@ def layer_kind(module: nn.Module) -> Kind | None:
         >>> layer_kind(torch.nn.Flatten()) is None
         True
     """
+    kind = _declared_kind(module)
+    return kind if kind is not None else _probe(module)
+
+
+def _declared_kind(module: nn.Module) -> Kind | None:
+    """The kind of ``module`` from its type or its class name, without running it."""
     for types, kind in _REGISTRY:
         if isinstance(module, types):
             return _with_range(module, kind)
@@ -149,7 +155,7 @@ def layer_kind(module: nn.Module) -> Kind | None:
     suffix = next((s for s in NAMED_NORMS if cls.__name__.endswith(s)), None)
     if suffix is not None and weighted:
         return NAMED_NORMS[suffix]
-    return _probe(module)
+    return None
 
 
 # ---------------------------------------------------------------------------- BatchNorm's forms
@@ -208,7 +214,7 @@ def register_batchnorm(
 def is_batchnorm(module: nn.Module) -> bool:
     """A layer of the batchnorm family (``layer_kind``): torch's, normlab's, any subclass of
     them, and the BatchNorm-like layers of other libraries normlab knows."""
-    kind = layer_kind(module)
+    kind = _declared_kind(module)  # the probe finds activations only: no need to run it
     return kind is not None and kind.family == "batchnorm"
 
 
