@@ -15,13 +15,10 @@ from normlab.lsuv import lsuv_
 from normlab.nn import is_batchnorm
 
 BY_NAME = {f"{z.library}/{z.name}": z for z in ZOO}
-WITH_BATCHNORM = [k for k, z in BY_NAME.items() if z.name not in ("squeezenet1_0", "swin_t")]
-WITH_BATCHNORM = [
-    k for k in WITH_BATCHNORM if BY_NAME[k].library != "transformers" or "resnet" in k
-]
-WITH_BATCHNORM = [
-    k for k in WITH_BATCHNORM if k not in ("timm/vit_tiny_patch16_224", "timm/nf_resnet26")
-]
+# the zoo's models with no BatchNorm: nothing for fold to do
+NO_BATCHNORM = {"torchvision/squeezenet1_0", "torchvision/swin_t", "timm/vit_tiny_patch16_224"}
+NO_BATCHNORM |= {"timm/nf_resnet26", "transformers/bert", "transformers/gpt2", "transformers/t5"}
+WITH_BATCHNORM = [k for k in BY_NAME if k not in NO_BATCHNORM]
 
 
 def _build(key: str, dtype=torch.float32):
