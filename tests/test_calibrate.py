@@ -48,6 +48,36 @@ def test_batch_size_does_not_change_result():
         torch.testing.assert_close(la.running_var, lb.running_var, rtol=1e-12, atol=1e-12)
 
 
+def _forward_passes(model, run) -> int:
+    """How many times ``run()`` calls ``model``'s forward."""
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    run()
+    hook.remove()
+    return len(calls)
+
+
+def test_one_batch_takes_one_pass_whatever_the_number_of_batchnorms():
+    net = deep_bn_net(torch.float64)  # 4 BatchNorms
+    data = torch.randn(300, 12, dtype=torch.float64)
+    counts = [m.num_batches_tracked.clone() for m in batchnorm_layers(net, data)]
+    one_batch, three_batches = copy.deepcopy(net), copy.deepcopy(net)
+    # the forward-order walk, then one pass
+    assert _forward_passes(one_batch, lambda: calibrate_batchnorm(one_batch, data)) == 2
+    three = lambda: calibrate_batchnorm(three_batches, data, batch_size=100)  # noqa: E731
+    assert _forward_passes(three_batches, three) == 1 + 4 * 3  # the 3 batches per BatchNorm
+    calibrate_batchnorm(net, data)
+    assert [m.num_batches_tracked for m in batchnorm_layers(net, data)] == counts  # not counted
+
+
+def test_a_batch_training_mode_refuses_falls_back_to_the_layer_passes():
+    net = deep_bn_net(torch.float64)
+    one = torch.randn(1, 12, dtype=torch.float64)  # one value per channel: train mode refuses
+    layers = calibrate_batchnorm(net, one)
+    torch.testing.assert_close(layers[0].running_mean, net[0](one)[0])
+    torch.testing.assert_close(layers[0].running_var, torch.zeros(16, dtype=torch.float64))
+
+
 def test_layers_are_found_in_forward_order():
     class Reversed(nn.Module):  # registration order differs from execution order
         def __init__(self):

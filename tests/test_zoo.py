@@ -9,10 +9,11 @@ from torch import nn
 from zoo import ZOO, ZooModel
 
 from normlab import audit
+from normlab.calibrate import calibrate_batchnorm
 from normlab.dataflow import call_model, first_tensor
 from normlab.fold import fold_batchnorm
 from normlab.lsuv import lsuv_
-from normlab.nn import is_batchnorm
+from normlab.nn import batchnorm_training, is_batchnorm
 
 BY_NAME = {f"{z.library}/{z.name}": z for z in ZOO}
 # the zoo's models with no BatchNorm: nothing for fold to do
@@ -116,6 +117,20 @@ def test_fold_finds_its_pairs_in_any_model(key):
     if left:
         with pytest.raises(ValueError, match="fold_batchnorm left"):
             fold_batchnorm(model, batch, strict=True)
+
+
+@pytest.mark.parametrize("key", ["torchvision/densenet121", "timm/efficientnet_b0"])
+def test_calibration_makes_eval_outputs_equal_one_training_pass_over_the_data(key):
+    model, batch = _build(key, torch.float64)
+    model = _random_statistics(model)
+    full = copy.deepcopy(model)
+    with torch.no_grad(), batchnorm_training(full):  # dropout and stochastic depth off
+        expected = first_tensor(call_model(full, batch))
+    calibrate_batchnorm(model, batch)
+    with torch.no_grad():
+        got = first_tensor(call_model(model.eval(), batch))
+    # float64, and BatchNorm's own batch statistics against calibrated ones: rounding alone
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
 
 
 def test_fold_handles_frozen_batchnorm_and_names_an_unknown_subclass():

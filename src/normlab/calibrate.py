@@ -9,6 +9,7 @@ together. Folding BatchNorms into their neighbours for inference is
 ``normlab.fold``.
 """
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from normlab.dataflow import Batch, call_model, trace_dataflow
 from normlab.errors import first_line
-from normlab.nn import is_batchnorm, set_mode
+from normlab.nn import batchnorm_training, is_batchnorm, set_mode
 
 
 class _StopForward(Exception):
@@ -154,8 +155,15 @@ def calibrate_batchnorm(
     ``torch.optim.swa_utils.update_bn``, upstream layers are not left in train
     mode while a layer is measured.)
 
-    Cost: one pass over the data per BatchNorm, each stopping at the layer it
-    measures: for L layers, at most L forward passes. Under ``torch.distributed``
+    Cost: where ``data`` is one batch, one forward pass for every layer at once:
+    with the BatchNorms in training mode (and every other layer in eval mode), each
+    normalizes with its input's own statistics, which are the population statistics
+    once those before it are, so one pass measures every layer's input as the
+    layer-by-layer passes would (to float rounding). Over several batches, one pass
+    over the data per BatchNorm, each stopping at the layer it measures: for L
+    layers, at most L forward passes. Exactness needs them: a layer's input depends
+    on the statistics of the BatchNorms before it, which are known only once all the
+    data has passed through those. Under ``torch.distributed``
     every process passes its own data, and the counts and moments of every
     process are merged after each layer, so every process gets the statistics
     of all the data, whatever each holds. If any batch fails, the model's
@@ -205,17 +213,62 @@ def calibrate_batchnorm(
             f"calibrate_batchnorm: BatchNorm {', '.join(untracked)} has "
             "track_running_stats=False: no running statistics to calibrate"
         )
-    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in layers]
+    saved = [[t.clone() for t in _statistics(m)] for m in layers]
+    batches = list(itertools.islice(_batches(data, batch_size), 2))
+    if len(batches) == 1 and not _distributed():
+        if _in_one_pass(model, layers, batches[0], forward_fn):
+            return layers
+        _put_back(layers, saved)  # what the failed pass moved; the layer passes say why
     try:
         with set_mode(model, training=False):
             for layer in tqdm(layers, desc="calibrate", unit="layer", disable=_quiet(progress)):
                 _calibrate_layer(model, layer, data, batch_size, forward_fn, names[layer])
     except BaseException:  # never half calibrated
-        for m, (mean, var) in zip(layers, saved, strict=True):
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
+        _put_back(layers, saved)
         raise
     return layers
+
+
+def _statistics(layer: nn.Module) -> list[Tensor]:
+    """What calibration and a training-mode pass may change: the running statistics and count."""
+    counted = [layer.num_batches_tracked] if layer.num_batches_tracked is not None else []
+    return [layer.running_mean, layer.running_var, *counted]
+
+
+def _put_back(layers: list[nn.Module], saved: list[list[Tensor]]) -> None:
+    for layer, before in zip(layers, saved, strict=True):
+        for t, value in zip(_statistics(layer), before, strict=True):
+            t.copy_(value)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _in_one_pass(model, layers, batch, forward_fn) -> bool:
+    """Calibrate every layer from one training-mode pass over ``batch``, the whole data set
+    (see ``calibrate_batchnorm``'s cost); False where the pass fails (a channel of one
+    value, which training mode refuses), the layers' statistics then as the pass left them."""
+    accumulators = {layer: _MomentAccumulator() for layer in layers}
+
+    def measure(layer, args):
+        accumulators[layer].add(args[0], _channel_dim(layer))
+
+    counts = [layer.num_batches_tracked.clone() for layer in layers]
+    hooks = [layer.register_forward_pre_hook(measure) for layer in layers]
+    try:
+        with batchnorm_training(model):
+            forward_fn(model, batch)
+    except Exception:
+        return False
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, acc, count in zip(layers, accumulators.values(), counts, strict=True):
+        layer.num_batches_tracked.copy_(count)  # the pass counted one batch; calibration none
+        layer.running_mean.copy_(acc.mean)
+        layer.running_var.copy_(acc.variance())
+    return True
 
 
 def _quiet(progress: bool | None) -> bool | None:

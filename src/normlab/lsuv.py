@@ -36,9 +36,8 @@ does not change (weight standardization), or whose weight is parametrized in a
 way that does not scale with its parameters.
 """
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from normlab.dataflow import Batch, call_model, trace_dataflow
 from normlab.errors import first_line
-from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, is_batchnorm, layer_kind, set_mode
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, batchnorm_training, layer_kind
 
 
 @dataclass
@@ -99,17 +98,6 @@ def activation_variance(activation: str | Callable[[Tensor], Tensor]) -> float:
 def _family(module: nn.Module | None) -> str | None:
     kind = layer_kind(module) if module is not None else None
     return kind.family if kind is not None else None
-
-
-@contextlib.contextmanager
-def _measuring_mode(model: nn.Module) -> Iterator[None]:
-    """BatchNorm in training mode, every other layer in eval mode (no dropout, LayerDrop or
-    stochastic depth); every module's mode restored afterwards."""
-    with set_mode(model, training=False):
-        for m in model.modules():
-            if is_batchnorm(m):
-                m.train()
-        yield
 
 
 def _output_variance(model: nn.Module, x: Batch, probe: nn.Module, forward_fn) -> float:
@@ -204,7 +192,7 @@ def lsuv_(
     devices = [d for d in {b.device for b in buffers.values()} if d.type == "cuda"]
     try:
         # the global RNG is forked: a stochastic layer left on must not use it up
-        with _measuring_mode(model), torch.random.fork_rng(devices=devices):
+        with batchnorm_training(model), torch.random.fork_rng(devices=devices):
             flow = trace_dataflow(model, x, forward_fn)
             modules = dict(model.named_modules())
             called = sorted(

@@ -22,8 +22,9 @@ recognized by name: a module with parameters whose class name ends in
 ``RMSNorm`` (T5's, Llama's).
 """
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -258,3 +259,22 @@ def _probe(module: nn.Module) -> Kind | None:
     if abs(slope(0)) < 0.1 and abs(slope(239) - 1.0) < 0.05:
         return _rectifying(name, at_zero.item())
     return None
+
+
+@contextlib.contextmanager
+def batchnorm_training(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with the BatchNorm layers of ``model`` in training mode and every other
+    layer in eval mode: its normalizations use the batch's statistics, and nothing is random
+    (no dropout, LayerDrop or stochastic depth). Every module's mode is restored afterwards.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5))
+        >>> with batchnorm_training(model):
+        ...     model[0].training, model[1].training
+        (True, False)
+    """
+    with set_mode(model, training=False):
+        for m in model.modules():
+            if is_batchnorm(m):
+                m.train()
+        yield model
