@@ -9,7 +9,8 @@ small inputs), in one run:
   outputs against the unfolded one's (rounding alone: rel 1e-9);
 - LSUV: how many layers it rescaled, and how many it left and why (feeds a normalization,
   not called, does not follow its weight);
-- calibrate: passes over the data per BatchNorm (``calibrate_batchnorm`` makes one each);
+- calibrate: the BatchNorms it calibrates, from the one batch in one pass;
+- to_html: the audit's page, in seconds, with the number of layers recorded;
 
 and the cost of audit, fold, LSUV and calibrate as a multiple of one plain forward,
 backward and SGD step measured in the same run (median of ``--rounds``).
@@ -21,6 +22,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def _plain_step(model, batch):
     return step
 
 
-def _audit_exact(model, batch) -> tuple[bool, float]:
+def _audit_exact(model, batch) -> tuple[bool, float, float, int]:
     copies = {}
 
     def keep(name):
@@ -84,11 +86,16 @@ def _audit_exact(model, batch) -> tuple[bool, float]:
     seconds = time.perf_counter() - start
     for h in handles:
         h.remove()
+    layers = result.report.snapshot.layers
     ok = all(
         abs(layer.std - copies[layer.name].std().item()) <= 1e-4 * copies[layer.name].std().item()
-        for layer in result.report.snapshot.layers
+        for layer in layers
     )
-    return ok and bool(result.report.snapshot.layers), seconds
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        result.to_html(Path(folder) / "audit.html")
+        html_seconds = time.perf_counter() - start
+    return ok and bool(layers), seconds, html_seconds, len(layers)
 
 
 def _fold(model, batch):
@@ -127,7 +134,7 @@ def _calibrate(model, batch):
         return "-", None
     start = time.perf_counter()
     layers = calibrate_batchnorm(model, [batch], progress=False)
-    return f"{len(layers)} passes", time.perf_counter() - start
+    return f"{len(layers)} layers", time.perf_counter() - start
 
 
 def _times(seconds: float | None, step: float) -> str:
@@ -142,8 +149,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header = "| model | audit exact | fold (folded/BatchNorms) | LSUV | calibrate | step ms |"
-    print(header + " audit × | fold × | LSUV × | calibrate × |")
-    print("|" + " --- |" * 10)
+    print(header + " audit × | fold × | LSUV × | calibrate × | to_html s (layers) |")
+    print("|" + " --- |" * 11)
     for z in ZOO:
         if args.only and args.only not in z.name:
             continue
@@ -155,7 +162,7 @@ def main() -> None:
             continue
         model.train()
         step = _timed(_plain_step(model, batch), args.rounds)
-        exact, audit_s = _audit_exact(model, batch)
+        exact, audit_s, html_s, n_layers = _audit_exact(model, batch)
         fold, fold_s = _fold(model, batch)
         lsuv, lsuv_s = _lsuv(model, batch)
         calibrate, calibrate_s = _calibrate(model, batch)
@@ -163,7 +170,7 @@ def main() -> None:
         print(
             f"| {z.library}/{z.name} | {'yes' if exact else 'NO'} | {fold} | {lsuv} | "
             f"{calibrate} | {step * 1e3:.0f} | {_times(audit_s, step)} | {_times(fold_s, step)} | "
-            f"{_times(lsuv_s, step)} | {_times(calibrate_s, step)} |",
+            f"{_times(lsuv_s, step)} | {_times(calibrate_s, step)} | {html_s:.2f} ({n_layers}) |",
             flush=True,
         )
 

@@ -211,19 +211,28 @@ def render_html(
                 "healthy by every check.</p>"
             )
         snap = diag.snapshot
-        first = history[0] if history else snap
+        # the first and the last recording; one recording (an audit) is drawn once
+        ends = (
+            [(history[0], "first"), (snap, "last")]
+            if history and history[0] is not snap
+            else [(snap, "only")]
+        )
         parts += [
             "<h2>Verdicts</h2>",
             verdicts,
             "<h2>Signal propagation</h2>",
             '<div class="grid">',
-            _img(signal_propagation_figure(first), "signal propagation at the first recording"),
-            _img(signal_propagation_figure(snap), "signal propagation at the last recording"),
+            *[
+                _img(signal_propagation_figure(s), f"signal propagation at the {w} recording")
+                for s, w in ends
+            ],
             "</div>",
             "<h2>Activations at the first and the last recording</h2>",
             '<div class="grid">',
-            _img(activation_histograms(first), "activation histograms, first recording"),
-            _img(activation_histograms(snap), "activation histograms, last recording"),
+            *[
+                _img(activation_histograms(s), f"activation histograms, {w} recording")
+                for s, w in ends
+            ],
             "</div>",
             "<h2>Every layer, by kind, at the last recording</h2>",
             '<div class="grid">',
