@@ -121,11 +121,10 @@ def _lsuv(model, batch):
     skipped = {}
     for r in report:
         if r.skipped is not None:
-            key = {"it feeds a normalization": "norm"}.get(r.skipped, r.skipped.split()[0:3])
-            key = key if isinstance(key, str) else " ".join(key)
-            skipped[key] = skipped.get(key, 0) + 1
+            why = r.skipped.split(" (")[0]  # the reason without its example
+            skipped[why] = skipped.get(why, 0) + 1
     rescaled = sum(r.skipped is None for r in report)
-    return f"{rescaled} set, " + ", ".join(f"{v} {k}" for k, v in skipped.items()), seconds
+    return "; ".join([f"{rescaled} set", *(f"{n}: {why}" for why, n in skipped.items())]), seconds
 
 
 def _calibrate(model, batch):
