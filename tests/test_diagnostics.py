@@ -307,3 +307,32 @@ def test_a_row_of_the_earlier_format_still_reads():
         del bn["time_constants"]
         bn["settled"] = True
     assert snapshot_from_dict(row).batchnorms[0].time_constants == math.inf
+
+
+def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
+    from normlab.diagnostics.stats import param_stats, row_std
+
+    for shape in [(1, 1), (1, 70_000), (3, 1), (4, 33)]:
+        rows = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+        expected = rows.std(1) if shape[1] > 1 else torch.zeros(shape[0], dtype=rows.dtype)
+        torch.testing.assert_close(row_std(rows), expected)
+    params = [torch.randn(5, 7, requires_grad=True) for _ in range(3)] + [torch.randn(70_000)]
+    params[0].grad = torch.randn(5, 7)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 1e-3)
+    for indices in ([0, 1, 2], [3]):
+        group = [params[i] for i in indices]
+        columns = param_stats([before[i].clone() for i in indices], group)  # updates the copies
+        for row, i in enumerate(indices):
+            p, b = params[i], before[i]
+            assert columns["data_std"][row].item() == pytest.approx(b.std().item(), rel=1e-5)
+            update = (p.detach() - b).std().item()
+            assert columns["update_std"][row].item() == pytest.approx(update, rel=1e-4)
+            if p.grad is None:
+                assert math.isnan(columns["grad_std"][row].item())
+            else:
+                grad_std, grad_range = p.grad.std().item(), p.grad.abs().max().item()
+                assert columns["grad_std"][row].item() == pytest.approx(grad_std, rel=1e-5)
+                assert columns["grad_range"][row].item() == pytest.approx(grad_range, rel=1e-6)

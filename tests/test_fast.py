@@ -151,6 +151,34 @@ def test_a_recording_on_the_fast_path_measures_what_autograd_does(names, overrid
         fast.compiled.recorded(x, y, 0.1, recorders[1])  # a recording needs armed hooks
 
 
+def test_a_recording_on_the_fast_path_keeps_an_output_a_later_layer_writes_in_place(names):
+    """A BatchNorm's output doubled in place as the next layer takes it: on the traced recording
+    path, KeepAsIs's copy is a clone in the graph, so the recording holds the output as it left
+    the BatchNorm, as on the autograd path and as a copy taken at the hook."""
+    reference, model = _models(names)
+    copies = []
+    for m in (reference, model):
+        m.blocks[0][1].register_forward_hook(
+            lambda _m, _i, out: copies.append(out.detach().clone()) if _m.training else None
+        )
+        m.blocks[0][2].register_forward_pre_hook(lambda _m, inputs: inputs[0].mul_(2))
+    cfg = TrainConfig(optimizer="sgd", lr=0.1)
+    autograd = TrainStep(reference, make_optimizer(reference, cfg), batch_size=32)
+    optimizer = make_optimizer(model, cfg)
+    fast = TrainStep(model, optimizer, batch_size=32, compiled=FastStep(model, optimizer))
+    x, y = next(_batches(names, 1))
+    expected = autograd(x, y, 0.1, Diagnostics(reference), 0).snapshot
+    copy = copies[-1]  # taken as the BatchNorm's output left it, before the doubling
+    measured = fast(x, y, 0.1, Diagnostics(model), 0).snapshot
+    assert fast.compiled._proven  # the traced graph ran: no fallback to the eager step
+    for snapshot in (expected, measured):
+        layer = {layer.name: layer for layer in snapshot.layers}.get("blocks.0.1")
+        assert layer is not None  # recorded, not dropped as overwritten
+        assert layer.mean == pytest.approx(copy.mean().item(), abs=1e-6)
+        assert layer.std == pytest.approx(copy.std().item(), rel=1e-5)
+    assert copy.std().item() == pytest.approx(1.0, rel=0.01)  # normalized: not the doubled 2.0
+
+
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_the_step_is_the_same_arithmetic_in_float64(names, optimizer_name, nonlinearity):

@@ -168,3 +168,26 @@ def test_a_shared_layer_is_not_folded_into_and_an_untraceable_model_folds_all():
         "left norm (BatchNorm1d): body.1 before it: not a Linear or a convolution",
     ]
     assert isinstance(folded, _Untraceable)
+
+
+def test_a_forward_pass_that_fails_is_one_line_and_each_unchecked_pair_is_named():
+    model = trained_statistics(_Untraceable(), (16, 4))
+    lines = []
+    folded = fold_batchnorm(model, torch.randn(5, 3), log=lines.append)  # 3 features, not 4
+    assert len(lines) == 3
+    assert lines[0].startswith("the forward pass on the example failed (RuntimeError: ")
+    assert lines[0].endswith("); pairs in Sequentials") and "\n" not in lines[0]
+    assert lines[1:] == [
+        "folded body.1 (BatchNorm1d) into body.0",  # a Sequential needs no forward pass
+        "left norm (BatchNorm1d): not in a Sequential; its neighbours could not be checked, "
+        "as the forward pass failed",
+    ]
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(folded(x), model.eval()(x))
+    with pytest.raises(ValueError, match=r"left norm .*could not be checked"):
+        fold_batchnorm(model, torch.randn(5, 3), strict=True)
+    lines = []
+    fold_batchnorm(model, log=lines.append)  # no example: say how to find the pair
+    assert lines[-1] == (
+        "left norm (BatchNorm1d): not in a Sequential; give an example batch to find its neighbours"
+    )

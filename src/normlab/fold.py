@@ -102,13 +102,14 @@ def _choose(model: nn.Module, bn: nn.Module, candidates: list[tuple[str, bool]])
     return None, "; ".join(reasons)
 
 
-def _neighbours_in_sequentials(model: nn.Module, name: str, form: BatchNormForm):
+def _neighbours_in_sequentials(model: nn.Module, name: str, form: BatchNormForm, no_flow: str):
     """``(before, after)`` names of the BatchNorm ``name`` in a plain ``nn.Sequential``, which
-    runs its children one into the next (a subclass may not), or why there are none."""
+    runs its children one into the next (a subclass may not), or why there are none
+    (``no_flow``: why no forward pass could find them)."""
     parent_name, _, key = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     if type(parent) is not nn.Sequential:
-        return [], "not in a Sequential; give an example batch to find its neighbours"
+        return [], f"not in a Sequential; {no_flow}"
     keys = list(parent._modules)
     i = keys.index(key)
     found = []
@@ -149,9 +150,14 @@ def _neighbours_in_flow(flow: Dataflow, name: str, form: BatchNormForm):
     return found, "; ".join(reasons)
 
 
-def _fold_into_tree(model: nn.Module, flow: Dataflow | None, say: Callable[[str], None]) -> None:
+def _fold_into_tree(
+    model: nn.Module,
+    flow: Dataflow | None,
+    say: Callable[[str], None],
+    no_flow: str = "give an example batch to find its neighbours",
+) -> None:
     """Fold every BatchNorm of ``model`` that can be folded, in place, in the order the forward
-    pass runs them; one line each through ``say``."""
+    pass runs them (``flow``; without one, ``no_flow`` says why); one line each through ``say``."""
     batchnorms = [n for n, m in model.named_modules() if is_batchnorm(m)]
     if flow is not None:  # forward order: a layer folded into is already what it computes now
         rank = {n: i for i, n in enumerate(flow.order)}
@@ -170,7 +176,7 @@ def _fold_into_tree(model: nn.Module, flow: Dataflow | None, say: Callable[[str]
             say(f"left {label}: it has no running statistics (track_running_stats=False)")
             continue
         if flow is None:
-            found, why = _neighbours_in_sequentials(model, name, form)
+            found, why = _neighbours_in_sequentials(model, name, form, no_flow)
         else:
             found, why = _neighbours_in_flow(flow, name, form)
         target, reasons = _choose(model, bn, found)
@@ -241,14 +247,15 @@ def fold_batchnorm(
     """
     lines: list[str] = []
     folded = copy.deepcopy(model).eval()
-    flow = None
+    flow, no_flow = None, "give an example batch to find its neighbours"
     if example is not None and any(is_batchnorm(m) for m in folded.modules()):
         try:
             flow = trace_dataflow(folded, example, forward_fn)
         except Exception as e:
             reason = f"{type(e).__name__}: {first_line(e, 120)}"
             lines.append(f"the forward pass on the example failed ({reason}); pairs in Sequentials")
-    _fold_into_tree(folded, flow, lines.append)
+            no_flow = "its neighbours could not be checked, as the forward pass failed"
+    _fold_into_tree(folded, flow, lines.append, no_flow)
     for line in lines:
         (log if log is not None else logger.info)(line)
     left = [line for line in lines if line.startswith("left ")]

@@ -22,6 +22,7 @@ BINS = 50  # histogram bins kept per layer
 FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
 HIST_SAMPLE = 16_384  # histograms and percentiles use at most about 2× this many values a row
 GROUP_NUMEL = 1 << 22  # values measured at once, at most (or one tensor): bounds the temporaries
+ALONE_NUMEL = 1 << 16  # a tensor this big is measured alone: stacking it would only copy it
 
 Columns = dict[str, Tensor]
 
@@ -57,7 +58,13 @@ def percentiles(fine_hist: Tensor, r: Tensor) -> Tensor:
 
 
 def row_std(rows: Tensor) -> Tensor:
-    """Sample std of each row of (G, N); on the CPU several times faster than ``std(1)``."""
+    """Sample std of each row of (G, N).
+
+    One row is ``std`` itself, a single fused pass. Several rows are centred and squared
+    instead: on the CPU, ``std(1)`` over several rows is several times slower than that.
+    """
+    if rows.shape[0] == 1 and rows.shape[1] > 1:  # a single value has std 0, as below
+        return rows.std(1)
     centered = rows - rows.mean(1, keepdim=True)
     return (centered.square().sum(1) / max(rows.shape[1] - 1, 1)).sqrt()
 
@@ -124,7 +131,7 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
 def spread_stats(tensors: list[Tensor]) -> Columns:
     """Per tensor: mean, std, range (max |x|) and histogram. One shape for all."""
     rows = _stack([t.detach().float().flatten() for t in tensors])  # (G, N)
-    r = rows.abs().amax(1).clamp_min(1e-30)
+    r = torch.maximum(rows.amax(1), rows.amin(1).neg()).clamp_min(1e-30)  # max |x|, no |x| copy
     return {
         "mean": rows.mean(1),
         "std": row_std(rows),
@@ -136,15 +143,19 @@ def spread_stats(tensors: list[Tensor]) -> Columns:
 def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
     """Per parameter: data std, update std, gradient std, range and histogram.
 
-    One shape for all; a parameter without a gradient has NaN gradient columns.
+    One shape for all; a parameter without a gradient has NaN gradient columns. ``before``
+    are the recorder's own copies, taken at ``arm()``: the update is written into them, which
+    saves allocating (and on the CPU, faulting in) one more copy of the weights.
     """
     b = _stack([t.float().reshape(-1) for t in before])  # (G, N)
     a = _stack([t.detach().float().reshape(-1) for t in params])
     grads = [p.grad if p.grad is not None else torch.full_like(p, math.nan) for p in params]
     spread = spread_stats(grads)
+    data_std = row_std(b)
+    update = torch.sub(a, b, out=b)  # b is a stack of, or a view of, the copies
     return {
-        "data_std": row_std(b),
-        "update_std": row_std(a - b),
+        "data_std": data_std,
+        "update_std": row_std(update),
         "grad_std": spread["std"],
         "grad_range": spread["range"],
         "grad_hist": spread["hist"],
@@ -192,6 +203,8 @@ def grouped(
     groups: dict[tuple, list[str]] = {}
     for name, t in named.items():
         key = (tuple(t.shape), t.device)
+        if t.numel() >= ALONE_NUMEL:
+            key = (*key, name)  # its own group
         chunk = 0
         while len(groups.get((*key, chunk), ())) * t.numel() + t.numel() > GROUP_NUMEL:
             if not groups.get((*key, chunk)):

@@ -233,13 +233,29 @@ def batchnorm_form(module: nn.Module) -> BatchNormForm | None:
 
 
 PROBE = torch.linspace(-6.0, 6.0, 241, dtype=torch.float64)  # steps of 0.05
+_PROBED: dict[tuple, Kind | None] = {}  # (class, its settings) → what the probe found
+
+
+def _probe(module: nn.Module) -> Kind | None:
+    """The kind of a parameterless elementwise activation, from its values on ``PROBE``.
+
+    A model holds many instances of a few activation classes, so the answer is kept per class
+    and settings (the module's plain attributes: ``negative_slope``, ``approximate``, ...). A
+    module with any other state (tensors, callables) is probed every time.
+    """
+    if any(True for _ in module.parameters()) or any(True for _ in module.children()):
+        return None
+    settings = [(k, v) for k, v in vars(module).items() if not k.startswith("_")]
+    if not all(isinstance(v, bool | int | float | str | None) for _, v in settings):
+        return _run_probe(module)
+    key = (type(module), tuple(sorted((k, v) for k, v in settings if k != "training")))
+    if key not in _PROBED:
+        _PROBED[key] = _run_probe(module)
+    return _PROBED[key]
 
 
 @torch.no_grad()
-def _probe(module: nn.Module) -> Kind | None:
-    """The kind of a parameterless elementwise activation, from its values on ``PROBE``."""
-    if any(True for _ in module.parameters()) or any(True for _ in module.children()):
-        return None
+def _run_probe(module: nn.Module) -> Kind | None:
     try:
         with set_mode(module, training=False):
             y = module(PROBE)
