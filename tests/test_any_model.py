@@ -236,9 +236,12 @@ def test_audit_judges_one_step_of_any_model(tmp_path):
     assert "verdicts (1):" in result.table() and '"verdicts"' in result.to_json()
     page = result.to_html(tmp_path / "audit.html").read_text()
     assert "<img" in page and "saturated" in page
-    # one recording: its propagation and activation figures drawn once, not as first and last
+    # one recording: its propagation drawn once, not as first and last; its activations are
+    # the first view by kind, and its update:data ratios a column of the table, not a figure
     assert page.count('alt="signal propagation at the only recording"') == 1
-    assert page.count('alt="activation histograms, only recording"') == 1
+    assert page.count('alt="activation histograms') == 0
+    assert page.count('alt="activations: outputs and their gradients at step 0 (1 layers)"') == 1
+    assert page.count("<img") == 4  # propagation, activations, linear layers, weight gradients
     # the model's own loss (transformers-style), a loss function, an optimizer that steps
     batch = {"input_ids": torch.randint(0, 20, (2, 5))}
     out = normlab.audit(TinyTransformer(), batch, lambda out, _: out["logits"].logsumexp(-1).mean())

@@ -70,9 +70,9 @@ def test_training_writes_a_well_formed_self_contained_report(tmp_path, tiny, cap
     assert "diagnostics at step 40" in stdout and "report.html" in stdout
     checker = _check_page(out / "report.html")
     # loss, 2 propagation, 2 activation histograms, then one view per family present
-    # (activations, normalizations, linear layers, the embedding; outputs and gradients),
-    # weight gradients, update ratios
-    assert len(checker.images) == 5 + 8 + 2
+    # (activations, normalizations, linear layers, the embedding; each its outputs beside
+    # their gradients), weight gradients, update ratios
+    assert len(checker.images) == 5 + 4 + 2
     for heading in (
         "Result",
         "Loss",

@@ -27,9 +27,13 @@ def pyplot():
 
 
 def png_bytes(fig) -> bytes:
-    """The figure as a PNG file's bytes; the figure is closed."""
+    """The figure as a PNG file's bytes; the figure is closed.
+
+    Figures lay themselves out (``layout="constrained"``, or fixed margins): a tight bounding
+    box would draw every figure twice, and drawing is most of a report's time.
+    """
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100)
     pyplot().close(fig)
     return buffer.getvalue()
 
@@ -54,64 +58,80 @@ FAMILY_VIEWS = (
 )
 
 
-def _histogram_figure(series, title: str, xlabel: str) -> str:
-    """``series`` is [(label, range, counts)]: a line per layer for a few layers; for more, a
-    heatmap of layers (rows, in order) by value (columns), each row scaled to its own range."""
+def _histogram_figure(panels: list[tuple[str, list]], xlabel: str) -> str:
+    """Histograms side by side, one panel per ``(title, series)``; ``series`` is
+    [(label, range, counts)]. Up to ``LINES_UP_TO`` layers a panel draws a line per layer; for
+    more, a heatmap of layers (rows, in order) by value (columns), each row scaled to its own
+    range, the layers named once, on the left."""
     plt = pyplot()
-    if len(series) <= LINES_UP_TO:
-        fig, ax = plt.subplots(figsize=FIGSIZE)
-        for label, r, counts in series:
-            total = sum(counts) or 1.0
-            ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("fraction")
-        if series:
-            ax.legend(fontsize=7, ncol=2)
-    else:
-        height = min(12.0, 1.5 + 0.12 * len(series))
-        fig, ax = plt.subplots(figsize=(FIGSIZE[0], height), layout="constrained")
+    most = max(len(series) for _, series in panels)
+    if most <= LINES_UP_TO:
+        fig, axes = plt.subplots(1, len(panels), figsize=FIGSIZE, layout="constrained")
+        for ax, (title, series) in zip(_as_list(axes), panels, strict=True):
+            for label, r, counts in series:
+                total = sum(counts) or 1.0
+                ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
+            ax.set(title=title, xlabel=xlabel, ylabel="fraction")
+            if series:
+                ax.legend(fontsize=7, ncol=2)
+        return _png(fig)
+    # fixed margins, not a layout engine: laying out the names would cost more than the drawing
+    height = min(12.0, 1.5 + 0.12 * most)
+    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0], height), squeeze=False)
+    step = max(1, len(panels[0][1]) // 30)  # at most 30 names on the axis
+    names = [s[0] for s in panels[0][1]][::step]
+    # a name of 6-point type takes about 0.05 in a character
+    left = min(0.5, (0.25 + 0.05 * max(len(n) for n in names)) / FIGSIZE[0])
+    fig.subplots_adjust(left=left, right=0.96, top=1 - 0.45 / height, bottom=0.6 / height)
+    for i, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
         rows = [[c / (sum(counts) or 1.0) for c in counts] for _, _, counts in series]
-        image = ax.imshow(rows, aspect="auto", cmap="viridis", interpolation="nearest")
-        step = max(1, len(series) // 30)  # at most 30 names on the axis
-        ax.set_yticks(range(0, len(series), step), [s[0] for s in series][::step], fontsize=6)
-        ax.set_xticks([0, len(rows[0]) // 2, len(rows[0]) - 1], ["-range", "0", "+range"])
-        ax.set_xlabel(f"{xlabel} (each row over its own range)")
-        fig.colorbar(image, ax=ax, label="fraction")
-    ax.set_title(title)
+        ax.imshow(rows or [[0.0]], aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_yticks(range(0, len(series), step) if i == 0 else [], names if i == 0 else [])
+        ax.tick_params(axis="y", labelsize=6)
+        width = len(rows[0]) if rows else 1
+        ax.set_xticks([0, width // 2, width - 1], ["-range", "0", "+range"], fontsize=7)
+        ax.set_title(title, fontsize=8)
+    fig.supxlabel(f"{xlabel} (each row over its own range; colour: fraction of the row)", size=8)
     return _png(fig)
 
 
-def kind_views(snap: Snapshot, what: str = "outputs") -> list[tuple[str, str]]:
-    """One figure per family of layers present: their output (or, with ``what="gradients"``,
-    their output gradient) histograms; returns (title, PNG as base64) pairs."""
+def _as_list(axes) -> list:
+    return list(axes) if hasattr(axes, "__len__") else [axes]
+
+
+def kind_views(snap: Snapshot) -> list[tuple[str, str]]:
+    """One figure per family of layers present: their output histograms beside their output
+    gradients' histograms; returns (title, PNG as base64) pairs."""
     views = []
     for title, families in FAMILY_VIEWS:
         layers = [x for x in snap.layers if x.family in families]
-        if what == "gradients":
-            series = [(x.name, x.grad_hist_range, x.grad_hist) for x in layers if x.grad_hist]
-        else:
-            series = [(x.name, x.hist_range, x.hist) for x in layers]
-        if series:
-            full = f"{title}: {what} at step {snap.step:,} ({len(series)} layers)"
-            views.append((full, _histogram_figure(series, full, "value")))
+        if not layers:
+            continue
+        outputs = [(x.name, x.hist_range, x.hist) for x in layers]
+        grads = [(x.name, x.grad_hist_range, x.grad_hist) for x in layers if x.grad_hist]
+        full = f"{title}: outputs and their gradients at step {snap.step:,} ({len(layers)} layers)"
+        panels = [(f"{title}: outputs", outputs)]
+        if grads:
+            panels.append((f"gradients ({len(grads)})", grads))
+        views.append((full, _histogram_figure(panels, "value")))
     return views
 
 
 def activation_histograms(snap: Snapshot) -> str:
     layers = [x for x in snap.layers if x.family in ACTIVATIONS] or snap.layers
     series = [(x.name, x.hist_range, x.hist) for x in layers]
-    return _histogram_figure(series, f"layer outputs at step {snap.step:,}", "value")
+    return _histogram_figure([(f"layer outputs at step {snap.step:,}", series)], "value")
 
 
 def weight_gradient_histograms(snap: Snapshot) -> str:
     params = [p for p in snap.params if len(p.shape) >= 2 and p.grad_hist]
     series = [(p.name, p.grad_hist_range, p.grad_hist) for p in params]
-    return _histogram_figure(series, f"weight gradients at step {snap.step:,}", "gradient")
+    return _histogram_figure([(f"weight gradients at step {snap.step:,}", series)], "gradient")
 
 
 def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> str:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
     few = len(update_history) <= LINES_UP_TO  # many: thin lines, no legend
     for name, points in update_history.items():
         steps, values = [s for s, _ in points], [v for _, v in points]
@@ -127,7 +147,7 @@ def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> s
 
 def loss_figure(metrics: list[dict]) -> str:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=FIGSIZE)
+    fig, ax = plt.subplots(figsize=FIGSIZE, layout="constrained")
     steps = [r["step"] for r in metrics]
     for key in ("train_loss", "val_loss"):
         ax.plot(steps, [r[key] for r in metrics], marker="o", markersize=3, label=key[:-5])
@@ -143,13 +163,15 @@ def signal_propagation_figure(snap: Snapshot) -> str:
     plt = pyplot()
     layers = [x for x in snap.layers if x.family in ACTIVATIONS] or snap.layers
     depth = list(range(1, len(layers) + 1))
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullLocator
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE, layout="constrained")
+    fig, (left, right) = plt.subplots(1, 2, figsize=FIGSIZE)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.16, top=0.9, wspace=0.25)  # fixed: cheap
     left.plot(depth, [x.std for x in layers], marker="o")
     left.set_title(f"activation std, step {snap.step:,}")
     right.semilogy(depth, [x.grad_std or math.nan for x in layers], marker="o", color="C1")
     right.set_title(f"gradient std, step {snap.step:,}")
+    right.yaxis.set_minor_locator(NullLocator())  # a tick mark each costs as much as a line
     for ax in (left, right):
         ax.set_xlabel("activation layer (depth)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -211,12 +233,8 @@ def render_html(
                 "healthy by every check.</p>"
             )
         snap = diag.snapshot
-        # the first and the last recording; one recording (an audit) is drawn once
-        ends = (
-            [(history[0], "first"), (snap, "last")]
-            if history and history[0] is not snap
-            else [(snap, "only")]
-        )
+        several = bool(history) and history[0] is not snap  # a run's; else one (an audit)
+        ends = [(history[0], "first"), (snap, "last")] if several else [(snap, "only")]
         parts += [
             "<h2>Verdicts</h2>",
             verdicts,
@@ -227,21 +245,26 @@ def render_html(
                 for s, w in ends
             ],
             "</div>",
-            "<h2>Activations at the first and the last recording</h2>",
-            '<div class="grid">',
-            *[
-                _img(activation_histograms(s), f"activation histograms, {w} recording")
-                for s, w in ends
-            ],
-            "</div>",
+        ]
+        if several:  # one recording's activations are the first view below
+            parts += [
+                "<h2>Activations at the first and the last recording</h2>",
+                '<div class="grid">',
+                *[
+                    _img(activation_histograms(s), f"activation histograms, {w} recording")
+                    for s, w in ends
+                ],
+                "</div>",
+            ]
+        parts += [
             "<h2>Every layer, by kind, at the last recording</h2>",
-            '<div class="grid">',
             *[_img(png, title) for title, png in kind_views(snap)],
-            *[_img(png, title) for title, png in kind_views(snap, "gradients")],
-            "</div>",
             _img(weight_gradient_histograms(snap), "weight-gradient histograms"),
             "<h2>Update:data ratio</h2>",
-            _img(update_ratio_figure(diag.update_history), "update to data ratio over time"),
+            _img(update_ratio_figure(diag.update_history), "update to data ratio over time")
+            if several
+            else "<p>One recording: each weight's update:data ratio is in the table below "
+            "(log10 upd:data).</p>",
             "<h2>Diagnostics table</h2>",
             f"<pre>{html.escape(format_table(diag))}</pre>",
         ]
