@@ -45,6 +45,7 @@ def _batchnorm_rank(rank, world_size, init_file, shape, result_dir):
     )
     for dtype in (torch.float32, torch.float64):
         _batchnorm_forward_backward(rank, world_size, dtype, shape, result_dir)
+    dist.barrier()  # no rank leaves while a peer still reads from it
     dist.destroy_process_group()
 
 
@@ -160,6 +161,7 @@ def _calibrate_rank(rank, world_size, init_file, result_dir):
     model = _conv_net()
     calibrate_batchnorm(model, X[shard(len(X), Ranks(rank, world_size))], batch_size=7)
     torch.save(model.state_dict(), result_dir / f"{rank}.pt")
+    dist.barrier()  # no rank leaves while a peer still reads from it
     dist.destroy_process_group()
 
 
@@ -193,6 +195,7 @@ def _compiled_step_rank(rank, world_size, init_file, result_dir):
     fast = FastStep(model, optimizer, compile=False, batch_size=8, group=dist.group.WORLD)
     TrainStep(model, optimizer, 8, Ranks(rank, world_size), compiled=fast)
     torch.save(model.state_dict(), result_dir / f"{rank}.pt")
+    dist.barrier()  # no rank leaves while a peer still reads from it
     dist.destroy_process_group()
 
 
