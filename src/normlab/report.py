@@ -66,14 +66,19 @@ def _histogram_figure(panels: list[tuple[str, list]], xlabel: str) -> str:
     plt = pyplot()
     most = max(len(series) for _, series in panels)
     if most <= LINES_UP_TO:
-        fig, axes = plt.subplots(1, len(panels), figsize=FIGSIZE, layout="constrained")
+        # one legend below the panels: the panels' layers are the first panel's
+        height = FIGSIZE[1] + 0.15 * math.ceil(len(panels[0][1]) / 2)
+        fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0], height), layout="constrained")
+        colors = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(panels[0][1])}
         for ax, (title, series) in zip(_as_list(axes), panels, strict=True):
             for label, r, counts in series:
                 total = sum(counts) or 1.0
-                ax.plot(_bin_centers(r, len(counts)), [c / total for c in counts], label=label)
+                x, y = _bin_centers(r, len(counts)), [c / total for c in counts]
+                first = ax is _as_list(axes)[0]
+                ax.plot(x, y, color=colors.get(label), label=label if first else None)
             ax.set(title=title, xlabel=xlabel, ylabel="fraction")
-            if series:
-                ax.legend(fontsize=7, ncol=2)
+        if panels[0][1]:
+            fig.legend(loc="outside lower center", ncol=2, fontsize=7)
         return _png(fig)
     # fixed margins, not a layout engine: laying out the names would cost more than the drawing
     height = min(12.0, 1.5 + 0.12 * most)
