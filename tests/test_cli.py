@@ -371,3 +371,20 @@ def test_diagnose_your_own_model_from_a_factory(tmp_path, capsys, monkeypatch):
     ]:
         code, _, err = run(capsys, "diagnose", *argv)
         assert_usage_error(code, err, message)
+
+
+def test_help_lists_each_choice_flags_choices_and_the_top_level_says_what_normlab_does(capsys):
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        usage = parser.format_usage()
+        for action in parser._actions:
+            if action.choices is not None and action.option_strings:  # every choice, by name
+                assert "{" + ",".join(map(str, action.choices)) + "}" in usage, (name, action)
+        assert " PATH" not in usage.replace("--data PATH", ""), (name, usage)  # a path is a path
+    top = build_parser().format_help()
+    assert "BatchNorm" in top and "normlab.audit" in top and "example:" in top
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--version"])
+    from normlab import __version__
+
+    assert exit_info.value.code == 0 and capsys.readouterr().out == f"normlab {__version__}\n"

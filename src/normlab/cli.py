@@ -1,4 +1,4 @@
-"""The ``normlab`` command: argument parsing and dispatch only.
+"""The ``normlab`` command: argument parsing and dispatch.
 
     normlab train [--preset P] [flags]     train, or continue with --out DIR --resume
     normlab sample --run DIR [-n 20]       generate from a trained run
@@ -30,6 +30,17 @@ from normlab.errors import NormlabError
 
 BENCH_STEPS = 500  # normlab bench without --steps
 METAVARS = {int: "N", float: "X", str: "PATH"}  # the config fields' types; str: the data file
+DESCRIPTION = """\
+normlab trains deep networks that stay healthy: principled initialization, BatchNorm done
+right, and per-layer diagnostics with verdicts and fixes, for any PyTorch model
+(normlab.audit, normlab.fold, normlab.lsuv, ...). This command trains, samples, evaluates,
+diagnoses and exports character-level language models on the bundled names data set.
+
+example:
+  normlab train --preset lecture-deep --steps 20000 --out runs/demo
+  normlab sample --run runs/demo -n 10
+  normlab diagnose --run runs/demo --html diagnose.html
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,10 +60,11 @@ def _add_flag(parser, field: Field, default=None) -> None:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
         kwargs["type"] = types[0]
-        kwargs["metavar"] = METAVARS[types[0]]
     choices = field.metadata["choices"]
-    if choices is not None:
+    if choices is not None:  # argparse lists them, as {a,b,c}, in the usage and the help
         kwargs["choices"] = [c for c in choices if c is not None]
+    elif types[0] is not bool:
+        kwargs["metavar"] = METAVARS[types[0]]
     parser.add_argument(_flag(field), **kwargs)
 
 
@@ -89,9 +101,15 @@ def _add_field_flags(p: argparse.ArgumentParser, *names: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from normlab import __version__
     from normlab.experiments import EXPERIMENTS
 
-    parser = _Parser(prog="normlab", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="normlab",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"normlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser(
@@ -100,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an MLP language model; everything goes into a run folder.",
     )
     _add_config_flags(p)
-    p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
+    p.add_argument(
+        "--out", type=Path, metavar="DIR", help="run folder (default: a new folder under runs/)"
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -110,15 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--nproc",
         type=int,
+        metavar="N",
         help="train on N local processes (torchrun); --batch-size stays the global batch",
     )
 
     _add_run_commands(sub)
 
     p = sub.add_parser("propagate", help="signal propagation through a deep tanh stack, four inits")
-    p.add_argument("--n-layer", type=int, default=50)
-    p.add_argument("--width", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-layer", type=int, default=50, metavar="N")
+    p.add_argument("--width", type=int, default=100, metavar="N")
+    p.add_argument("--seed", type=int, default=0, metavar="N")
 
     p = sub.add_parser(
         "experiment",
@@ -126,7 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run an experiment: a table as it goes, results.json and figures in --out.",
     )
     p.add_argument("name", choices=EXPERIMENTS)
-    p.add_argument("--out", type=Path, help="output folder (default: runs/experiment-NAME-<time>)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default: runs/experiment-NAME-<time>)",
+    )
     p.add_argument(
         "--quick", action="store_true", help="a small version that runs in seconds (eager)"
     )
@@ -138,17 +164,25 @@ def _add_run_commands(sub) -> None:
     """The commands that read a run, or build a model as a run would: sample, eval, bench,
     diagnose and export."""
     p = sub.add_parser("sample", help="generate items from a trained run")
-    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
-    p.add_argument("-n", "--num", type=int, default=20, help="how many (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, help="sample among the k most likely characters")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix", default="", help="start every sample with this text")
-    p.add_argument("--data", help="the run's data file, if it has moved")
+    p.add_argument(
+        "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
+    )
+    p.add_argument(
+        "-n", "--num", type=int, default=20, metavar="N", help="how many (default: %(default)s)"
+    )
+    p.add_argument("--temperature", type=float, default=1.0, metavar="X")
+    p.add_argument(
+        "--top-k", type=int, metavar="K", help="sample among the k most likely characters"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="N")
+    p.add_argument("--prefix", default="", metavar="TEXT", help="start every sample with this text")
+    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
     _add_field_flags(p, "device")
 
     p = sub.add_parser("eval", help="loss of a trained run on a split")
-    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
+    p.add_argument(
+        "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
+    )
     p.add_argument("--split", choices=("train", "val", "test"), default="val")
     p.add_argument(
         "--calibrate",
@@ -156,7 +190,7 @@ def _add_run_commands(sub) -> None:
         help="also with BatchNorm statistics calibrated over the whole training set",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--data", help="the run's data file, if it has moved")
+    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
     _add_field_flags(p, "device")
 
     p = sub.add_parser(
@@ -175,7 +209,7 @@ def _add_run_commands(sub) -> None:
         "per-layer table and the verdicts.",
     )
     _add_config_flags(p)
-    p.add_argument("--run", type=Path, help="diagnose this run's checkpoint instead")
+    p.add_argument("--run", type=Path, metavar="DIR", help="diagnose this run's checkpoint instead")
     p.add_argument(
         "--model",
         metavar="MODULE:FACTORY",
@@ -193,7 +227,9 @@ def _add_run_commands(sub) -> None:
         help="--model: its input, from FACTORY() (a tensor, a tuple of arguments or a dict)",
     )
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--html", type=Path, help="also write the report as a page to this file")
+    p.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write the report as a page to this file"
+    )
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
 
     p = sub.add_parser(
@@ -201,9 +237,16 @@ def _add_run_commands(sub) -> None:
         help="write a trained run's model as ONNX or safetensors",
         description="Export a run's model for use outside normlab (needs normlab[export]).",
     )
-    p.add_argument("--run", type=Path, required=True, help="run folder (or checkpoint file)")
+    p.add_argument(
+        "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
+    )
     p.add_argument("--format", choices=("onnx", "safetensors"), required=True)
-    p.add_argument("--out", type=Path, help="the file (default: model.FORMAT in the run folder)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="the file (default: model.FORMAT in the run folder)",
+    )
     p.add_argument(
         "--calibrate",
         action="store_true",
@@ -214,7 +257,7 @@ def _add_run_commands(sub) -> None:
         action="store_true",
         help="ONNX: keep each BatchNorm as a BatchNormalization node instead of folding it",
     )
-    p.add_argument("--data", help="the run's data file, if it has moved")
+    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:
