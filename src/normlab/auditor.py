@@ -26,7 +26,7 @@ from normlab.dataflow import Batch, call_model, first_tensor
 from normlab.diagnostics import Diagnostics, Report, Thresholds, format_table, judge_recording
 from normlab.errors import NormlabError, first_line
 from normlab.nn import set_mode
-from normlab.report import render_html, write_report
+from normlab.report import Page, render_html, write_report
 
 
 @dataclass
@@ -49,8 +49,8 @@ class Audit:
 
     def to_html(self, path: str | Path) -> Path:
         summary = {"loss": self.report.snapshot.loss}
-        page = render_html(self.title, {}, summary, [], self.report, self.diagnostics.history, [])
-        write_report(Path(path), page)
+        page = Page(self.title, summary, report=self.report, history=self.diagnostics.history)
+        write_report(Path(path), render_html(page))
         return Path(path)
 
 

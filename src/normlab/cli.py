@@ -350,6 +350,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from normlab.calibrate import calibrate_batchnorm
     from normlab.evaluate import evaluate
+    from normlab.nn import is_batchnorm
     from normlab.train import load_run
 
     model, data, ckpt = load_run(args.run, args.data, args.device)
@@ -361,7 +362,7 @@ def cmd_eval(args) -> int:
         "running_stats_loss": evaluate(model, X, Y),
     }
     if args.calibrate:
-        if not any(getattr(m, "running_mean", None) is not None for m in model.modules()):
+        if not any(is_batchnorm(m) for m in model.modules()):
             raise NormlabError("this model has no BatchNorm running statistics to calibrate")
         calibrate_batchnorm(model, data.splits["train"][0].to(device))
         result["calibrated_loss"] = evaluate(model, X, Y)
@@ -452,8 +453,9 @@ def cmd_propagate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
+    from normlab.distributed import set_threads
     from normlab.experiments import run_experiment
-    from normlab.experiments.common import Context, set_threads
+    from normlab.experiments.common import Context
     from normlab.train import resolve_device
 
     set_threads(args.threads)

@@ -8,7 +8,7 @@ the start of a run and stored in every checkpoint.
 """
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from normlab.errors import ConfigError
@@ -94,10 +94,6 @@ class _Config:
         """The config stored in a checkpoint; fields it lacks keep their defaults."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-    @classmethod
-    def defaults(cls) -> dict:
-        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
 @dataclass

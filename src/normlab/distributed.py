@@ -8,9 +8,9 @@ process computes with the same global batch. Rank 0 alone prints and writes.
 
     torchrun --standalone --nproc-per-node 2 -m normlab train ...   # or: normlab train --nproc 2
 
-What is here: who this process is (``Ranks``), starting and ending the
-process group, the batch slice, sums across ranks, agreeing on an error, and
-the ``--nproc`` launcher.
+What is here: who this process is (``Ranks``), the device and the threads a run
+asks for, starting and ending the process group, the batch slice, sums across
+ranks, agreeing on an error, and the ``--nproc`` launcher.
 """
 
 import inspect
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from normlab.errors import NormlabError
+from normlab.errors import ConfigError, NormlabError
 
 
 @dataclass(frozen=True)
@@ -66,13 +66,29 @@ def current_ranks() -> Ranks:
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def device_type(name: str) -> str:
+    """The device type ``--device name`` asks for: ``auto`` is cuda where there is one, else
+    cpu; cuda without one is a one-line error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available (try auto)")
+    return name
+
+
+def set_threads(threads: int | None) -> None:
+    """Run torch's CPU operators on ``threads`` threads (None: torch's own choice)."""
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
 def init_process_group(device: str) -> Ranks:
     """Join the run torchrun started: gloo on CPU, NCCL on CUDA (``device`` is auto|cpu|cuda)."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = device_type(device) == "cuda"
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise NormlabError("--device cuda asked for, but no CUDA device is available")
         torch.cuda.set_device(local_rank)  # one GPU per process, before NCCL starts
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return current_ranks()

@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from normlab.distributed import SINGLE, Ranks, all_reduce_sum, shard
 from normlab.nn import set_mode
+from normlab.seeds import stream_generator
 
 
 @torch.no_grad()
@@ -36,6 +37,6 @@ def train_subset(X: Tensor, Y: Tensor, examples: int, seed: int) -> tuple[Tensor
     """
     if examples == 0 or examples >= len(X):
         return X, Y
-    g = torch.Generator().manual_seed(seed + 3)  # its own stream: the batches stay the same
+    g = stream_generator(seed, "train-subset")
     ix = torch.randperm(len(X), generator=g)[:examples].to(X.device)
     return X[ix], Y[ix]

@@ -196,7 +196,7 @@ def export_run(
     _require("onnx" if fmt == "onnx" else "safetensors.torch")
     model, data, _ = load_run(run, data_path, device="cpu")
     if calibrate:
-        if not any(isinstance(m, nl.batchnorm._BatchNorm) for m in model.modules()):
+        if not any(nl.is_batchnorm(m) for m in model.modules()):
             raise ExportError("--calibrate: this model has no BatchNorm statistics to calibrate")
         calibrate_batchnorm(model, data.splits["train"][0])
     if fmt == "onnx":

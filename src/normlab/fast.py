@@ -37,6 +37,7 @@ then says so and runs uncompiled.
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -87,6 +88,23 @@ def _options() -> dict:
     return options
 
 
+class ParamUpdate(NamedTuple):
+    """How the optimizer updates one parameter, from that parameter's group."""
+
+    index: int  # the parameter's place in the step's tensors
+    weight_decay: float
+    state: int | None  # AdamW: the place of its exp_avg; exp_avg_sq and step follow it
+    betas: tuple[float, float] | None  # AdamW
+    eps: float | None  # AdamW
+
+
+class UpdatePlan(NamedTuple):
+    """The optimizer's update, parameter by parameter: what ``_apply_update`` runs."""
+
+    optimizer: str  # "sgd" | "adamw"
+    params: tuple[ParamUpdate, ...]
+
+
 class FastStep:
     """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
@@ -133,9 +151,9 @@ class FastStep:
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
         self._record_eagerly = False  # a recording's trace failed: record without tracing
 
-    def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> tuple:
-        """("sgd", rules) or ("adamw", β1, β2, ε, rules); a rule per parameter is (its index,
-        its weight decay, the index of its AdamW state: exp_avg, exp_avg_sq, step)."""
+    def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> UpdatePlan:
+        """What the optimizer does to each parameter it holds, from that parameter's group;
+        appends each AdamW state to the step's tensors."""
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         adamw = isinstance(optimizer, torch.optim.AdamW)
         if not adamw and not isinstance(optimizer, torch.optim.SGD):
@@ -158,19 +176,12 @@ class FastStep:
                     moments["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state = len(self.tensors)
                 self.tensors += [moments["exp_avg"], moments["exp_avg_sq"], moments["step"]]
-            rules.append((i, float(group["weight_decay"]), state))
+            betas = tuple(float(b) for b in group["betas"]) if adamw else None
+            eps = float(group["eps"]) if adamw else None
+            rules.append(ParamUpdate(i, float(group["weight_decay"]), state, betas, eps))
         if len(rules) != len(group_of):
             raise ValueError("the optimizer holds parameters that are not the model's")
-        if not adamw:
-            return ("sgd", tuple(rules))
-        beta1, beta2 = optimizer.param_groups[0]["betas"]
-        return (
-            "adamw",
-            float(beta1),
-            float(beta2),
-            float(optimizer.param_groups[0]["eps"]),
-            tuple(rules),
-        )
+        return UpdatePlan("adamw" if adamw else "sgd", tuple(rules))
 
     def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor, record=None):
         """The step itself, from the model's forward and autograd; what is traced.
@@ -284,7 +295,7 @@ def _sum_over_group(grads: dict, group) -> dict:
     return {i: s.view_as(g) for (i, g), s in zip(grads.items(), summed, strict=True)}
 
 
-def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple) -> None:
+def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: UpdatePlan) -> None:
     r"""The optimizer's update, in place, with :math:`\eta` the learning rate and
     :math:`\lambda` the weight decay. ``grads`` maps a parameter's index to its gradient;
     a parameter without one is left alone, as ``torch.optim`` does.
@@ -299,8 +310,8 @@ def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple)
         p \leftarrow p - \frac{\eta}{1 - \beta_1^t}
             \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
     """
-    if update[0] == "sgd":
-        for i, decay, _ in update[1]:
+    if update.optimizer == "sgd":
+        for i, decay, *_ in update.params:
             if i not in grads:
                 continue
             p, g = tensors[i], grads[i]
@@ -308,8 +319,7 @@ def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: tuple)
                 g = g + decay * p
             p.sub_(lr * g)
         return
-    _, beta1, beta2, eps, rules = update
-    for i, decay, k in rules:
+    for i, decay, k, (beta1, beta2), eps in update.params:
         if i not in grads:
             continue
         p, g = tensors[i], grads[i]

@@ -11,8 +11,6 @@ blocks, each starting by fusing pairs of consecutive positions, so a context of
 positions.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -122,8 +120,3 @@ class MLPLanguageModel(nn.Module):
         logits = self.head(x)  # (B, vocab_size)
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss
-
-
-def uniform_loss(vocab_size: int) -> float:
-    """The loss of a uniform prediction, ln(vocab_size): where a well-initialized model starts."""
-    return math.log(vocab_size)

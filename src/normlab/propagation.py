@@ -13,13 +13,15 @@ import torch
 
 from normlab import init
 from normlab import nn as nl
+from normlab.nn import SATURATION
 
-SATURATION = 0.97  # |tanh| above this passes less than 6% of the gradient
 VARIANTS = ("randn", "gain 1", "kaiming 5/3", "kaiming+BN")
 
 
 @dataclass
-class LayerStats:
+class TanhStats:
+    """The tanh outputs of one layer of the stack."""
+
     std: float
     saturated: float  # fraction of units with |t| > SATURATION
 
@@ -27,7 +29,7 @@ class LayerStats:
 @torch.no_grad()
 def propagate(
     variant: str, n_layer: int = 50, width: int = 100, batch: int = 1000, seed: int = 0
-) -> list[LayerStats]:
+) -> list[TanhStats]:
     """Per-layer statistics of tanh outputs for one weight-scaling variant."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid choices: {', '.join(VARIANTS)}")
@@ -46,7 +48,7 @@ def propagate(
         if variant == "kaiming+BN":
             h = nl.BatchNorm1d(width)(h)
         x = torch.tanh(h)
-        stats.append(LayerStats(x.std().item(), (x.abs() > SATURATION).float().mean().item()))
+        stats.append(TanhStats(x.std().item(), (x.abs() > SATURATION).float().mean().item()))
     return stats
 
 

@@ -8,6 +8,7 @@ import html
 import io
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from normlab.checkpoint import atomic_write_bytes
@@ -206,16 +207,23 @@ pre { background: #f6f6f6; padding: 8px; font-size: 0.8em; overflow-x: auto; }
 """
 
 
-def render_html(
-    title: str,
-    config: dict,
-    summary: dict,
-    metrics: list[dict],
-    diag: Report | None,
-    history: list[Snapshot],
-    samples: list[tuple[str, bool]],
-) -> str:
-    """The whole report as one HTML string, images embedded."""
+@dataclass
+class Page:
+    """What a report page shows; a section whose field is empty is left out."""
+
+    title: str
+    summary: dict  # the final losses and the run's facts (summary.json)
+    config: dict = field(default_factory=dict)  # the run's configs
+    metrics: list[dict] = field(default_factory=list)  # the periodic evaluations
+    report: Report | None = None  # the last recording, judged
+    history: list[Snapshot] = field(default_factory=list)  # the kept recordings, first to last
+    samples: list[tuple[str, bool]] = field(default_factory=list)  # (sample, seen in train)
+
+
+def render_html(page: Page) -> str:
+    """The whole page as one HTML string, images embedded."""
+    title, summary, config, metrics = page.title, page.summary, page.config, page.metrics
+    diag, history, samples = page.report, page.history, page.samples
     losses = [
         (k, f"{summary[k]:.4f}")
         for k in ("train_loss", "val_loss", "test_loss")

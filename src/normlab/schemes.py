@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from normlab import init
 from normlab import nn as nl
 from normlab.lsuv import LSUVLayer, lsuv_
+from normlab.seeds import stream_generator
 
 LSUV_BATCH = 1024  # training contexts in the one batch LSUV measures on
 
@@ -122,7 +123,7 @@ def lsuv_init_(model: nn.Module, X: Tensor, seed: int) -> list[LSUVLayer] | None
     """
     if model.config.init != "lsuv":
         return None
-    g = torch.Generator().manual_seed(seed + 2)
+    g = stream_generator(seed, "lsuv")
     ix = torch.randint(0, len(X), (LSUV_BATCH,), generator=g)
     return lsuv_(model, X[ix.to(X.device)], layers=_linears(model.blocks), generator=g)
 

@@ -29,16 +29,26 @@ from normlab.checkpoint import CheckpointError, load_checkpoint
 from normlab.config import ModelConfig, TrainConfig, check_configs, config_dict
 from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.diagnostics import Diagnostics, Snapshot, judge_recording
-from normlab.distributed import Ranks, agree, current_ranks, gather_objects, global_outcome, shard
+from normlab.distributed import (
+    Ranks,
+    agree,
+    current_ranks,
+    device_type,
+    gather_objects,
+    global_outcome,
+    set_threads,
+    shard,
+)
 from normlab.errors import ConfigError, Interrupted, NormlabError, TrainingDiverged
 from normlab.evaluate import evaluate, train_subset
 from normlab.lsuv import LSUVLayer
 from normlab.model import MLPLanguageModel
 from normlab.optim import load_optimizer_state, lr_at, make_optimizer, weight_average
-from normlab.report import render_html
+from normlab.report import Page, render_html
 from normlab.rundir import RunFolder, StopSignals
 from normlab.sample import format_samples, sample_run
 from normlab.schemes import describe_lsuv, lsuv_init_
+from normlab.seeds import dropout_seed, stream_generator, stream_seed
 from normlab.step import TrainStep, compiled_step
 
 
@@ -169,10 +179,7 @@ def restore_rng(state: dict, batches: Batches, model: nn.Module, ranks: Ranks, f
 
 def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
     """auto → cuda where there is one, else cpu; under several processes, one GPU per process."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda asked for, but no CUDA device is available (try auto)")
+    name = device_type(name)
     if name == "cuda" and ranks is not None and ranks.distributed:
         return torch.device("cuda", ranks.local_rank)
     return torch.device(name)
@@ -211,18 +218,17 @@ def start_training(
     mcfg, tcfg = model_config, train_config
     say = ranks.say if not quiet else lambda *args: None
     device = resolve_device(tcfg.device, ranks)
-    if tcfg.threads is not None:
-        torch.set_num_threads(tcfg.threads)
-    torch.manual_seed(tcfg.seed + ranks.rank)  # the dropout masks: each rank its own
+    set_threads(tcfg.threads)
+    torch.manual_seed(dropout_seed(tcfg.seed, ranks.rank))
     if model is None:
-        generator = torch.Generator().manual_seed(tcfg.seed)
+        generator = stream_generator(tcfg.seed, "weights")
         model = MLPLanguageModel(mcfg, generator, verbose=ranks.is_main and not quiet)
     model = model.to(device).train()
     if ranks.distributed and tcfg.sync_batchnorm:  # statistics over the global batch
         model = nl.convert_sync_batchnorm(model)
     optimizer = make_optimizer(model, tcfg)
     Xtr, Ytr = (t.to(device) for t in data.splits["train"])
-    batches = Batches(Xtr, Ytr, tcfg.batch_size, tcfg.seed + 1, ranks)
+    batches = Batches(Xtr, Ytr, tcfg.batch_size, stream_seed(tcfg.seed, "batches"), ranks)
     eval_sets = {
         "train": train_subset(Xtr, Ytr, tcfg.eval_train_examples, tcfg.seed),
         "val": tuple(t.to(device) for t in data.splits["val"]),
@@ -242,8 +248,21 @@ def start_training(
         restore_rng(ckpt["rng"], batches, model, ranks, hash((tcfg.seed, progress.step)))
     compiled = compiled_step(model, optimizer, tcfg, ranks)  # after loading
     step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, compiled)
-    parts = (mcfg, tcfg, data, ranks, model, optimizer, averaged, step, batches, eval_sets)
-    return Training(*parts, diagnostics, progress, lsuv)
+    return Training(
+        model_config=mcfg,
+        train_config=tcfg,
+        data=data,
+        ranks=ranks,
+        model=model,
+        optimizer=optimizer,
+        averaged=averaged,
+        step=step,
+        batches=batches,
+        eval_sets=eval_sets,
+        diagnostics=diagnostics,
+        progress=progress,
+        lsuv=lsuv,
+    )
 
 
 class MemoryLog:
@@ -542,7 +561,15 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
         )
         fired = "; ".join(f"{v.kind} ({v.layer})" for v in report.verdicts)
         print(f"diagnostics at step {report.snapshot.step:,}: {fired or 'no verdict fired'}")
-    title = f"normlab run {folder.path}"
-    folder.write_report(render_html(title, config, summary, metrics, report, history, samples))
+    page = Page(
+        f"normlab run {folder.path}",
+        summary,
+        config=config,
+        metrics=metrics,
+        report=report,
+        history=history,
+        samples=samples,
+    )
+    folder.write_report(render_html(page))
     print(f"run folder: {folder.path} (open report.html)")
     return summary

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from normlab.diagnostics.snapshot import LayerStats, Snapshot, finite, update_history
-from normlab.diagnostics.stats import SATURATION
 from normlab.init import calculate_gain
-from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED
+from normlab.nn import ACTIVATIONS, NORMALIZATIONS, SATURATION, WEIGHTED
 
 
 @dataclass(frozen=True)

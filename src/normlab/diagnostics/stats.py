@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from normlab.diagnostics.snapshot import PERCENTILES
-from normlab.nn import Kind
+from normlab.nn import SATURATION, Kind
 
-SATURATION = 0.97  # |tanh| beyond this passes less than 6% of the gradient
 BINS = 50  # histogram bins kept per layer
 FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
 HIST_SAMPLE = 16_384  # histograms and percentiles use at most about 2× this many values a row

@@ -30,6 +30,7 @@ from normlab.data import load_dataset
 from normlab.evaluate import evaluate
 from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model, train_config
 from normlab.nn import set_mode
+from normlab.seeds import stream_generator
 
 MOMENTA = (0.1, 0.01, 0.001, None)
 BASE_STEPS, QUICK_BASE_STEPS = 40_000, 300
@@ -219,7 +220,7 @@ def _full_batch_loss(model: nn.Module, X: Tensor, Y: Tensor) -> float:
 def bias_before_batchnorm(ctx: Context, data, tcfg, base) -> dict:
     """The base run again with a random bias on every hidden Linear: what changes."""
     model = new_model(base_config(), data, ctx.seed)
-    g = torch.Generator().manual_seed(ctx.seed + 3)
+    g = stream_generator(ctx.seed, "random-biases")
     biases = []
     for block in model.blocks:
         linear = block[0]

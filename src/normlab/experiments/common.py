@@ -148,13 +148,13 @@ def fit(
     last = log.rows[-1] if log.rows and diverged_at is None else {}
     losses = {name: last.get(f"{name}_loss", math.nan) for name in ("train", "val")}
     return Fit(
-        losses,
-        log.step_losses[0],
-        t.diagnostics.history[0],
-        log.step_losses,
-        diverged_at,
-        time.perf_counter() - start,
-        t.lsuv,
+        losses=losses,
+        init_loss=log.step_losses[0],
+        snapshot=t.diagnostics.history[0],
+        step_losses=log.step_losses,
+        diverged_at=diverged_at,
+        seconds=time.perf_counter() - start,
+        lsuv=t.lsuv,
     )
 
 
@@ -202,13 +202,6 @@ def step0_health(snapshot: Snapshot, num_classes: int | None = None) -> dict:
         "grad_ratio_first_last": grad_ratio,
         "verdicts": sorted({f"{v.kind}" for v in fired}),
     }
-
-
-def set_threads(threads: int | None) -> None:
-    if threads is not None:
-        if threads < 1:
-            raise NormlabError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def train_config(**kw) -> TrainConfig:

@@ -28,6 +28,7 @@ from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
 from normlab.nn.kinds import (
     ACTIVATIONS,
     NORMALIZATIONS,
+    SATURATION,
     WEIGHTED,
     BatchNormForm,
     Kind,
@@ -45,6 +46,7 @@ from normlab.nn.normalization import GroupNorm, LayerNorm
 __all__ = [
     "ACTIVATIONS",
     "NORMALIZATIONS",
+    "SATURATION",
     "WEIGHTED",
     "BatchNorm1d",
     "BatchNorm2d",

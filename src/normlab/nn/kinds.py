@@ -40,6 +40,7 @@ from normlab.nn.normalization import GroupNorm, LayerNorm
 ACTIVATIONS = ("saturating", "rectifying")  # the families that are nonlinearities
 NORMALIZATIONS = ("batchnorm", "norm")  # the families that divide out their input's scale
 WEIGHTED = ("linear", "conv")  # the families whose weights initializers such as LSUV set
+SATURATION = 0.97  # a saturating unit beyond this of its half range (|tanh| > 0.97): < 6% gradient
 
 
 @dataclass(frozen=True)
