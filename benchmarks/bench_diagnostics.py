@@ -1,6 +1,6 @@
 """The cost of diagnostics in real training runs: --diagnose-every 100 against none.
 
-Runs ``normlab.train.train`` itself (the loop, evaluations and checkpoints as
+Runs ``normlab.lm.train.train`` itself (the loop, evaluations and checkpoints as
 in any run) in alternating pairs of runs, with recordings every 100 steps and
 with none, and prints two figures:
 
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from normlab.config import ModelConfig, TrainConfig
-from normlab.presets import PRESETS
-from normlab.train import train
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.presets import PRESETS
+from normlab.lm.train import train
 
 CASES = [("lecture-deep", 32, 1), ("default", 256, 2)]  # preset, batch size, threads
 

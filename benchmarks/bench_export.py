@@ -2,7 +2,7 @@
 normlab sample, both batched, lecture-deep, CPU, 1 thread.
 
 The model is bench_sample.py's (lecture-deep, briefly trained), exported by
-normlab.export.export_onnx with its BatchNorms folded; the torch-free sampler is
+normlab.lm.export.export_onnx with its BatchNorms folded; the torch-free sampler is
 examples/sample_onnx.py. Both generate the same number of names in batches of
 the same size, in alternating rounds; the median of each is printed, and the
 ratio.
@@ -21,9 +21,9 @@ import onnxruntime as ort
 import torch
 from bench_sample import MAX_LEN, briefly_trained_model
 
-from normlab.data import load_dataset
-from normlab.export import export_onnx
-from normlab.sample import generate
+from normlab.lm.data import load_dataset
+from normlab.lm.export import export_onnx
+from normlab.lm.sample import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,14 +18,14 @@ import time
 import torch
 from bench_train import lecture_deep, rounds_and_threads
 
-from normlab import fast
-from normlab.config import TrainConfig
-from normlab.data import load_dataset
 from normlab.diagnostics import Diagnostics
-from normlab.fast import FastStep
-from normlab.optim import make_optimizer
-from normlab.presets import PRESETS
-from normlab.step import TrainStep
+from normlab.lm import fast
+from normlab.lm.config import TrainConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.fast import FastStep
+from normlab.lm.optim import make_optimizer
+from normlab.lm.presets import PRESETS
+from normlab.lm.step import TrainStep
 
 LR = 0.1
 CASES = ((32, 100), (256, 40))  # batch size, recordings per round

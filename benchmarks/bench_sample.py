@@ -1,6 +1,6 @@
 """Sampling speed: batched generation vs one name at a time, lecture-deep, CPU, 1 thread.
 
-Both use normlab.sample.generate on the same model (eval mode, running
+Both use normlab.lm.sample.generate on the same model (eval mode, running
 BatchNorm statistics), first trained briefly on the bundled names so that the
 samples have the lengths of real names (an untrained model rarely ends one).
 The ratio is measured in the same run. Goal: at least 20,000 names/s batched.
@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from normlab.config import ModelConfig
-from normlab.data import load_dataset
-from normlab.model import MLPLanguageModel
-from normlab.presets import PRESETS
-from normlab.sample import generate
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.presets import PRESETS
+from normlab.lm.sample import generate
 
 MAX_LEN = 35  # twice the longest bundled name, plus 5, as normlab sample uses
 

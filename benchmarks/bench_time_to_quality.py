@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.data import load_dataset
+from normlab.lm.data import load_dataset
 
 BATCH, EVAL_EVERY = 256, 250
 # the one-cycle schedule's peak and length, the best of those tried (docs/PERFORMANCE.md): this

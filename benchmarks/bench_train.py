@@ -4,7 +4,7 @@ The baseline is the one the performance issue names, built here from the same
 initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
 torch.optim.SGD. Against it, in the same run:
 
-- normlab default: ``normlab.step.TrainStep`` with ``normlab.fast.FastStep``,
+- normlab default: ``normlab.lm.step.TrainStep`` with ``normlab.lm.fast.FastStep``,
   the step ``normlab train --preset lecture-deep`` runs with no flag: the model's
   forward, autograd's backward and the update traced into one graph and compiled;
 - normlab --no-compile: the same ``TrainStep`` eager: ``MLPLanguageModel``'s
@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ModelConfig, TrainConfig
-from normlab.data import load_dataset
-from normlab.fast import FastStep
-from normlab.model import MLPLanguageModel
-from normlab.optim import make_optimizer
-from normlab.presets import PRESETS
-from normlab.step import TrainStep
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.fast import FastStep
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.optim import make_optimizer
+from normlab.lm.presets import PRESETS
+from normlab.lm.step import TrainStep
 
 LR = 0.1
 CASES = ((32, 2000), (256, 800), (4096, 60))  # batch size, steps per round

@@ -2,7 +2,7 @@ import pytest
 import torch
 from zoo import declare_torchvision_operators
 
-from normlab.data import bundled_names_path
+from normlab.lm.data import bundled_names_path
 from normlab.nn import kernel
 
 declare_torchvision_operators()  # before anything imports torchvision: see tests/zoo.py

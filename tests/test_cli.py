@@ -8,9 +8,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from normlab.cli import build_parser, configs_from_args, main
-from normlab.config import ModelConfig, TrainConfig
-from normlab.presets import PRESETS
+from normlab.lm.cli import build_parser, configs_from_args, main
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.presets import PRESETS
 
 
 def run(capsys, *argv):
@@ -302,16 +302,16 @@ def test_more_bad_inputs(tmp_path, tiny, trained, capsys):
 
 
 def test_a_run_checkpoints_at_step_0(tmp_path, tiny, capsys, monkeypatch):
-    import normlab.rundir
+    import normlab.lm.rundir
 
     saved = []
-    real_save = normlab.rundir.save_checkpoint
+    real_save = normlab.lm.rundir.save_checkpoint
 
     def recording_save(folder, state):
         saved.append(state["progress"]["step"])
         real_save(folder, state)
 
-    monkeypatch.setattr(normlab.rundir, "save_checkpoint", recording_save)
+    monkeypatch.setattr(normlab.lm.rundir, "save_checkpoint", recording_save)
     run(capsys, "train", *tiny, "--steps", 5, "--checkpoint-every", 100, "--out", tmp_path / "r")
     assert saved == [0, 5]  # a kill before the first periodic checkpoint can still resume
 

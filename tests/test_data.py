@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from normlab.data import (
+from normlab.lm.data import (
     BOUNDARY,
     DataError,
     Vocab,

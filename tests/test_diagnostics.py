@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from normlab import nn as nl
-from normlab.config import ModelConfig
 from normlab.diagnostics import (
     Diagnostics,
     Thresholds,
@@ -15,8 +14,9 @@ from normlab.diagnostics import (
     snapshot_from_dict,
     snapshot_to_dict,
 )
-from normlab.model import MLPLanguageModel
-from normlab.presets import PRESETS
+from normlab.lm.config import ModelConfig
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.presets import PRESETS
 
 
 def _step(model, diag, x, y, optimizer, step=0, loss_fn=nn.functional.cross_entropy):

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from normlab import nn as nl
-from normlab.distributed import Ranks, shard
+from normlab.lm.distributed import Ranks, shard
 
 # ---------------------------------------------------------------------------- the batch slices
 
@@ -180,11 +180,11 @@ def test_calibration_on_n_ranks_gives_every_rank_the_whole_data_sets_statistics(
 
 def _compiled_step_rank(rank, world_size, init_file, result_dir):
     """A model initialized differently on each rank, given a compiled step (no DDP)."""
-    from normlab.config import ModelConfig, TrainConfig
-    from normlab.fast import FastStep
-    from normlab.model import MLPLanguageModel
-    from normlab.optim import make_optimizer
-    from normlab.step import TrainStep
+    from normlab.lm.config import ModelConfig, TrainConfig
+    from normlab.lm.fast import FastStep
+    from normlab.lm.model import MLPLanguageModel
+    from normlab.lm.optim import make_optimizer
+    from normlab.lm.step import TrainStep
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size

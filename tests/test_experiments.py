@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from normlab.cli import main
-from normlab.config import ModelConfig, TrainConfig
-from normlab.data import load_dataset
-from normlab.experiments import lecture
-from normlab.experiments.common import Context, fit, new_model, train_config
-from normlab.schemes import scale_lecture_
-from normlab.train import train
+from normlab.lm.cli import main
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.experiments import lecture
+from normlab.lm.experiments.common import Context, fit, new_model, train_config
+from normlab.lm.schemes import scale_lecture_
+from normlab.lm.train import train
 
 
 def run(capsys, *argv):

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from normlab.cli import main
-from normlab.export import load_safetensors
-from normlab.train import load_run
+from normlab.lm.cli import main
+from normlab.lm.export import load_safetensors
+from normlab.lm.train import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = {
@@ -128,7 +128,7 @@ def test_the_torch_free_sampler_gives_normlabs_names_when_greedy(tmp_path, capsy
     sampler = _sample_onnx()
     session, chars, block_size = sampler.load(str(folder / "model.onnx"))
     model, data, _ = load_run(folder, device="cpu")
-    from normlab.sample import generate
+    from normlab.lm.sample import generate
 
     max_len = 2 * data.max_item_len + 5  # as normlab sample
     ours = generate(model, data.vocab, 8, max_len, top_k=1, generator=torch.Generator())

@@ -7,17 +7,17 @@ import sys
 import pytest
 import torch
 
-from normlab import fast as fast_module
-from normlab.cli import main
-from normlab.config import ModelConfig, TrainConfig
-from normlab.data import load_dataset
 from normlab.diagnostics import Diagnostics
 from normlab.diagnostics.snapshot import snapshot_to_dict
-from normlab.fast import FastStep, compile_cache_dir
-from normlab.model import MLPLanguageModel
-from normlab.optim import make_optimizer
-from normlab.presets import PRESETS
-from normlab.step import TrainStep
+from normlab.lm import fast as fast_module
+from normlab.lm.cli import main
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.fast import FastStep, compile_cache_dir
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.optim import make_optimizer
+from normlab.lm.presets import PRESETS
+from normlab.lm.step import TrainStep
 
 LECTURE_DEEP = PRESETS["lecture-deep"]["model"]
 

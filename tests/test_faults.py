@@ -14,8 +14,8 @@ import pytest
 import torch
 from processes import start_run
 
-from normlab.checkpoint import load_checkpoint
-from normlab.cli import main
+from normlab.lm.checkpoint import load_checkpoint
+from normlab.lm.cli import main
 
 
 def run(capsys, *argv):

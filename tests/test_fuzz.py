@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from normlab.cli import main
+from normlab.lm.cli import main
 
 # mostly values that work, so that many runs train; now and then one that cannot
 GOOD_INTS = st.integers(min_value=2, max_value=24)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.config import ModelConfig
+from normlab.lm.config import ModelConfig
+from normlab.lm.model import MLPLanguageModel
 from normlab.lsuv import activation_variance, lsuv_
-from normlab.model import MLPLanguageModel
 
 
 def _model(**kw):
@@ -121,7 +121,7 @@ def test_bad_arguments():
 def test_init_lsuv_from_the_command_line(capsys, tmp_path, tiny):
     import json
 
-    from normlab.cli import main
+    from normlab.lm.cli import main
 
     assert main(["diagnose", *tiny, "--norm", "none", "--init", "lsuv", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)  # stdout stays pure JSON

@@ -6,11 +6,11 @@ import torch
 
 from normlab import nn as nl
 from normlab.calibrate import calibrate_batchnorm
-from normlab.config import ModelConfig
 from normlab.errors import ConfigError
 from normlab.fold import fold_batchnorm
-from normlab.model import MLPLanguageModel
-from normlab.presets import PRESETS
+from normlab.lm.config import ModelConfig
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.presets import PRESETS
 
 
 def _model(**kw):

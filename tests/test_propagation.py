@@ -1,4 +1,4 @@
-from normlab.propagation import propagate, propagation_table
+from normlab.lm.propagation import propagate, propagation_table
 
 
 def test_scaling_decides_what_reaches_the_last_layer():

@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from normlab.cli import main
+from normlab.lm.cli import main
 
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from processes import start_run
 
-from normlab.checkpoint import load_checkpoint
+from normlab.lm.checkpoint import load_checkpoint
 
 STEPS = 3000
 
@@ -133,3 +133,25 @@ def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, tiny):
     assert load_checkpoint(out)["progress"]["step"] < steps
     subprocess.run(_resume_cmd(out), check=True, capture_output=True)
     _assert_same_run(straight, out, steps)
+
+
+def test_a_run_written_by_an_earlier_normlab_loads_samples_and_resumes_as_it_did(tmp_path, capsys):
+    """tests/data/run_21b7d77: a run folder from normlab at commit 21b7d77 (its command in
+    expected.json), and what that normlab printed when it sampled, evaluated and resumed it."""
+    import shutil
+    from pathlib import Path
+
+    from normlab.lm.cli import main
+
+    source = Path(__file__).parent / "data" / "run_21b7d77"
+    expected = json.loads((source / "expected.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert main(["sample", "--run", str(run), "-n", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected["sample -n 5 --seed 1"]
+    assert main(["eval", "--run", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected["eval --json"]
+    assert main(["train", "--out", str(run), "--resume", "--steps", "60"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    resumed = expected["train --resume --steps 60"]
+    assert {key: summary[key] for key in resumed} == resumed  # bit for bit

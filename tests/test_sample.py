@@ -1,10 +1,10 @@
 import torch
 
-from normlab.config import ModelConfig
-from normlab.data import Vocab
-from normlab.model import MLPLanguageModel
-from normlab.presets import PRESETS
-from normlab.sample import generate
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import Vocab
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.presets import PRESETS
+from normlab.lm.sample import generate
 
 VOCAB = Vocab(tuple("abcdefghijklmnopqrstuvwxyz"))
 

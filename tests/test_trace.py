@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlab.checkpoint import load_checkpoint
-from normlab.cli import main
+from normlab.lm.checkpoint import load_checkpoint
+from normlab.lm.cli import main
 
 TRACE_PATH = Path(__file__).parent / "data" / "lecture_deep_trace.json"
 TRACE = json.loads(TRACE_PATH.read_text())

@@ -5,13 +5,13 @@ import re
 import pytest
 import torch
 
-from normlab.checkpoint import load_checkpoint
-from normlab.cli import main
-from normlab.config import ModelConfig, TrainConfig, check_configs
-from normlab.model import MLPLanguageModel
-from normlab.optim import lr_at, make_optimizer
-from normlab.presets import PRESETS
-from normlab.train import load_state
+from normlab.lm.checkpoint import load_checkpoint
+from normlab.lm.cli import main
+from normlab.lm.config import ModelConfig, TrainConfig, check_configs
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.optim import lr_at, make_optimizer
+from normlab.lm.presets import PRESETS
+from normlab.lm.train import load_state
 
 
 def run(capsys, *argv):
@@ -257,7 +257,7 @@ def test_resume_of_changed_data_is_refused(tmp_path, names_file, tiny, capsys):
 
 
 def test_diagnostics_time_is_what_recorded_steps_add():
-    from normlab.train import Progress
+    from normlab.lm.train import Progress
 
     progress = Progress()
     for _ in range(99):

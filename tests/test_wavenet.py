@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from normlab import nn as nl
-from normlab.cli import main
-from normlab.config import ModelConfig, preset_configs
 from normlab.errors import ConfigError
-from normlab.experiments import wavenet
-from normlab.model import MLPLanguageModel
+from normlab.lm.cli import main
+from normlab.lm.config import ModelConfig, preset_configs
+from normlab.lm.experiments import wavenet
+from normlab.lm.model import MLPLanguageModel
 
 DTYPES = [torch.float32, torch.float64]
 

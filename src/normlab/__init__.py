@@ -1,12 +1,12 @@
 """normlab: deep networks that stay healthy, and the tools that show what every layer does.
 
-Its own models (character-level language models on the bundled names) and the
-primitives they rest on, written to work on any model: initializers
-(``normlab.init``, ``normlab.lsuv``), layers (``normlab.nn``), BatchNorm
-calibration and folding (``normlab.calibrate``, ``normlab.fold``), per-layer
-diagnostics (``normlab.diagnostics``; ``normlab.audit(model, batch)`` for one
-judged step) and export (``normlab.export``). docs/ARCHITECTURE.md maps the
-modules.
+Two wings. The library, for any PyTorch model: layers (``normlab.nn``), initializers
+(``normlab.init``, ``normlab.lsuv``), BatchNorm calibration and folding
+(``normlab.calibrate``, ``normlab.fold``), per-layer diagnostics (``normlab.diagnostics``;
+``normlab.audit(model, batch)`` for one judged step) and the Lightning and transformers
+callbacks (``normlab.integrations``). The trainer (``normlab.lm``): character-level
+language models on the bundled names, built on the library, and the ``normlab`` command.
+docs/ARCHITECTURE.md maps the modules.
 """
 
 __version__ = "0.1.0"

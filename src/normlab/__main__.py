@@ -1,3 +1,3 @@
-from normlab.cli import main
+from normlab.lm.cli import main
 
 raise SystemExit(main())

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normlab.checkpoint import atomic_write_bytes
 from normlab.diagnostics import Report, Snapshot, format_table
+from normlab.files import atomic_write_bytes
 from normlab.nn import ACTIVATIONS
 
 FIGSIZE = (7.5, 3.2)

@@ -4,10 +4,10 @@ import time
 
 import torch
 
-from normlab.config import ModelConfig, TrainConfig
-from normlab.data import Dataset
-from normlab.distributed import SINGLE
-from normlab.train import MemoryLog, run_loop, start_training
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import Dataset
+from normlab.lm.distributed import SINGLE
+from normlab.lm.train import MemoryLog, run_loop, start_training
 
 
 def bench(model_config: ModelConfig, train_config: TrainConfig, data: Dataset, steps: int) -> dict:

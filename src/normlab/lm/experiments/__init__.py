@@ -7,7 +7,7 @@ written to ``results.json`` there.
 
 import importlib
 
-from normlab.experiments.common import Context
+from normlab.lm.experiments.common import Context
 
 EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet")
 
@@ -18,7 +18,7 @@ def run_experiment(ctx: Context) -> dict:
         valid = ", ".join(EXPERIMENTS)
         raise ValueError(f"unknown experiment {ctx.name!r}; valid choices: {valid}")
     ctx.prepare()
-    module = importlib.import_module(f"normlab.experiments.{ctx.name}")
+    module = importlib.import_module(f"normlab.lm.experiments.{ctx.name}")
     results = module.run(ctx)
     path = ctx.write_results(results)
     print(f"results: {path}; figures: {ctx.out}/*.png")

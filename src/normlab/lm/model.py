@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab import nn as nl
-from normlab.config import ModelConfig
-from normlab.schemes import initialize_
+from normlab.lm.config import ModelConfig
+from normlab.lm.schemes import initialize_
 
 
 class Block(nn.Sequential):
@@ -39,7 +39,7 @@ class MLPLanguageModel(nn.Module):
     and returns ``(logits, loss)``: logits ``(B, vocab_size)`` and the mean
     cross-entropy against ``targets`` ``(B,)``, or ``None`` without targets.
     ``generator`` draws the initial weights by the config's scheme (see
-    :mod:`normlab.schemes`); ``verbose`` prints the parameter count.
+    :mod:`normlab.lm.schemes`); ``verbose`` prints the parameter count.
 
     Example:
         >>> model = MLPLanguageModel(ModelConfig(n_layer=2, n_hidden=32), verbose=False)

@@ -4,7 +4,7 @@
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. Unless ``--no-compile``, the same
-call runs the compiled step (``normlab.fast``) instead, recording steps
+call runs the compiled step (``normlab.lm.fast``) instead, recording steps
 included. Under several processes the autograd path runs the forward through
 DDP.
 """
@@ -16,11 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from normlab.config import TrainConfig
 from normlab.diagnostics import Diagnostics, Snapshot
-from normlab.distributed import SINGLE, Ranks, broadcast_state, wrap_ddp
-from normlab.fast import FastStep
-from normlab.model import MLPLanguageModel
+from normlab.lm.config import TrainConfig
+from normlab.lm.distributed import SINGLE, Ranks, broadcast_state, wrap_ddp
+from normlab.lm.fast import FastStep
+from normlab.lm.model import MLPLanguageModel
 from normlab.nn import set_mode
 
 
@@ -35,20 +35,20 @@ class TrainStep:
 
     Each process's loss is its rows' summed cross-entropy over the *global*
     batch size, so on one process it is the batch mean, and under DDP (which
-    sums gradients, see ``normlab.distributed``) the gradient is the global
+    sums gradients, see ``normlab.lm.distributed``) the gradient is the global
     batch's exactly, also with unequal slices.
 
     Args:
         model: the model to train.
-        optimizer: its optimizer (``normlab.optim.make_optimizer``).
+        optimizer: its optimizer (``normlab.lm.optim.make_optimizer``).
         batch_size: the global batch size.
         ranks: this process's place among several (DDP when there are, unless compiled).
         averaged: a moving average of the weights to update after every step, or None.
         compiled: the compiled step for this model and optimizer, or None.
 
     Example:
-        >>> from normlab.config import ModelConfig, TrainConfig
-        >>> from normlab.optim import make_optimizer
+        >>> from normlab.lm.config import ModelConfig, TrainConfig
+        >>> from normlab.lm.optim import make_optimizer
         >>> model = MLPLanguageModel(ModelConfig(n_layer=2, n_hidden=16), verbose=False)
         >>> step = TrainStep(model, make_optimizer(model, TrainConfig()), batch_size=32)
         >>> x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))

@@ -13,7 +13,7 @@ model: a change to a layer changes the graph, and with it the compiled step.
 It covers every model and option the CLI builds, trained by the optimizers
 ``make_optimizer`` builds: plain SGD and AdamW, with their weight decay. On
 several processes the step all-reduces the gradients itself (summed, as
-``normlab.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
+``normlab.lm.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
 functional collectives that are part of the graph. The parameters and AdamW's
 moments are updated in place, in the optimizer's own state, so the model, its
 optimizer and its checkpoints are the same objects whichever path a step takes.

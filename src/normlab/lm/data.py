@@ -29,8 +29,8 @@ class DataError(NormlabError):
 
 
 def bundled_names_path() -> Path:
-    """The 32,033 names shipped with normlab (see ``normlab/data/README.md``)."""
-    return Path(str(resources.files("normlab") / "data" / "names.txt"))
+    """The 32,033 names shipped with normlab (see ``normlab/lm/data/README.md``)."""
+    return Path(str(resources.files("normlab.lm") / "data" / "names.txt"))
 
 
 def read_items(path: str | Path) -> list[str]:

@@ -25,12 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from normlab.calibrate import batchnorm_layers, calibrate_batchnorm
-from normlab.config import ModelConfig
-from normlab.data import load_dataset
-from normlab.evaluate import evaluate
-from normlab.experiments.common import Context, Table, fit, lecture_sgd, new_model, train_config
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.evaluate import evaluate
+from normlab.lm.experiments.common import Context, Table, fit, lecture_sgd, new_model, train_config
+from normlab.lm.seeds import stream_generator
 from normlab.nn import set_mode
-from normlab.seeds import stream_generator
 
 MOMENTA = (0.1, 0.01, 0.001, None)
 BASE_STEPS, QUICK_BASE_STEPS = 40_000, 300

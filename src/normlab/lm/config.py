@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from normlab.errors import ConfigError
-from normlab.presets import PRESETS
+from normlab.lm.presets import PRESETS
 
 ARCHS = ("mlp", "wavenet")
 NORMS = ("batch", "layer", "group", "none")
@@ -98,7 +98,7 @@ class _Config:
 
 @dataclass
 class ModelConfig(_Config):
-    """The language model: ``normlab.model.MLPLanguageModel`` builds exactly this."""
+    """The language model: ``normlab.lm.model.MLPLanguageModel`` builds exactly this."""
 
     vocab_size: int = option(
         27, "filled in from the data: characters + the boundary token", low=1, flag=False

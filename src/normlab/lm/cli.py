@@ -10,7 +10,7 @@
     normlab experiment NAME [--quick]      lecture, depth, batchnorm, wavenet (docs/RESULTS.md)
 
 The model and training flags are generated from the config fields
-(``normlab.config``): ``--n-layer`` sets ``ModelConfig.n_layer``, with the
+(``normlab.lm.config``): ``--n-layer`` sets ``ModelConfig.n_layer``, with the
 field's help and valid values. Every problem with the input is one line on
 stderr and exit code 2.
 """
@@ -25,8 +25,8 @@ from dataclasses import Field, fields
 from datetime import datetime
 from pathlib import Path
 
-from normlab.config import ModelConfig, TrainConfig, check_configs, preset_configs
 from normlab.errors import NormlabError
+from normlab.lm.config import ModelConfig, TrainConfig, check_configs, preset_configs
 
 BENCH_STEPS = 500  # normlab bench without --steps
 METAVARS = {int: "N", float: "X", str: "PATH"}  # the config fields' types; str: the data file
@@ -102,7 +102,7 @@ def _add_field_flags(p: argparse.ArgumentParser, *names: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from normlab import __version__
-    from normlab.experiments import EXPERIMENTS
+    from normlab.lm.experiments import EXPERIMENTS
 
     parser = _Parser(
         prog="normlab",
@@ -160,13 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_run_commands(sub) -> None:
-    """The commands that read a run, or build a model as a run would: sample, eval, bench,
-    diagnose and export."""
-    p = sub.add_parser("sample", help="generate items from a trained run")
+def _add_run_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
     )
+
+
+def _add_data_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
+
+
+def _add_run_commands(sub) -> None:
+    """The commands that read a run, or build a model as a run would: sample, eval, bench,
+    diagnose and export."""
+    _add_sample_and_eval(sub)
+    _add_bench_diagnose_and_export(sub)
+
+
+def _add_sample_and_eval(sub) -> None:
+    p = sub.add_parser("sample", help="generate items from a trained run")
+    _add_run_flag(p)
     p.add_argument(
         "-n", "--num", type=int, default=20, metavar="N", help="how many (default: %(default)s)"
     )
@@ -176,13 +189,11 @@ def _add_run_commands(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--prefix", default="", metavar="TEXT", help="start every sample with this text")
-    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
+    _add_data_flag(p)
     _add_field_flags(p, "device")
 
     p = sub.add_parser("eval", help="loss of a trained run on a split")
-    p.add_argument(
-        "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
-    )
+    _add_run_flag(p)
     p.add_argument("--split", choices=("train", "val", "test"), default="val")
     p.add_argument(
         "--calibrate",
@@ -190,9 +201,11 @@ def _add_run_commands(sub) -> None:
         help="also with BatchNorm statistics calibrated over the whole training set",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
-    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
+    _add_data_flag(p)
     _add_field_flags(p, "device")
 
+
+def _add_bench_diagnose_and_export(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="time training steps; prints one JSON line",
@@ -237,9 +250,7 @@ def _add_run_commands(sub) -> None:
         help="write a trained run's model as ONNX or safetensors",
         description="Export a run's model for use outside normlab (needs normlab[export]).",
     )
-    p.add_argument(
-        "--run", type=Path, required=True, metavar="DIR", help="run folder (or checkpoint file)"
-    )
+    _add_run_flag(p)
     p.add_argument("--format", choices=("onnx", "safetensors"), required=True)
     p.add_argument(
         "--out",
@@ -257,7 +268,7 @@ def _add_run_commands(sub) -> None:
         action="store_true",
         help="ONNX: keep each BatchNorm as a BatchNormalization node instead of folding it",
     )
-    p.add_argument("--data", metavar="PATH", help="the run's data file, if it has moved")
+    _add_data_flag(p)
 
 
 def config_flags_given(args: argparse.Namespace) -> list[str]:
@@ -279,7 +290,7 @@ def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfi
 
 def configs_and_data_from_args(args: argparse.Namespace):
     """Validated configs from the preset and flags, with the data they name loaded."""
-    from normlab.data import load_dataset
+    from normlab.lm.data import load_dataset
 
     model_config, train_config = configs_from_args(args)
     check_configs(model_config, train_config)
@@ -301,8 +312,8 @@ def new_run_folder(prefix: str = "") -> Path:
 def cmd_train(args) -> int:
     import torch.distributed
 
-    from normlab import distributed
-    from normlab.train import train
+    from normlab.lm import distributed
+    from normlab.lm.train import train
 
     if args.resume:
         if args.out is None:
@@ -338,8 +349,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from normlab.sample import format_samples, sample_run
-    from normlab.train import load_run
+    from normlab.lm.sample import format_samples, sample_run
+    from normlab.lm.train import load_run
 
     model, data, _ = load_run(args.run, args.data, args.device)
     options = {"temperature": args.temperature, "top_k": args.top_k, "prefix": args.prefix}
@@ -349,9 +360,9 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from normlab.calibrate import calibrate_batchnorm
-    from normlab.evaluate import evaluate
+    from normlab.lm.evaluate import evaluate
+    from normlab.lm.train import load_run
     from normlab.nn import is_batchnorm
-    from normlab.train import load_run
 
     model, data, ckpt = load_run(args.run, args.data, args.device)
     device = next(model.parameters()).device
@@ -378,7 +389,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from normlab.bench import bench
+    from normlab.lm.bench import bench
 
     model_config, train_config, data = configs_and_data_from_args(args)
     print(json.dumps(bench(model_config, train_config, data, args.steps or BENCH_STEPS)))
@@ -399,9 +410,9 @@ def _shape(text: str) -> list[int]:
 
 def cmd_diagnose(args) -> int:
     from normlab.auditor import Audit, audit_factory
-    from normlab.checkpoint import load_checkpoint
-    from normlab.diagnose import diagnose
-    from normlab.train import load_run_data
+    from normlab.lm.checkpoint import load_checkpoint
+    from normlab.lm.diagnose import diagnose
+    from normlab.lm.train import load_run_data
 
     ckpt = None
     if args.model is not None:
@@ -435,7 +446,7 @@ def _print_diagnosis(result, args) -> int:
 
 
 def cmd_export(args) -> int:
-    from normlab.export import export_run
+    from normlab.lm.export import export_run
 
     fold = not args.no_fold
     paths = export_run(args.run, args.format, args.out, args.calibrate, fold, args.data)
@@ -444,7 +455,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_propagate(args) -> int:
-    from normlab.propagation import propagation_table
+    from normlab.lm.propagation import propagation_table
 
     if args.n_layer < 1 or args.width < 1:
         raise NormlabError("--n-layer and --width must be at least 1")
@@ -453,10 +464,10 @@ def cmd_propagate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from normlab.distributed import set_threads
-    from normlab.experiments import run_experiment
-    from normlab.experiments.common import Context
-    from normlab.train import resolve_device
+    from normlab.lm.distributed import set_threads
+    from normlab.lm.experiments import run_experiment
+    from normlab.lm.experiments.common import Context
+    from normlab.lm.train import resolve_device
 
     set_threads(args.threads)
     out = args.out or new_run_folder(f"experiment-{args.name}-")
@@ -503,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"normlab: error: {e}", file=sys.stderr)
         return e.exit_code
     except Exception as e:
-        from normlab.distributed import describe_failure, launched_by_torchrun
+        from normlab.lm.distributed import describe_failure, launched_by_torchrun
 
         if not launched_by_torchrun() or os.environ.get("NORMLAB_TRACEBACK") == "1":
             raise

@@ -32,13 +32,13 @@ from torch import nn
 
 from normlab import nn as nl
 from normlab.calibrate import calibrate_batchnorm
-from normlab.checkpoint import atomic_write_bytes
-from normlab.config import ModelConfig
-from normlab.data import Vocab
 from normlab.errors import NormlabError
+from normlab.files import atomic_write_bytes
 from normlab.fold import fold_batchnorm
-from normlab.model import MLPLanguageModel
-from normlab.train import load_run
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import Vocab
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.train import load_run
 
 OPSET = 18  # the ONNX opset of the exported graph
 FORMATS = ("onnx", "safetensors")

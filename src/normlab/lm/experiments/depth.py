@@ -14,9 +14,9 @@ import math
 import statistics
 from dataclasses import asdict, replace
 
-from normlab.config import ModelConfig
-from normlab.data import load_dataset
-from normlab.experiments.common import (
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.experiments.common import (
     Context,
     Table,
     fit,

@@ -25,11 +25,12 @@ from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from normlab import nn as nl
-from normlab.checkpoint import CheckpointError, load_checkpoint
-from normlab.config import ModelConfig, TrainConfig, check_configs, config_dict
-from normlab.data import DataError, Dataset, Vocab, load_dataset
 from normlab.diagnostics import Diagnostics, Snapshot, judge_recording
-from normlab.distributed import (
+from normlab.errors import ConfigError, Interrupted, NormlabError, TrainingDiverged
+from normlab.lm.checkpoint import CheckpointError, load_checkpoint
+from normlab.lm.config import ModelConfig, TrainConfig, check_configs, config_dict
+from normlab.lm.data import DataError, Dataset, Vocab, load_dataset
+from normlab.lm.distributed import (
     Ranks,
     agree,
     current_ranks,
@@ -39,17 +40,16 @@ from normlab.distributed import (
     set_threads,
     shard,
 )
-from normlab.errors import ConfigError, Interrupted, NormlabError, TrainingDiverged
-from normlab.evaluate import evaluate, train_subset
+from normlab.lm.evaluate import evaluate, train_subset
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.optim import load_optimizer_state, lr_at, make_optimizer, weight_average
+from normlab.lm.rundir import RunFolder, StopSignals
+from normlab.lm.sample import format_samples, sample_run
+from normlab.lm.schemes import describe_lsuv, lsuv_init_
+from normlab.lm.seeds import dropout_seed, stream_generator, stream_seed
+from normlab.lm.step import TrainStep, compiled_step
 from normlab.lsuv import LSUVLayer
-from normlab.model import MLPLanguageModel
-from normlab.optim import load_optimizer_state, lr_at, make_optimizer, weight_average
 from normlab.report import Page, render_html
-from normlab.rundir import RunFolder, StopSignals
-from normlab.sample import format_samples, sample_run
-from normlab.schemes import describe_lsuv, lsuv_init_
-from normlab.seeds import dropout_seed, stream_generator, stream_seed
-from normlab.step import TrainStep, compiled_step
 
 
 @dataclass

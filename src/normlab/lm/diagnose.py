@@ -2,12 +2,12 @@
 
 import torch
 
-from normlab.config import ModelConfig, TrainConfig
-from normlab.data import Dataset
 from normlab.diagnostics import Diagnostics, Report, judge_recording
-from normlab.distributed import SINGLE
-from normlab.optim import lr_at
-from normlab.train import start_training
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import Dataset
+from normlab.lm.distributed import SINGLE
+from normlab.lm.optim import lr_at
+from normlab.lm.train import start_training
 
 
 def diagnose(

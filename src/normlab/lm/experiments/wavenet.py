@@ -20,9 +20,9 @@ calibrated over the whole training set.
 
 from dataclasses import replace
 
-from normlab.config import ModelConfig, preset_configs
-from normlab.data import load_dataset
-from normlab.experiments.common import (
+from normlab.lm.config import ModelConfig, preset_configs
+from normlab.lm.data import load_dataset
+from normlab.lm.experiments.common import (
     TOLERANCE,
     Context,
     Table,

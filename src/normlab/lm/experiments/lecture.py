@@ -21,9 +21,9 @@ statistics calibrated over the whole training set.
 import math
 from dataclasses import asdict, dataclass
 
-from normlab.config import ModelConfig
-from normlab.data import load_dataset
-from normlab.experiments.common import (
+from normlab.lm.config import ModelConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.experiments.common import (
     TOLERANCE,
     Context,
     Table,
@@ -34,7 +34,7 @@ from normlab.experiments.common import (
     new_model,
     step0_health,
 )
-from normlab.schemes import LectureScales, scale_lecture_
+from normlab.lm.schemes import LectureScales, scale_lecture_
 
 # the lecture's loss log (train, val), makemore part 3, "loss log" cell
 LECTURE = {

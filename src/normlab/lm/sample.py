@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from normlab.data import BOUNDARY, Dataset, Vocab
 from normlab.errors import NormlabError
+from normlab.lm.data import BOUNDARY, Dataset, Vocab
 from normlab.nn import set_mode
 
 

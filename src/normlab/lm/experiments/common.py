@@ -1,7 +1,7 @@
 """What every experiment shares: its output folder, a table printed as it goes, and ``fit``.
 
 ``fit`` trains a cell with ``normlab train``'s own loop and step
-(``normlab.train.run_loop``), in memory instead of a run folder, so a cell
+(``normlab.lm.train.run_loop``), in memory instead of a run folder, so a cell
 gives the same losses as ``normlab train`` with the same config
 (``tests/test_experiments.py`` checks it), and whatever a run can do (EMA,
 the compiled step) a cell can do too.
@@ -17,17 +17,17 @@ import torch
 from tqdm.auto import tqdm
 
 from normlab.calibrate import calibrate_batchnorm
-from normlab.checkpoint import atomic_write_bytes, atomic_write_json
-from normlab.config import ModelConfig, TrainConfig, check_configs
-from normlab.data import Dataset
 from normlab.diagnostics import Snapshot, Thresholds, finite, verdicts
-from normlab.distributed import SINGLE
 from normlab.errors import NormlabError, TrainingDiverged
-from normlab.evaluate import evaluate
+from normlab.files import atomic_write_bytes, atomic_write_json
+from normlab.lm.config import ModelConfig, TrainConfig, check_configs
+from normlab.lm.data import Dataset
+from normlab.lm.distributed import SINGLE
+from normlab.lm.evaluate import evaluate
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.train import MemoryLog, run_loop, start_training
 from normlab.lsuv import LSUVLayer
-from normlab.model import MLPLanguageModel
 from normlab.nn import ACTIVATIONS
-from normlab.train import MemoryLog, run_loop, start_training
 
 # the bar of the experiments that reproduce a lecture: each val within ±0.03 of the lecture's
 TOLERANCE = 0.03

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from normlab import init
 from normlab import nn as nl
+from normlab.lm.seeds import stream_generator
 from normlab.lsuv import LSUVLayer, lsuv_
-from normlab.seeds import stream_generator
 
 LSUV_BATCH = 1024  # training contexts in the one batch LSUV measures on
 

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normlab.distributed import SINGLE, Ranks, all_reduce_sum, shard
+from normlab.lm.distributed import SINGLE, Ranks, all_reduce_sum, shard
+from normlab.lm.seeds import stream_generator
 from normlab.nn import set_mode
-from normlab.seeds import stream_generator
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """A run folder: what ``normlab train`` writes, and what ``--resume`` reads back.
 
 A run folder holds ``config.json``, ``checkpoint.pt`` (see
-``normlab.checkpoint``), ``metrics.jsonl`` (one line per evaluation),
+``normlab.lm.checkpoint``), ``metrics.jsonl`` (one line per evaluation),
 ``diagnostics.jsonl`` (one line per recording), ``summary.json``,
 ``report.html`` and, with ``--tensorboard``, ``tensorboard/``. The logs are
 appended a line at a time; a resumed run first cuts them back to what its
@@ -28,17 +28,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from normlab.checkpoint import (
-    CHECKPOINT_NAME,
-    atomic_write_bytes,
-    atomic_write_json,
-    load_checkpoint,
-    remove_stale_temporaries,
-    save_checkpoint,
-)
 from normlab.diagnostics import Snapshot, snapshot_from_dict, snapshot_to_dict
-from normlab.distributed import Ranks
 from normlab.errors import NormlabError, StorageError
+from normlab.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
+from normlab.lm.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from normlab.lm.distributed import Ranks
 from normlab.report import log_metrics, log_snapshot, open_tensorboard
 
 METRICS_NAME, DIAGNOSTICS_NAME = "metrics.jsonl", "diagnostics.jsonl"
