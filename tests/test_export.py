@@ -12,7 +12,7 @@ import torch
 
 from normlab.lm.cli import main
 from normlab.lm.export import load_safetensors
-from normlab.lm.train import load_run
+from normlab.lm.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = {

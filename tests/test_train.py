@@ -11,7 +11,7 @@ from normlab.lm.config import ModelConfig, TrainConfig, check_configs
 from normlab.lm.model import MLPLanguageModel
 from normlab.lm.optim import lr_at, make_optimizer
 from normlab.lm.presets import PRESETS
-from normlab.lm.train import load_state
+from normlab.lm.runs import load_state
 
 
 def run(capsys, *argv):
@@ -257,7 +257,7 @@ def test_resume_of_changed_data_is_refused(tmp_path, names_file, tiny, capsys):
 
 
 def test_diagnostics_time_is_what_recorded_steps_add():
-    from normlab.lm.train import Progress
+    from normlab.lm.state import Progress
 
     progress = Progress()
     for _ in range(99):

@@ -7,7 +7,8 @@ import torch
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
-from normlab.lm.train import MemoryLog, run_loop, start_training
+from normlab.lm.loop import MemoryLog, run_loop
+from normlab.lm.start import start_training
 
 
 def bench(model_config: ModelConfig, train_config: TrainConfig, data: Dataset, steps: int) -> dict:

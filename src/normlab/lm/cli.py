@@ -349,8 +349,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    from normlab.lm.runs import load_run
     from normlab.lm.sample import format_samples, sample_run
-    from normlab.lm.train import load_run
 
     model, data, _ = load_run(args.run, args.data, args.device)
     options = {"temperature": args.temperature, "top_k": args.top_k, "prefix": args.prefix}
@@ -361,7 +361,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from normlab.calibrate import calibrate_batchnorm
     from normlab.lm.evaluate import evaluate
-    from normlab.lm.train import load_run
+    from normlab.lm.runs import load_run
     from normlab.nn import is_batchnorm
 
     model, data, ckpt = load_run(args.run, args.data, args.device)
@@ -412,7 +412,7 @@ def cmd_diagnose(args) -> int:
     from normlab.auditor import Audit, audit_factory
     from normlab.lm.checkpoint import load_checkpoint
     from normlab.lm.diagnose import diagnose
-    from normlab.lm.train import load_run_data
+    from normlab.lm.runs import load_run_data
 
     ckpt = None
     if args.model is not None:
@@ -464,10 +464,9 @@ def cmd_propagate(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from normlab.lm.distributed import set_threads
+    from normlab.lm.distributed import resolve_device, set_threads
     from normlab.lm.experiments import run_experiment
     from normlab.lm.experiments.common import Context
-    from normlab.lm.train import resolve_device
 
     set_threads(args.threads)
     out = args.out or new_run_folder(f"experiment-{args.name}-")

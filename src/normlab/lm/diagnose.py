@@ -7,7 +7,7 @@ from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
 from normlab.lm.optim import lr_at
-from normlab.lm.train import start_training
+from normlab.lm.start import start_training
 
 
 def diagnose(

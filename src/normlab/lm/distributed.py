@@ -76,6 +76,14 @@ def device_type(name: str) -> str:
     return name
 
 
+def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
+    """auto → cuda where there is one, else cpu; under several processes, one GPU per process."""
+    name = device_type(name)
+    if name == "cuda" and ranks is not None and ranks.distributed:
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device(name)
+
+
 def set_threads(threads: int | None) -> None:
     """Run torch's CPU operators on ``threads`` threads (None: torch's own choice)."""
     if threads is not None:

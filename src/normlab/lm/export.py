@@ -38,7 +38,7 @@ from normlab.fold import fold_batchnorm
 from normlab.lm.config import ModelConfig
 from normlab.lm.data import Vocab
 from normlab.lm.model import MLPLanguageModel
-from normlab.lm.train import load_run
+from normlab.lm.runs import load_run
 
 OPSET = 18  # the ONNX opset of the exported graph
 FORMATS = ("onnx", "safetensors")

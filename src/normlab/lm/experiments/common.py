@@ -1,7 +1,7 @@
 """What every experiment shares: its output folder, a table printed as it goes, and ``fit``.
 
 ``fit`` trains a cell with ``normlab train``'s own loop and step
-(``normlab.lm.train.run_loop``), in memory instead of a run folder, so a cell
+(``normlab.lm.loop.run_loop``), in memory instead of a run folder, so a cell
 gives the same losses as ``normlab train`` with the same config
 (``tests/test_experiments.py`` checks it), and whatever a run can do (EMA,
 the compiled step) a cell can do too.
@@ -24,8 +24,9 @@ from normlab.lm.config import ModelConfig, TrainConfig, check_configs
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
 from normlab.lm.evaluate import evaluate
+from normlab.lm.loop import MemoryLog, run_loop
 from normlab.lm.model import MLPLanguageModel
-from normlab.lm.train import MemoryLog, run_loop, start_training
+from normlab.lm.start import start_training
 from normlab.lsuv import LSUVLayer
 from normlab.nn import ACTIVATIONS
 

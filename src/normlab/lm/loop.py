@@ -1,0 +1,139 @@
+"""The training loop: ``run_loop`` reads straight down, batch → step → log → eval →
+checkpoint → stop. It trains a ``Training`` and logs into a ``RunFolder``, or for the
+experiments and benchmarks into a ``MemoryLog``.
+"""
+
+import math
+import signal
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from normlab.diagnostics import Snapshot
+from normlab.errors import Interrupted, TrainingDiverged
+from normlab.lm.distributed import global_outcome
+from normlab.lm.evaluate import evaluate
+from normlab.lm.optim import lr_at
+from normlab.lm.rundir import RunFolder, StopSignals
+from normlab.lm.state import Progress, Training
+
+
+class MemoryLog:
+    """A run without a folder (experiments, benchmarks): every step's loss and end time, and
+    every evaluation, kept in memory; nothing is saved."""
+
+    kept = "nothing was saved"
+    resume_hint = "nothing was saved"
+
+    def __init__(self, desc: str = "train") -> None:
+        self.desc = desc
+        self.step_losses: list[float] = []
+        self.step_ends: list[float] = []  # time.perf_counter() after each step
+        self.rows: list[dict] = []
+
+    def progress_bar(self, total: int, initial: int) -> tqdm:
+        return tqdm(total=total, initial=initial, unit="step", desc=self.desc, leave=False)
+
+    def step(self, step: int, loss: float, snapshot: Snapshot | None) -> None:
+        self.step_ends.append(time.perf_counter())
+        self.step_losses.append(loss)
+
+    def metrics(self, row: dict, bar: tqdm) -> None:
+        self.rows.append(row)
+
+    def save(self, state: dict) -> None:
+        pass
+
+
+@torch.no_grad()
+def _all_finite(model: nn.Module) -> bool:
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+class Stopwatch:
+    """The loop's clock, kept in ``Progress``: the training time (steps and evaluations), and
+    each step's time by whether it was recorded. A start's first plain step compiles the
+    step: it is not a typical step, and its time is left out of the step times."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self._lap = time.perf_counter()
+        self._step_start = self._lap
+        self._warming_up = True
+
+    def step_started(self) -> None:
+        self._step_start = time.perf_counter()
+
+    def step_done(self, recorded: bool) -> None:
+        if recorded or not self._warming_up:
+            self.progress.add_step_time(time.perf_counter() - self._step_start, recorded)
+        self._warming_up = self._warming_up and recorded
+
+    def lap(self) -> None:
+        """Add the seconds since the last lap to the training time."""
+        self._lap = self.progress.lap(self._lap)
+
+
+def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
+    """Train ``t`` to its last step, its target loss, or a Ctrl-C, logging into ``log``."""
+    cfg, progress = t.train_config, t.progress
+    bar = log.progress_bar(cfg.steps, progress.step)
+    clock = Stopwatch(progress)
+    with StopSignals() as signals:
+        while progress.step < cfg.steps and progress.time_to_target_s is None:
+            clock.step_started()
+            lr = lr_at(progress.step, cfg)
+            xb, yb = t.batches.next()
+            recording = t.records(progress.step)
+            record = t.diagnostics if recording else None  # None on ranks other than 0
+            result = t.step(xb, yb, lr, record, progress.step, recording=recording)
+            loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
+            clock.step_done(recording)
+            progress.step += 1
+            step = progress.step
+            log.step(step, loss, result.snapshot)
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {step}; stopped, and {log.kept} "
+                    "(try a lower --lr)"
+                )
+            if progress.init_loss is None:
+                progress.init_loss = loss
+            bar.update()
+            if step % 100 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+            done = step == cfg.steps
+            if step % cfg.eval_every == 0 or done:
+                losses = {k: evaluate(t.eval_model, *xy, t.ranks) for k, xy in t.eval_sets.items()}
+                if not all(math.isfinite(v) for v in losses.values()):
+                    raise TrainingDiverged(
+                        f"the evaluation loss became {losses['val']} at step {step}; stopped, "
+                        f"and {log.kept} (try a lower --lr)"
+                    )
+                clock.lap()
+                target = cfg.target_val_loss
+                if target is not None and losses["val"] <= target:
+                    done, progress.time_to_target_s = True, progress.train_time_s
+                log.metrics(
+                    {"step": step, **{f"{k}_loss": v for k, v in losses.items()}, "lr": lr}, bar
+                )
+            if step % cfg.checkpoint_every == 0 or done or interrupted:
+                clock.lap()
+                if not _all_finite(t.model):  # never overwrite a good checkpoint with bad weights
+                    raise TrainingDiverged(
+                        f"the weights became NaN or infinite by step {step}; stopped, and "
+                        f"{log.kept} (try a lower --lr)"
+                    )
+                log.save(t.checkpoint_state())
+            if interrupted:
+                bar.close()
+                name = signal.Signals(signals.first).name
+                hint = log.resume_hint
+                raise Interrupted(f"interrupted by {name} at step {step}; {hint}", signals.first)
+            if done:
+                break
+    bar.close()
+    clock.lap()

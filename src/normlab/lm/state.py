@@ -1,0 +1,149 @@
+"""Where a run stands, and everything it trains with: ``Progress``, ``Batches``, ``Training``,
+and the random state a checkpoint keeps.
+
+A run killed at any moment and resumed with ``--resume`` ends with
+bit-identical weights and losses to an uninterrupted run (same seed, config
+and thread count, on CPU): the only randomness after initialization is the
+batch sampler's generator and the dropout masks' global generator, which the
+checkpoint keeps.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
+
+from normlab.diagnostics import Diagnostics
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import Dataset
+from normlab.lm.distributed import Ranks, gather_objects, shard
+from normlab.lm.model import MLPLanguageModel
+from normlab.lm.step import TrainStep
+from normlab.lsuv import LSUVLayer
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    train_time_s: float = 0.0  # seconds in the loop (steps and evals), summed over resumes
+    time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
+    init_loss: float | None = None  # the loss of the first batch, before any update
+    # step times, split by whether diagnostics were recorded in the step (evals excluded, and
+    # each start's first plain step, which pays for compiling the step)
+    plain_steps: int = 0
+    plain_step_s: float = 0.0
+    recorded_steps: int = 0
+    recorded_step_s: float = 0.0
+
+    def add_step_time(self, seconds: float, recorded: bool) -> None:
+        if recorded:
+            self.recorded_steps += 1
+            self.recorded_step_s += seconds
+        else:
+            self.plain_steps += 1
+            self.plain_step_s += seconds
+
+    def diagnostics_s(self) -> float:
+        """Seconds the recordings added: recorded steps beyond what plain steps take."""
+        if not self.plain_steps:
+            return self.recorded_step_s
+        typical = self.plain_step_s / self.plain_steps
+        return max(0.0, self.recorded_step_s - self.recorded_steps * typical)
+
+    def lap(self, since: float) -> float:
+        """Add the seconds since ``since`` to the training time; returns now."""
+        now = time.perf_counter()
+        self.train_time_s += now - since
+        return now
+
+
+class Batches:
+    """Random training batches: the same global batch on every process, each taking its rows."""
+
+    def __init__(self, X: Tensor, Y: Tensor, batch_size: int, seed: int, ranks: Ranks) -> None:
+        self.X, self.Y, self.batch_size = X, Y, batch_size
+        self.rows = shard(batch_size, ranks)  # this process's rows of every global batch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        ix = torch.randint(0, len(self.X), (self.batch_size,), generator=self.generator)
+        ix = ix[self.rows].to(self.X.device)
+        return self.X[ix], self.Y[ix]
+
+
+@dataclass
+class Training:
+    """Everything a run trains with and where it stands; ``start_training`` builds it."""
+
+    model_config: ModelConfig
+    train_config: TrainConfig
+    data: Dataset
+    ranks: Ranks
+    model: MLPLanguageModel
+    optimizer: torch.optim.Optimizer
+    averaged: AveragedModel | None  # --ema
+    step: TrainStep
+    batches: Batches
+    eval_sets: dict[str, tuple[Tensor, Tensor]]  # what the periodic evaluations measure
+    diagnostics: Diagnostics | None  # rank 0 records, when diagnose_every > 0
+    progress: Progress = field(default_factory=Progress)
+    lsuv: list[LSUVLayer] | None = None  # init lsuv: what LSUV did, layer by layer
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluations measure and the checkpoint's ``model`` holds: the weights, or
+        under ``--ema`` their average."""
+        return self.model if self.averaged is None else self.averaged.module
+
+    def records(self, step: int) -> bool:
+        """Whether rank 0 records diagnostics at ``step`` (the same answer on every rank)."""
+        every = self.train_config.diagnose_every
+        return every > 0 and step % every == 0
+
+    def checkpoint_state(self) -> dict:
+        """What ``checkpoint.pt`` holds (a collective under several processes: the RNGs)."""
+        return {
+            "model_config": asdict(self.model_config),
+            "train_config": asdict(self.train_config),
+            "vocab": list(self.data.vocab.chars),
+            "data_sha256": self.data.sha256,
+            "progress": asdict(self.progress),
+            "model": self.eval_model.state_dict(),  # what eval and sample load
+            **({} if self.averaged is None else {"train_model": self.model.state_dict()}),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(self.batches, self.model, self.ranks),
+        }
+
+
+def rng_state(batches: Batches, model: nn.Module, ranks: Ranks) -> dict:
+    """The batch sampler's state, and this process's own RNG (dropout): every rank's when
+    several. A collective under several processes: every rank calls it at the same step."""
+    own = {"torch": torch.get_rng_state()}
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    state = {**own, "batch": batches.generator.get_state()}
+    if ranks.distributed:
+        state["ranks"] = gather_objects(own, ranks)
+    return state
+
+
+def restore_rng(state: dict, batches: Batches, model: nn.Module, ranks: Ranks, fresh: int) -> None:
+    """Undo ``rng_state``; saved by another number of processes, each rank's dropout stream
+    starts afresh from ``fresh``."""
+    batches.generator.set_state(state["batch"])
+    own = state
+    if ranks.distributed:
+        saved = state.get("ranks", [])
+        if len(saved) != ranks.world_size:
+            torch.manual_seed(hash((fresh, ranks.rank)))
+            return
+        own = saved[ranks.rank]
+    torch.set_rng_state(own["torch"])
+    device = next(model.parameters()).device
+    if device.type == "cuda" and "cuda" in own:
+        torch.cuda.set_rng_state(own["cuda"], device)
