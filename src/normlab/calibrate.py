@@ -17,13 +17,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from normlab.dataflow import Batch, call_model, trace_dataflow
+from normlab.dataflow import (
+    Batch,
+    StopForward,
+    call_model,
+    forward_until_stopped,
+    trace_dataflow,
+)
 from normlab.errors import first_line
 from normlab.nn import batchnorm_training, is_batchnorm, set_mode
-
-
-class _StopForward(Exception):
-    """Raised from a hook once the layer being calibrated has seen its input."""
 
 
 class _MomentAccumulator:
@@ -99,9 +101,7 @@ def _forward_passes(
     """Run ``forward_fn(model, batch)`` on every batch, naming the batch the model rejects."""
     for i, batch in enumerate(_batches(data, batch_size)):
         try:
-            forward_fn(model, batch)
-        except _StopForward:
-            pass
+            forward_until_stopped(forward_fn, model, batch)
         except Exception as e:
             reason = first_line(e)
             raise ValueError(f"calibrate_batchnorm: the model rejected batch {i}: {reason}") from e
@@ -281,7 +281,7 @@ def _calibrate_layer(model, layer, data, batch_size, forward_fn, name: str) -> N
 
     def measure(_m, args):
         acc.add(args[0], _channel_dim(layer))
-        raise _StopForward  # the rest of the forward pass is not needed
+        raise StopForward  # the rest of the forward pass is not needed
 
     hook = layer.register_forward_pre_hook(measure)
     try:

@@ -15,6 +15,7 @@ Fold, LSUV and calibration all ask this one record what feeds what and in which
 order layers run.
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,6 +37,16 @@ def call_model(model: nn.Module, batch: Batch):
     if isinstance(batch, tuple | list):
         return model(*batch)
     return model(batch)
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early, once what it measures has been seen."""
+
+
+def forward_until_stopped(forward_fn: Callable, model: nn.Module, batch: Batch) -> None:
+    """``forward_fn(model, batch)``, ended without an error where a hook raises ``StopForward``."""
+    with contextlib.suppress(StopForward):
+        forward_fn(model, batch)
 
 
 def first_tensor(out) -> Tensor | None:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from normlab.dataflow import Batch, call_model, trace_dataflow
+from normlab.dataflow import Batch, StopForward, call_model, forward_until_stopped, trace_dataflow
 from normlab.errors import first_line
 from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, batchnorm_training, layer_kind
 
@@ -59,10 +59,6 @@ class LSUVLayer:
     variance: float | None  # the variance reached, measured where the target applies
     iterations: int  # weight rescalings done
     skipped: str | None = None  # why it was not rescaled (uncalled: not even started)
-
-
-class _Stop(Exception):
-    """Raised from a hook once the measured layer has produced its output."""
 
 
 NAMED = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu}
@@ -106,13 +102,11 @@ def _output_variance(model: nn.Module, x: Batch, probe: nn.Module, forward_fn) -
 
     def hook(_module, _inputs, out):
         seen.append(out.double().var(correction=0).item())  # every element, as the paper
-        raise _Stop
+        raise StopForward
 
     handle = probe.register_forward_hook(hook)
     try:
-        forward_fn(model, x)
-    except _Stop:
-        pass
+        forward_until_stopped(forward_fn, model, x)
     finally:
         handle.remove()
     return seen[0]
