@@ -4,7 +4,7 @@ On one (100, 4096) float32 activation, 1 thread, each against its eager form
 measured in the same run:
 
 - tanh: eager ATen, inductor's own vectorized tanh, and inductor's exp-based
-  decomposition (``cpp.use_decompose_tanh``, which ``normlab.lm.fast`` turns on);
+  decomposition (``cpp.use_decompose_tanh``, which ``normlab.lm.compiled`` turns on);
 - BatchNorm's batch statistics (``torch.var_mean`` over the batch), compiled,
   in the model's (B, C) layout and transposed, (C, B);
 - the three matrix products of a 100-wide Linear in the (C, B) layout: the

@@ -1,7 +1,7 @@
 """What a diagnostics recording costs on lecture-deep, on the compiled path and on autograd.
 
 On the compiled path (``normlab train``'s default) a recording step runs
-``FastStep.recorded``: the step traced with the ``Diagnostics`` hooks attached,
+``CompiledStep.recorded``: the step traced with the ``Diagnostics`` hooks attached,
 its graph run uncompiled. Against it, in the same run: the same recording on
 autograd (``--no-compile``), the plain compiled step, and what compiling the
 recording's graph as well would cost (its first call) and save (its steps).
@@ -19,10 +19,10 @@ import torch
 from bench_train import lecture_deep, rounds_and_threads
 
 from normlab.diagnostics import Diagnostics
-from normlab.lm import fast
+from normlab.lm import compiled as compiled_module
+from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import TrainConfig
 from normlab.lm.data import load_dataset
-from normlab.lm.fast import FastStep
 from normlab.lm.optim import make_optimizer
 from normlab.lm.presets import PRESETS
 from normlab.lm.step import TrainStep
@@ -35,7 +35,7 @@ def lecture_deep_step(vocab_size: int, batch_size: int, compiled: bool):
     """``TrainStep`` on lecture-deep with SGD, and a ``Diagnostics`` of its model."""
     model = lecture_deep(vocab_size)
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
-    steps = FastStep(model, optimizer) if compiled else None
+    steps = CompiledStep(model, optimizer) if compiled else None
     return TrainStep(model, optimizer, batch_size, compiled=steps), Diagnostics(model)
 
 
@@ -84,7 +84,7 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     # the recording's graph, compiled as the plain step's is
     recording = traced.compiled
     graph = recording._compiled[recording._key(x, y, traced_diag)]
-    compiled_graph = torch.compile(graph, dynamic=False, options=fast._options())
+    compiled_graph = torch.compile(graph, dynamic=False, options=compiled_module._options())
 
     def compiled_recording(x, y):
         traced_diag.arm()

@@ -15,7 +15,7 @@ import torch
 
 from normlab.lm.config import ModelConfig
 from normlab.lm.data import load_dataset
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.presets import PRESETS
 from normlab.lm.sample import generate
 
@@ -24,7 +24,7 @@ MAX_LEN = 35  # twice the longest bundled name, plus 5, as normlab sample uses
 
 def briefly_trained_model(data, steps=1500):
     torch.manual_seed(0)
-    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    model = LanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     X, Y = data.splits["train"]
     for _ in range(steps):

@@ -4,10 +4,10 @@ The baseline is the one the performance issue names, built here from the same
 initial weights: nn.Embedding, nn.Linear(bias=False), nn.BatchNorm1d, nn.Tanh,
 torch.optim.SGD. Against it, in the same run:
 
-- normlab default: ``normlab.lm.step.TrainStep`` with ``normlab.lm.fast.FastStep``,
+- normlab default: ``normlab.lm.step.TrainStep`` with ``normlab.lm.compiled.CompiledStep``,
   the step ``normlab train --preset lecture-deep`` runs with no flag: the model's
   forward, autograd's backward and the update traced into one graph and compiled;
-- normlab --no-compile: the same ``TrainStep`` eager: ``MLPLanguageModel``'s
+- normlab --no-compile: the same ``TrainStep`` eager: ``LanguageModel``'s
   hand-written layers, autograd and the fused SGD of ``make_optimizer``.
 
 At each batch size it first checks that the three agree over 100 steps (10
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import load_dataset
-from normlab.lm.fast import FastStep
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.optim import make_optimizer
 from normlab.lm.presets import PRESETS
 from normlab.lm.step import TrainStep
@@ -44,12 +44,12 @@ LR = 0.1
 CASES = ((32, 2000), (256, 800), (4096, 60))  # batch size, steps per round
 
 
-def lecture_deep(vocab_size: int) -> MLPLanguageModel:
+def lecture_deep(vocab_size: int) -> LanguageModel:
     config = ModelConfig(**PRESETS["lecture-deep"]["model"], vocab_size=vocab_size)
-    return MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+    return LanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
 
 
-def torch_nn_copy(model: MLPLanguageModel) -> nn.Sequential:
+def torch_nn_copy(model: LanguageModel) -> nn.Sequential:
     """The same network in plain torch.nn layers, with ``model``'s weights."""
     c = model.config
     layers, fan_in = [nn.Embedding(c.vocab_size, c.n_embd), nn.Flatten()], c.block_size * c.n_embd
@@ -78,10 +78,10 @@ def sgd_runner(model: nn.Module, loss_of):
     return run
 
 
-def normlab_runner(model: MLPLanguageModel, batch_size: int, compiled: bool):
+def normlab_runner(model: LanguageModel, batch_size: int, compiled: bool):
     """normlab train's own step (``TrainStep``), compiled or eager, with its SGD."""
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
-    fast = FastStep(model, optimizer) if compiled else None
+    fast = CompiledStep(model, optimizer) if compiled else None
     step = TrainStep(model, optimizer, batch_size, compiled=fast)
     return lambda x, y: step(x, y, LR).loss
 

@@ -15,7 +15,7 @@ from normlab.diagnostics import (
     snapshot_to_dict,
 )
 from normlab.lm.config import ModelConfig
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.presets import PRESETS
 
 
@@ -39,7 +39,7 @@ def _data(n=256, d=10, classes=5, seed=0):
 
 
 def test_healthy_lecture_deep_at_step_0_is_quiet():
-    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    model = LanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
     diag = Diagnostics(model)
     X, Y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
     diag.arm()
@@ -147,7 +147,7 @@ def test_update_ratio_is_right_for_sgd_and_adam():
 
 def test_hooks_leave_outputs_and_gradients_unchanged():
     torch.manual_seed(1)
-    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    model = LanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
     X, Y = torch.randint(0, 27, (64, 3)), torch.randint(0, 27, (64,))
     logits_plain, loss = model(X, Y)
     loss.backward()

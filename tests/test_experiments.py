@@ -11,7 +11,7 @@ from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import load_dataset
 from normlab.lm.experiments import lecture
 from normlab.lm.experiments.common import Context, fit, new_model, train_config
-from normlab.lm.schemes import scale_lecture_
+from normlab.lm.init_schemes import scale_lecture_
 from normlab.lm.train import train
 
 

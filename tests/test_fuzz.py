@@ -89,7 +89,7 @@ def test_any_flags_and_any_data_end_cleanly(tmp_path_factory, capsys, argv, data
     (folder / "names.txt").write_bytes(data)
     base = ["train", "--data", str(folder / "names.txt"), "--threads", "1", "--device", "cpu"]
     base += ["--steps", "5", "--n-hidden", "8", "--n-embd", "2"]  # overridden where argv says
-    base += ["--no-compile"]  # a compile per drawn model would take minutes; see test_fast.py
+    base += ["--no-compile"]  # a compile per drawn model would take minutes; see test_compiled.py
     try:
         code = main([*base, *argv, "--out", str(folder / "run")])
     except SystemExit as e:  # argparse: a usage error

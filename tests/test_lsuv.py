@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 from normlab.lm.config import ModelConfig
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lsuv import activation_variance, lsuv_
 
 
 def _model(**kw):
     config = ModelConfig(init="lsuv", n_layer=6, n_hidden=64, **kw)
-    return MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+    return LanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
 
 
 def _hidden(model):

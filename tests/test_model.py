@@ -9,12 +9,12 @@ from normlab.calibrate import calibrate_batchnorm
 from normlab.errors import ConfigError
 from normlab.fold import fold_batchnorm
 from normlab.lm.config import ModelConfig
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.presets import PRESETS
 
 
 def _model(**kw):
-    return MLPLanguageModel(ModelConfig(**kw), torch.Generator().manual_seed(0), verbose=False)
+    return LanguageModel(ModelConfig(**kw), torch.Generator().manual_seed(0), verbose=False)
 
 
 def _batch(n=256, vocab=27, block=3, seed=0):
@@ -26,7 +26,7 @@ def _batch(n=256, vocab=27, block=3, seed=0):
 
 @pytest.mark.parametrize("preset,params", [("lecture-mlp", 12_097), ("lecture-deep", 47_024)])
 def test_lecture_presets_have_the_lectures_parameter_counts(preset, params, capsys):
-    model = MLPLanguageModel(ModelConfig(**PRESETS[preset]["model"]))
+    model = LanguageModel(ModelConfig(**PRESETS[preset]["model"]))
     assert model.num_params() == params
     assert f"{params:,} parameters" in capsys.readouterr().out
 

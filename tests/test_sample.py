@@ -2,7 +2,7 @@ import torch
 
 from normlab.lm.config import ModelConfig
 from normlab.lm.data import Vocab
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.presets import PRESETS
 from normlab.lm.sample import generate
 
@@ -10,7 +10,7 @@ VOCAB = Vocab(tuple("abcdefghijklmnopqrstuvwxyz"))
 
 
 def _trained_deep_model():
-    model = MLPLanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
+    model = LanguageModel(ModelConfig(**PRESETS["lecture-deep"]["model"]), verbose=False)
     X = torch.randint(0, 27, (64, 3))
     model(X)  # one training-mode pass so the running statistics are not the defaults
     return model

@@ -8,7 +8,7 @@ import torch
 from normlab.lm.checkpoint import load_checkpoint
 from normlab.lm.cli import main
 from normlab.lm.config import ModelConfig, TrainConfig, check_configs
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.optim import lr_at, make_optimizer
 from normlab.lm.presets import PRESETS
 from normlab.lm.runs import load_state
@@ -186,7 +186,7 @@ def test_ema_evaluates_and_saves_the_average_and_trains_the_weights(tmp_path, ti
 
 
 def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused():
-    model = MLPLanguageModel(ModelConfig(n_layer=1, n_hidden=8, n_embd=2), verbose=False)
+    model = LanguageModel(ModelConfig(n_layer=1, n_hidden=8, n_embd=2), verbose=False)
     old = make_optimizer(model, TrainConfig(optimizer="adamw"))
     for group in old.param_groups:  # as make_optimizer built it before it fused
         group["fused"], group["foreach"] = None, False

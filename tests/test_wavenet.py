@@ -11,14 +11,14 @@ from normlab.errors import ConfigError
 from normlab.lm.cli import main
 from normlab.lm.config import ModelConfig, preset_configs
 from normlab.lm.experiments import wavenet
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 
 DTYPES = [torch.float32, torch.float64]
 
 
 def _wavenet(**kw):
     config = ModelConfig(**{"arch": "wavenet", "block_size": 8, "n_layer": 3, **kw})
-    return MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
+    return LanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
 
 
 def _contexts(n=64, block=8, seed=0):
@@ -100,13 +100,13 @@ def test_configs_wavenet_cannot_build_are_refused(kw, match):
 
 
 def test_presets_have_their_parameter_counts():
-    lecture = MLPLanguageModel(preset_configs("lecture-wavenet")[0], verbose=False)
+    lecture = LanguageModel(preset_configs("lecture-wavenet")[0], verbose=False)
     assert lecture.num_params() == 76_579  # makemore part 5's scaled-up model
-    compact = MLPLanguageModel(preset_configs("compact")[0], verbose=False)
+    compact = LanguageModel(preset_configs("compact")[0], verbose=False)
     assert compact.num_params() <= 76_579
     counts = {}
     for name, config in wavenet.ROWS.items():
-        counts[name] = MLPLanguageModel(config, verbose=False).num_params()
+        counts[name] = LanguageModel(config, verbose=False).num_params()
     assert counts == {  # the lecture's 22K rows: flat, then hierarchical (+ the bug's gains)
         "context 8": 22_097,
         "hierarchical": 22_397 + 544,

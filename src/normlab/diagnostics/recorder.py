@@ -192,7 +192,7 @@ class Diagnostics:
 
     def restore(self, captures: dict) -> None:
         """Take ``captures`` as what the hooks captured: a traced step's graph returns
-        ``captures()`` of its trace, computed (``normlab.lm.fast``)."""
+        ``captures()`` of its trace, computed (``normlab.lm.compiled``)."""
         self._keeper.forget()  # the graph's outputs are fresh tensors
         self._outputs = captures["outputs"]
         self._grads = captures["grads"]

@@ -98,7 +98,7 @@ class _Config:
 
 @dataclass
 class ModelConfig(_Config):
-    """The language model: ``normlab.lm.model.MLPLanguageModel`` builds exactly this."""
+    """The language model: ``normlab.lm.model.LanguageModel`` builds exactly this."""
 
     vocab_size: int = option(
         27, "filled in from the data: characters + the boundary token", low=1, flag=False

@@ -170,7 +170,7 @@ def gather_objects(obj, ranks: Ranks) -> list:
 @torch.no_grad()
 def broadcast_state(model: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers, in place, on every rank: what DDP's constructor does,
-    for a step that sums gradients without DDP (``normlab.lm.fast``). Ranks can start apart: an
+    for a step that sums gradients without DDP (``normlab.lm.compiled``). Ranks can start apart: an
     initialization that draws from each rank's own generator (LSUV's batches through
     dropout) scales each rank's weights differently."""
     for t in [*model.parameters(), *model.buffers()]:

@@ -37,7 +37,7 @@ from normlab.files import atomic_write_bytes
 from normlab.fold import fold_batchnorm
 from normlab.lm.config import ModelConfig
 from normlab.lm.data import Vocab
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.runs import load_run
 
 OPSET = 18  # the ONNX opset of the exported graph
@@ -86,7 +86,7 @@ def with_torch_batchnorms(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(
-    model: MLPLanguageModel, vocab: Vocab, path: Path, fold: bool = True, log=print
+    model: LanguageModel, vocab: Vocab, path: Path, fold: bool = True, log=print
 ) -> Path:
     """Write ``model`` (in eval mode) to ``path`` as ONNX; ``log`` gets a line per BatchNorm."""
     _require("onnx")
@@ -130,7 +130,7 @@ def _quiet():
         logging.getLogger("torch").setLevel(level)
 
 
-def export_safetensors(model: MLPLanguageModel, vocab: Vocab, path: Path) -> tuple[Path, Path]:
+def export_safetensors(model: LanguageModel, vocab: Vocab, path: Path) -> tuple[Path, Path]:
     """Write ``model``'s state dict to ``path`` and its config and vocabulary to ``path``'s
     ``.json`` beside it."""
     st = _require("safetensors.torch")
@@ -146,11 +146,11 @@ def export_safetensors(model: MLPLanguageModel, vocab: Vocab, path: Path) -> tup
     return path, sidecar
 
 
-def load_safetensors(path: Path) -> tuple[MLPLanguageModel, Vocab]:
+def load_safetensors(path: Path) -> tuple[LanguageModel, Vocab]:
     """The model (in eval mode) and vocabulary that ``export_safetensors`` wrote."""
     st = _require("safetensors.torch")
     config = json.loads(Path(path).with_suffix(".json").read_text())
-    model = MLPLanguageModel(ModelConfig.from_dict(config["model_config"]), verbose=False)
+    model = LanguageModel(ModelConfig.from_dict(config["model_config"]), verbose=False)
     model.load_state_dict(st.load_file(str(path)))
     return model.eval(), Vocab(tuple(config["vocab"]))
 

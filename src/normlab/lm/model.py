@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from normlab import nn as nl
 from normlab.lm.config import ModelConfig
-from normlab.lm.schemes import initialize_
+from normlab.lm.init_schemes import initialize_
 
 
 class Block(nn.Sequential):
@@ -32,17 +32,17 @@ class Block(nn.Sequential):
         return x + out if self.residual else out
 
 
-class MLPLanguageModel(nn.Module):
+class LanguageModel(nn.Module):
     """Predict the next character from the previous ``block_size`` characters.
 
     ``forward(idx, targets=None)`` takes ``idx`` of shape ``(B, block_size)``
     and returns ``(logits, loss)``: logits ``(B, vocab_size)`` and the mean
     cross-entropy against ``targets`` ``(B,)``, or ``None`` without targets.
     ``generator`` draws the initial weights by the config's scheme (see
-    :mod:`normlab.lm.schemes`); ``verbose`` prints the parameter count.
+    :mod:`normlab.lm.init_schemes`); ``verbose`` prints the parameter count.
 
     Example:
-        >>> model = MLPLanguageModel(ModelConfig(n_layer=2, n_hidden=32), verbose=False)
+        >>> model = LanguageModel(ModelConfig(n_layer=2, n_hidden=32), verbose=False)
         >>> idx, targets = torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
         >>> logits, loss = model(idx, targets)
         >>> logits.shape, loss.shape
@@ -85,7 +85,7 @@ class MLPLanguageModel(nn.Module):
         self.head = nn.Sequential(*head)
         initialize_(self, generator if generator is not None else torch.Generator().manual_seed(0))
         if verbose:
-            print(f"MLPLanguageModel: {self.num_params():,} parameters")
+            print(f"LanguageModel: {self.num_params():,} parameters")
 
     def _norm(self, width: int, positions: int) -> nn.Module:
         """The norm of a block whose output is ``(B, width)``, or ``(B, positions, width)``

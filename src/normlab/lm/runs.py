@@ -9,7 +9,7 @@ from normlab.lm.checkpoint import CheckpointError, load_checkpoint
 from normlab.lm.config import ModelConfig
 from normlab.lm.data import DataError, Dataset, Vocab, load_dataset
 from normlab.lm.distributed import resolve_device
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.optim import load_optimizer_state
 
 
@@ -41,10 +41,10 @@ def load_run_data(ckpt: dict, path: str | None = None) -> Dataset:
 
 def load_run(
     path: Path, data_path: str | None = None, device: str = "auto"
-) -> tuple[MLPLanguageModel, Dataset, dict]:
+) -> tuple[LanguageModel, Dataset, dict]:
     """A finished run's model (in eval mode, on ``device``), its data and its checkpoint."""
     ckpt = load_checkpoint(path)
     data = load_run_data(ckpt, data_path)
-    model = MLPLanguageModel(ModelConfig.from_dict(ckpt["model_config"]), verbose=False)
+    model = LanguageModel(ModelConfig.from_dict(ckpt["model_config"]), verbose=False)
     load_state(model, None, ckpt)
     return model.to(resolve_device(device)).eval(), data, ckpt

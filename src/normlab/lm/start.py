@@ -11,11 +11,11 @@ from normlab.lm.config import ModelConfig, TrainConfig, check_configs
 from normlab.lm.data import Dataset, load_dataset
 from normlab.lm.distributed import Ranks, resolve_device, set_threads
 from normlab.lm.evaluate import train_subset
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.init_schemes import describe_lsuv, lsuv_init_
+from normlab.lm.model import LanguageModel
 from normlab.lm.optim import lr_at, make_optimizer, weight_average
 from normlab.lm.rundir import RunFolder
 from normlab.lm.runs import load_run_data, load_state
-from normlab.lm.schemes import describe_lsuv, lsuv_init_
 from normlab.lm.seeds import dropout_seed, stream_generator, stream_seed
 from normlab.lm.state import Batches, Progress, Training, restore_rng
 from normlab.lm.step import TrainStep, compiled_step
@@ -26,7 +26,7 @@ def start_training(
     train_config: TrainConfig,
     data: Dataset,
     ranks: Ranks,
-    model: MLPLanguageModel | None = None,
+    model: LanguageModel | None = None,
     ckpt: dict | None = None,
     quiet: bool = False,
 ) -> Training:
@@ -42,7 +42,7 @@ def start_training(
     torch.manual_seed(dropout_seed(tcfg.seed, ranks.rank))
     if model is None:
         generator = stream_generator(tcfg.seed, "weights")
-        model = MLPLanguageModel(mcfg, generator, verbose=ranks.is_main and not quiet)
+        model = LanguageModel(mcfg, generator, verbose=ranks.is_main and not quiet)
     model = model.to(device).train()
     if ranks.distributed and tcfg.sync_batchnorm:  # statistics over the global batch
         model = nl.convert_sync_batchnorm(model)

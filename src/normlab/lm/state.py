@@ -19,7 +19,7 @@ from normlab.diagnostics import Diagnostics
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import Ranks, gather_objects, shard
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.step import TrainStep
 from normlab.lsuv import LSUVLayer
 
@@ -83,7 +83,7 @@ class Training:
     train_config: TrainConfig
     data: Dataset
     ranks: Ranks
-    model: MLPLanguageModel
+    model: LanguageModel
     optimizer: torch.optim.Optimizer
     averaged: AveragedModel | None  # --ema
     step: TrainStep

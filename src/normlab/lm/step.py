@@ -4,7 +4,7 @@
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. Unless ``--no-compile``, the same
-call runs the compiled step (``normlab.lm.fast``) instead, recording steps
+call runs the compiled step (``normlab.lm.compiled``) instead, recording steps
 included. Under several processes the autograd path runs the forward through
 DDP.
 """
@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from normlab.diagnostics import Diagnostics, Snapshot
+from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import TrainConfig
 from normlab.lm.distributed import SINGLE, Ranks, broadcast_state, wrap_ddp
-from normlab.lm.fast import FastStep
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.nn import set_mode
 
 
@@ -49,7 +49,7 @@ class TrainStep:
     Example:
         >>> from normlab.lm.config import ModelConfig, TrainConfig
         >>> from normlab.lm.optim import make_optimizer
-        >>> model = MLPLanguageModel(ModelConfig(n_layer=2, n_hidden=16), verbose=False)
+        >>> model = LanguageModel(ModelConfig(n_layer=2, n_hidden=16), verbose=False)
         >>> step = TrainStep(model, make_optimizer(model, TrainConfig()), batch_size=32)
         >>> x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
         >>> result = step(x, y, lr=0.1)
@@ -59,12 +59,12 @@ class TrainStep:
 
     def __init__(
         self,
-        model: MLPLanguageModel,
+        model: LanguageModel,
         optimizer: torch.optim.Optimizer,
         batch_size: int,
         ranks: Ranks = SINGLE,
         averaged: torch.optim.swa_utils.AveragedModel | None = None,
-        compiled: FastStep | None = None,
+        compiled: CompiledStep | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -131,7 +131,7 @@ class TrainStep:
 
 
 @torch.no_grad()
-def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> Tensor:
+def _eval_mode_loss(model: LanguageModel, x: Tensor, y: Tensor) -> Tensor:
     """The loss of a batch in eval mode: against the train-mode loss, BatchNorm's mismatch."""
     with set_mode(model, training=False):
         _, loss = model(x, y)
@@ -139,13 +139,13 @@ def _eval_mode_loss(model: MLPLanguageModel, x: Tensor, y: Tensor) -> Tensor:
 
 
 def compiled_step(
-    model: MLPLanguageModel,
+    model: LanguageModel,
     optimizer: torch.optim.Optimizer,
     train_config: TrainConfig,
     ranks: Ranks,
-) -> FastStep | None:
+) -> CompiledStep | None:
     """The compiled step, or None with ``--no-compile``. Build it after loading a checkpoint."""
     if not train_config.compile:
         return None
     group = dist.group.WORLD if ranks.distributed else None
-    return FastStep(model, optimizer, batch_size=train_config.batch_size, group=group)
+    return CompiledStep(model, optimizer, batch_size=train_config.batch_size, group=group)

@@ -57,7 +57,7 @@ class BatchNormFunction(torch.autograd.Function):
     statistics and the two sums of the backward are all-reduced (``n`` is then
     the global count), so every rank computes what one process would compute
     on the whole batch, and the running statistics stay identical on every rank.
-    Where the step is traced (``normlab.lm.fast``), the all-reduces are functional
+    Where the step is traced (``normlab.lm.compiled``), the all-reduces are functional
     collectives, which the graph holds as it holds the arithmetic.
 
     The BatchNorm modules run this math on the CPU, in float32 and float64, as one

@@ -25,7 +25,7 @@ from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
 from normlab.lm.evaluate import evaluate
 from normlab.lm.loop import MemoryLog, run_loop
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.start import start_training
 from normlab.lsuv import LSUVLayer
 from normlab.nn import ACTIVATIONS
@@ -115,14 +115,14 @@ class Fit:
     lsuv: list[LSUVLayer] | None = None  # init=lsuv: what LSUV did, layer by layer
 
 
-def new_model(config: ModelConfig, data: Dataset, seed: int) -> MLPLanguageModel:
+def new_model(config: ModelConfig, data: Dataset, seed: int) -> LanguageModel:
     """The model ``normlab train`` would build for this config and seed."""
     config.vocab_size = data.vocab.size
-    return MLPLanguageModel(config, torch.Generator().manual_seed(seed), verbose=False)
+    return LanguageModel(config, torch.Generator().manual_seed(seed), verbose=False)
 
 
 def fit(
-    model: MLPLanguageModel, data: Dataset, tcfg: TrainConfig, ctx: Context, desc: str = "train"
+    model: LanguageModel, data: Dataset, tcfg: TrainConfig, ctx: Context, desc: str = "train"
 ) -> Fit:
     """Train ``model`` as ``normlab train`` would, and evaluate it at the end.
 

@@ -34,7 +34,7 @@ from normlab.lm.experiments.common import (
     new_model,
     step0_health,
 )
-from normlab.lm.schemes import LectureScales, scale_lecture_
+from normlab.lm.init_schemes import LectureScales, scale_lecture_
 
 # the lecture's loss log (train, val), makemore part 3, "loss log" cell
 LECTURE = {

@@ -1,4 +1,4 @@
-"""How ``MLPLanguageModel``'s weights start: one pass per initialization scheme.
+"""How ``LanguageModel``'s weights start: one pass per initialization scheme.
 
 The model builds its layers without drawing a random number; ``initialize_``
 then fills every weight from one generator, in a fixed order, by the scheme
@@ -97,7 +97,7 @@ def _kaiming_(model: nn.Module, g: torch.Generator) -> None:
 
 @torch.no_grad()
 def initialize_(model: nn.Module, generator: torch.Generator) -> None:
-    """Fill an ``MLPLanguageModel``'s weights by its config's scheme, drawing from ``generator``.
+    """Fill an ``LanguageModel``'s weights by its config's scheme, drawing from ``generator``.
 
     The embedding is ``randn`` in every scheme; Linear biases start at zero
     except under ``naive`` and ``lecture``; normalization layers keep their

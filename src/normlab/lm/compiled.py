@@ -3,7 +3,7 @@
 
 These networks are small: an eager step spends most of its time on the
 per-operator overhead of a hundred small kernels and of the autograd engine,
-not on arithmetic. ``FastStep`` traces one step, written with the model's own
+not on arithmetic. ``CompiledStep`` traces one step, written with the model's own
 forward and autograd, into one graph (``make_fx``): the forward pass, the
 backward that autograd derives from it (BatchNorm's closed-form backward
 included), the optimizer's update and the running statistics. ``torch.compile``
@@ -18,7 +18,7 @@ functional collectives that are part of the graph. The parameters and AdamW's
 moments are updated in place, in the optimizer's own state, so the model, its
 optimizer and its checkpoints are the same objects whichever path a step takes.
 
-A diagnostics recording (``FastStep.recorded``) traces the same step with the
+A diagnostics recording (``CompiledStep.recorded``) traces the same step with the
 ``Diagnostics`` hooks attached: they run while it is traced, so what they
 capture (the layers' outputs, their gradients, BatchNorm's inputs and running
 statistics) becomes the graph's outputs, with the parameters' gradients and
@@ -105,7 +105,7 @@ class UpdatePlan(NamedTuple):
     params: tuple[ParamUpdate, ...]
 
 
-class FastStep:
+class CompiledStep:
     """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
     ``optimizer`` is a ``torch.optim.SGD`` (plain: no momentum) or
@@ -157,10 +157,10 @@ class FastStep:
         group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         adamw = isinstance(optimizer, torch.optim.AdamW)
         if not adamw and not isinstance(optimizer, torch.optim.SGD):
-            raise ValueError(f"the fast step has SGD and AdamW, not {type(optimizer).__name__}")
+            raise ValueError(f"the compiled step has SGD and AdamW, not {type(optimizer).__name__}")
         for g in optimizer.param_groups:
             if g.get("momentum") or g.get("amsgrad") or g.get("maximize"):
-                raise ValueError("the fast step has plain SGD, and AdamW without amsgrad")
+                raise ValueError("the compiled step has plain SGD, and AdamW without amsgrad")
         rules = []
         for i, p in enumerate(params):
             group = group_of.get(id(p))
@@ -278,7 +278,7 @@ class FastStep:
         what its hooks capture in an autograd step, and in each parameter's ``.grad`` its
         gradient, for ``record.collect()`` to measure."""
         if not record.armed:  # its hooks would capture nothing, in the graph too
-            raise RuntimeError("FastStep.recorded(): arm() the Diagnostics first")
+            raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
         loss, eval_loss, captured, grads = self._run(x, y, lr, record)
         record.restore(captured)
         for p, grad in zip(self.model.parameters(), grads, strict=True):

@@ -9,12 +9,12 @@ import torch
 
 from normlab.diagnostics import Diagnostics
 from normlab.diagnostics.snapshot import snapshot_to_dict
-from normlab.lm import fast as fast_module
+from normlab.lm import compiled as compiled_module
 from normlab.lm.cli import main
+from normlab.lm.compiled import CompiledStep, compile_cache_dir
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import load_dataset
-from normlab.lm.fast import FastStep, compile_cache_dir
-from normlab.lm.model import MLPLanguageModel
+from normlab.lm.model import LanguageModel
 from normlab.lm.optim import make_optimizer
 from normlab.lm.presets import PRESETS
 from normlab.lm.step import TrainStep
@@ -29,7 +29,7 @@ def names():
 
 def _models(names, **overrides):
     config = ModelConfig(**{**LECTURE_DEEP, **overrides}, vocab_size=names.vocab.size)
-    return (MLPLanguageModel(config, torch.Generator().manual_seed(0), verbose=False) for _ in "ab")
+    return (LanguageModel(config, torch.Generator().manual_seed(0), verbose=False) for _ in "ab")
 
 
 def _batches(names, n, batch_size=32, block_size=3):
@@ -72,7 +72,7 @@ def test_the_step_equals_autograd_and_the_optimizer(
     reference, model = _models(names, **overrides)
     cfg = TrainConfig(optimizer=optimizer_name, lr=lr, weight_decay=weight_decay)
     optimizer, own_optimizer = make_optimizer(reference, cfg), make_optimizer(model, cfg)
-    step = FastStep(model, own_optimizer, compile=False)
+    step = CompiledStep(model, own_optimizer, compile=False)
     checked, tol = (30, 1e-5) if optimizer_name == "sgd" else (10, 1e-3)
     for i, (x, y) in enumerate(_batches(names, 30, block_size=model.config.block_size)):
         rng = torch.get_rng_state()  # the same dropout masks on both sides
@@ -135,7 +135,7 @@ def test_a_recording_on_the_fast_path_measures_what_autograd_does(names, overrid
     cfg = TrainConfig(optimizer="sgd", lr=0.1)
     autograd = TrainStep(reference, make_optimizer(reference, cfg), batch_size=32)
     optimizer = make_optimizer(model, cfg)
-    fast = TrainStep(model, optimizer, batch_size=32, compiled=FastStep(model, optimizer))
+    fast = TrainStep(model, optimizer, batch_size=32, compiled=CompiledStep(model, optimizer))
     recorders = Diagnostics(reference), Diagnostics(model)
     for i, (x, y) in enumerate(_batches(names, 3, block_size=model.config.block_size)):
         rng = torch.get_rng_state()  # the same dropout masks on both sides
@@ -165,7 +165,7 @@ def test_a_recording_on_the_fast_path_keeps_an_output_a_later_layer_writes_in_pl
     cfg = TrainConfig(optimizer="sgd", lr=0.1)
     autograd = TrainStep(reference, make_optimizer(reference, cfg), batch_size=32)
     optimizer = make_optimizer(model, cfg)
-    fast = TrainStep(model, optimizer, batch_size=32, compiled=FastStep(model, optimizer))
+    fast = TrainStep(model, optimizer, batch_size=32, compiled=CompiledStep(model, optimizer))
     x, y = next(_batches(names, 1))
     expected = autograd(x, y, 0.1, Diagnostics(reference), 0).snapshot
     copy = copies[-1]  # taken as the BatchNorm's output left it, before the doubling
@@ -188,7 +188,7 @@ def test_the_step_is_the_same_arithmetic_in_float64(names, optimizer_name, nonli
     cfg = TrainConfig(optimizer=optimizer_name, lr=0.01, weight_decay=0.1)
     optimizer = make_optimizer(reference, cfg)
     step_optimizer = make_optimizer(model, cfg)
-    step = FastStep(model, step_optimizer, compile=False)
+    step = CompiledStep(model, step_optimizer, compile=False)
     for x, y in _batches(names, 20, block_size=10):
         _, loss = reference(x, y)
         optimizer.zero_grad(set_to_none=True)
@@ -215,8 +215,8 @@ def test_the_step_is_the_same_arithmetic_in_float64(names, optimizer_name, nonli
 def test_the_compiled_step_equals_the_eager_step(names, overrides, optimizer_name):
     eager_model, compiled_model = _models(names, **overrides)
     cfg = TrainConfig(optimizer=optimizer_name, lr=0.01)
-    eager = FastStep(eager_model, make_optimizer(eager_model, cfg), compile=False)
-    compiled = FastStep(compiled_model, make_optimizer(compiled_model, cfg))
+    eager = CompiledStep(eager_model, make_optimizer(eager_model, cfg), compile=False)
+    compiled = CompiledStep(compiled_model, make_optimizer(compiled_model, cfg))
     for x, y in _batches(names, 10, block_size=eager_model.config.block_size):
         rng = torch.get_rng_state()
         eager_loss = eager(x, y, 0.01)
@@ -244,7 +244,7 @@ def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_optim_does(nam
     model.load_state_dict(reference.state_dict())
     cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
     optimizer, own_optimizer = make_optimizer(reference, cfg), make_optimizer(model, cfg)
-    step = FastStep(model, own_optimizer, compile=False)
+    step = CompiledStep(model, own_optimizer, compile=False)
     before = model.unused.weight.detach().clone()
     for x, y in _batches(names, 5):
         logits, _ = reference(x)
@@ -273,11 +273,11 @@ def test_a_failed_compile_is_one_line_and_the_same_step_uncompiled(names, monkey
 
         return compiled
 
-    monkeypatch.setattr(fast_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
     a, b = _models(names)
     sgd = TrainConfig(optimizer="sgd")
-    broken = FastStep(a, make_optimizer(a, sgd))
-    eager = FastStep(b, make_optimizer(b, sgd), compile=False)
+    broken = CompiledStep(a, make_optimizer(a, sgd))
+    eager = CompiledStep(b, make_optimizer(b, sgd), compile=False)
     for x, y in _batches(names, 3):
         assert torch.equal(broken(x, y, 0.1), eager(x, y, 0.1))
     out = capsys.readouterr().out.strip().splitlines()
@@ -336,11 +336,11 @@ def test_a_new_batch_shape_that_fails_to_compile_falls_back_too(names, monkeypat
         return fn
 
     compiles_once.calls = 0
-    monkeypatch.setattr(fast_module.torch, "compile", compiles_once)
+    monkeypatch.setattr(compiled_module.torch, "compile", compiles_once)
     a, b = _models(names)
     sgd = TrainConfig(optimizer="sgd")
-    step = FastStep(a, make_optimizer(a, sgd))
-    eager = FastStep(b, make_optimizer(b, sgd), compile=False)
+    step = CompiledStep(a, make_optimizer(a, sgd))
+    eager = CompiledStep(b, make_optimizer(b, sgd), compile=False)
     for batch_size in (32, 32, 20, 20):
         x, y = next(_batches(names, 1, batch_size=batch_size))
         torch.testing.assert_close(step(x, y, 0.1), eager(x, y, 0.1), atol=1e-6, rtol=1e-6)
@@ -352,7 +352,7 @@ def test_a_new_batch_shape_that_fails_to_compile_falls_back_too(names, monkeypat
 def test_a_recording_that_does_not_trace_runs_untraced_and_the_step_stays_compiled(
     names, monkeypatch, capsys
 ):
-    monkeypatch.setattr(fast_module.torch, "compile", lambda fn, **kwargs: fn)  # as traced
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **kwargs: fn)  # as traced
     failures = ["a layer that make_fx cannot trace"]
     captures = Diagnostics.captures
 
@@ -364,8 +364,8 @@ def test_a_recording_that_does_not_trace_runs_untraced_and_the_step_stays_compil
     monkeypatch.setattr(Diagnostics, "captures", fails_once)
     a, b = _models(names)
     sgd = TrainConfig(optimizer="sgd")
-    step = FastStep(a, make_optimizer(a, sgd))
-    eager = FastStep(b, make_optimizer(b, sgd), compile=False)
+    step = CompiledStep(a, make_optimizer(a, sgd))
+    eager = CompiledStep(b, make_optimizer(b, sgd), compile=False)
     recorder, eager_recorder = Diagnostics(a), Diagnostics(b)
     for i, (x, y) in enumerate(_batches(names, 4)):
         if i % 2:
@@ -391,11 +391,11 @@ def test_a_compiled_step_that_fails_after_updating_is_not_applied_twice(names, m
 
         return compiled
 
-    monkeypatch.setattr(fast_module.torch, "compile", updates_then_fails)
+    monkeypatch.setattr(compiled_module.torch, "compile", updates_then_fails)
     a, b = _models(names)
     adamw = TrainConfig(optimizer="adamw", lr=0.01)
-    failing = FastStep(a, make_optimizer(a, adamw))
-    eager = FastStep(b, make_optimizer(b, adamw), compile=False)
+    failing = CompiledStep(a, make_optimizer(a, adamw))
+    eager = CompiledStep(b, make_optimizer(b, adamw), compile=False)
     for x, y in _batches(names, 3):
         assert torch.equal(failing(x, y, 0.01), eager(x, y, 0.01))
     for name, value in b.state_dict().items():  # weights, running statistics, counts
