@@ -42,12 +42,12 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from normlab.diagnostics import Diagnostics
 from normlab.errors import first_line
+from normlab.lm.model import next_char_loss
 from normlab.nn import set_mode
 
 
@@ -194,14 +194,14 @@ class CompiledStep:
         state = dict(zip(self.names, params + buffers, strict=True))
         with torch.enable_grad():
             logits, _ = torch.func.functional_call(self.model, state, (x,))
-            loss = F.cross_entropy(logits, y, reduction="sum") / (self.batch_size or len(y))
+            loss = next_char_loss(logits, y, over=self.batch_size or len(y))
         # a parameter the loss does not use gets None, and no update, as in torch.optim
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
             if record is not None:  # with the running statistics this batch moved
                 with set_mode(self.model, training=False):
                     eval_logits, _ = torch.func.functional_call(self.model, state, (x,))
-                eval_loss = F.cross_entropy(eval_logits, y)
+                eval_loss = next_char_loss(eval_logits, y)
             used = {i: g for i, g in enumerate(grads) if g is not None}
             if self.group is not None:
                 used = _sum_over_group(used, self.group)

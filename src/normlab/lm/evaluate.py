@@ -1,10 +1,10 @@
 """The loss of a model on a whole split, in eval mode."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normlab.lm.distributed import SINGLE, Ranks, all_reduce_sum, shard
+from normlab.lm.model import next_char_loss
 from normlab.lm.seeds import stream_generator
 from normlab.nn import set_mode
 
@@ -24,7 +24,7 @@ def evaluate(
     with set_mode(model, training=False):
         for start in range(0, len(X), batch_size):
             logits, _ = model(X[start : start + batch_size])
-            total += F.cross_entropy(logits, Y[start : start + batch_size], reduction="sum")
+            total += next_char_loss(logits, Y[start : start + batch_size], over=1)
     return all_reduce_sum(total, ranks).item() / n
 
 

@@ -32,6 +32,18 @@ class Block(nn.Sequential):
         return x + out if self.residual else out
 
 
+def next_char_loss(logits: Tensor, targets: Tensor, over: int | None = None) -> Tensor:
+    r"""The cross-entropy of the next character: :math:`-\sum_i \log p(y_i \mid x_i)` over the
+    rows, divided by ``over`` (a step on one process's rows: the global batch; 1: the sum),
+    or their mean.
+
+    ``logits`` (B, vocab_size), ``targets`` (B,).
+    """
+    if over is None:
+        return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum") / over
+
+
 class LanguageModel(nn.Module):
     """Predict the next character from the previous ``block_size`` characters.
 
@@ -118,5 +130,5 @@ class LanguageModel(nn.Module):
         x = self.embed_dropout(self.flatten(emb))  # (B, T * n_embd); wavenet: (B, T, n_embd)
         x = self.blocks(x)  # (B, n_hidden)
         logits = self.head(x)  # (B, vocab_size)
-        loss = None if targets is None else F.cross_entropy(logits, targets)
+        loss = None if targets is None else next_char_loss(logits, targets)
         return logits, loss

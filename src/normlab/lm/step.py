@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from normlab.diagnostics import Diagnostics, Snapshot
 from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import TrainConfig
 from normlab.lm.distributed import SINGLE, Ranks, broadcast_state, wrap_ddp
-from normlab.lm.model import LanguageModel
+from normlab.lm.model import LanguageModel, next_char_loss
 from normlab.nn import set_mode
 
 
@@ -100,7 +99,7 @@ class TrainStep:
         eval_loss = None
         if self.compiled is None:
             logits, _ = self.forward_model(x)
-            loss = F.cross_entropy(logits, y, reduction="sum") / self.batch_size
+            loss = next_char_loss(logits, y, over=self.batch_size)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if record is not None:
