@@ -299,16 +299,6 @@ def test_batchnorm_settling_is_measured_and_judged_by_the_threshold():
     assert "bn-drift" in _kinds(judge(diag.history, thresholds=Thresholds(bn_settled=0.4)))
 
 
-def test_a_row_of_the_earlier_format_still_reads():
-    model = nn.Sequential(nl.Linear(10, 16, bias=False), nl.BatchNorm1d(16), nl.Tanh())
-    snap = _step(model, Diagnostics(model), *_data(), torch.optim.SGD(model.parameters(), lr=0.1))
-    row = snapshot_to_dict(snap)
-    for bn in row["batchnorms"]:
-        del bn["time_constants"]
-        bn["settled"] = True
-    assert snapshot_from_dict(row).batchnorms[0].time_constants == math.inf
-
-
 def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
     from normlab.diagnostics.stats import param_stats, row_std
 

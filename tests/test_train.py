@@ -256,6 +256,19 @@ def test_resume_of_changed_data_is_refused(tmp_path, names_file, tiny, capsys):
     assert code == 2 and "changed" in err
 
 
+def test_resume_with_a_recording_of_another_format_is_one_line(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    run(capsys, "train", *tiny, "--steps", 10, "--diagnose-every", 5, "--out", out)
+    rows = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    for row in rows:  # a field this normlab does not know
+        for bn in row["batchnorms"]:
+            bn["settled"] = bn.pop("time_constants") > 3
+    (out / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run(capsys, "train", "--out", out, "--resume", "--steps", 20)
+    assert code == 2 and err.count("\n") == 1
+    assert "diagnostics.jsonl holds a recording this normlab cannot read" in err
+
+
 def test_diagnostics_time_is_what_recorded_steps_add():
     from normlab.lm.state import Progress
 

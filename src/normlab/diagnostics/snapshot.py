@@ -92,32 +92,15 @@ def snapshot_to_dict(snap: Snapshot) -> dict:
     }
 
 
-def _batchnorm_from_dict(d: dict) -> BatchNormStats:
-    if "settled" in d:  # a row of normlab 0.1, which stored only whether it had settled
-        d = dict(d)
-        d["time_constants"] = math.inf if d.pop("settled") else 0.0
-    return BatchNormStats(**d)
-
-
-# the families of the kinds that normlab 0.1's rows name
-_FAMILIES = {"tanh": "saturating", "sigmoid": "saturating", "relu": "rectifying", "norm": "norm"}
-
-
-def _layer_from_dict(d: dict) -> LayerStats:
-    if "family" not in d:  # a row of normlab 0.1
-        d = {**d, "family": _FAMILIES.get(d["kind"], d["kind"])}
-    return LayerStats(**d)
-
-
 def snapshot_from_dict(d: dict) -> Snapshot:
     """The inverse of ``snapshot_to_dict`` (a row of ``diagnostics.jsonl``)."""
     return Snapshot(
         step=d["step"],
         loss=d["loss"],
         eval_loss=d["eval_loss"],
-        layers=[_layer_from_dict(x) for x in d["layers"]],
+        layers=[LayerStats(**x) for x in d["layers"]],
         params=[ParamStats(**x) for x in d["params"]],
-        batchnorms=[_batchnorm_from_dict(x) for x in d["batchnorms"]],
+        batchnorms=[BatchNormStats(**x) for x in d["batchnorms"]],
     )
 
 

@@ -97,7 +97,7 @@ def _kaiming_(model: nn.Module, g: torch.Generator) -> None:
 
 @torch.no_grad()
 def initialize_(model: nn.Module, generator: torch.Generator) -> None:
-    """Fill an ``LanguageModel``'s weights by its config's scheme, drawing from ``generator``.
+    """Fill a ``LanguageModel``'s weights by its config's scheme, drawing from ``generator``.
 
     The embedding is ``randn`` in every scheme; Linear biases start at zero
     except under ``naive`` and ``lecture``; normalization layers keep their

@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from normlab.diagnostics import Snapshot, snapshot_from_dict, snapshot_to_dict
-from normlab.errors import NormlabError, StorageError
+from normlab.errors import NormlabError, StorageError, first_line
 from normlab.files import atomic_write_bytes, atomic_write_json, remove_stale_temporaries
 from normlab.lm.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from normlab.lm.distributed import Ranks
@@ -129,7 +129,13 @@ class RunFolder:
         self._open(tensorboard)
         _truncate_jsonl(self.path / METRICS_NAME, lambda row: row["step"] <= step)
         kept = _truncate_jsonl(self.path / DIAGNOSTICS_NAME, lambda row: row["step"] < step)
-        return [snapshot_from_dict(row) for row in kept]
+        try:
+            return [snapshot_from_dict(row) for row in kept]
+        except (TypeError, KeyError) as e:  # a field it lacks, or one it does not know
+            raise NormlabError(
+                f"{self.path / DIAGNOSTICS_NAME} holds a recording this normlab cannot read "
+                f"({first_line(e)}); move it aside to resume without the recordings"
+            ) from None
 
     def _open(self, tensorboard: bool) -> None:
         with _writing(self.path):
