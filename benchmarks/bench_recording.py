@@ -34,7 +34,7 @@ CASES = ((32, 100), (256, 40))  # batch size, recordings per round
 def lecture_deep_step(vocab_size: int, batch_size: int, compiled: bool):
     """``TrainStep`` on lecture-deep with SGD, and a ``Diagnostics`` of its model."""
     model = lecture_deep(vocab_size)
-    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR, weight_decay=0.0))
     steps = CompiledStep(model, optimizer) if compiled else None
     return TrainStep(model, optimizer, batch_size, compiled=steps), Diagnostics(model)
 

@@ -80,7 +80,7 @@ def sgd_runner(model: nn.Module, loss_of):
 
 def normlab_runner(model: LanguageModel, batch_size: int, compiled: bool):
     """normlab train's own step (``TrainStep``), compiled or eager, with its SGD."""
-    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR))
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR, weight_decay=0.0))
     fast = CompiledStep(model, optimizer) if compiled else None
     step = TrainStep(model, optimizer, batch_size, compiled=fast)
     return lambda x, y: step(x, y, LR).loss

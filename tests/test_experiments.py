@@ -12,6 +12,7 @@ from normlab.lm.data import load_dataset
 from normlab.lm.experiments import lecture
 from normlab.lm.experiments.common import Context, fit, new_model, train_config
 from normlab.lm.init_schemes import scale_lecture_
+from normlab.lm.presets import LECTURE_SGD
 from normlab.lm.train import train
 
 
@@ -45,16 +46,17 @@ def test_lecture_stages_scale_the_randn_tensors_as_the_lecture_does():
 
 @pytest.mark.parametrize("init, compiled", [("kaiming", False), ("lsuv", False), ("kaiming", True)])
 def test_fit_gives_the_losses_of_normlab_train(tmp_path, names_file, init, compiled, capsys):
-    mcfg = ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init)
+    shape = dict(block_size=3, n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init)
+    mcfg = ModelConfig(**shape)
+    # the experiments' recipe, LECTURE_SGD, as normlab train would run it
     tcfg = TrainConfig(
-        steps=40, batch_size=32, eval_every=40, seed=3, data=str(names_file), compile=compiled
+        **{**LECTURE_SGD, "steps": 40, "eval_every": 40, "seed": 3, "compile": compiled},
+        data=str(names_file),
     )
     tcfg.threads = 1
     summary = train(mcfg, tcfg, tmp_path / "run")
     data = load_dataset(names_file, 3)
-    model = new_model(
-        ModelConfig(n_layer=2, n_hidden=16, n_embd=4, norm="none", init=init), data, 3
-    )
+    model = new_model(ModelConfig(**shape), data, 3)
     ctx = Context("fit", tmp_path, True, 3, torch.device("cpu"), "", compile=compiled)
     result = fit(model, data, train_config(steps=40, batch_size=32, seed=3), ctx)
     assert result.losses["val"] == summary["val_loss"]

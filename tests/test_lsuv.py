@@ -10,7 +10,7 @@ from normlab.lsuv import activation_variance, lsuv_
 
 
 def _model(**kw):
-    config = ModelConfig(init="lsuv", n_layer=6, n_hidden=64, **kw)
+    config = ModelConfig(init="lsuv", block_size=3, n_embd=10, n_layer=6, n_hidden=64, **kw)
     return LanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
 
 

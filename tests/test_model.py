@@ -12,9 +12,13 @@ from normlab.lm.config import ModelConfig
 from normlab.lm.model import LanguageModel
 from normlab.lm.presets import PRESETS
 
+# the shape of the lecture's deep net, which these tests build on unless they say otherwise
+LECTURE_SHAPE = dict(block_size=3, n_embd=10, n_hidden=100, n_layer=5)
+
 
 def _model(**kw):
-    return LanguageModel(ModelConfig(**kw), torch.Generator().manual_seed(0), verbose=False)
+    config = ModelConfig(**{**LECTURE_SHAPE, **kw})
+    return LanguageModel(config, torch.Generator().manual_seed(0), verbose=False)
 
 
 def _batch(n=256, vocab=27, block=3, seed=0):

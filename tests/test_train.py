@@ -24,7 +24,7 @@ def test_step_schedule():
     cfg = TrainConfig(lr=0.1, schedule="step", decay_step=100, steps=200)
     assert lr_at(0, cfg) == 0.1 and lr_at(99, cfg) == 0.1
     assert lr_at(100, cfg) == pytest.approx(0.01) and lr_at(199, cfg) == pytest.approx(0.01)
-    assert lr_at(150, TrainConfig(lr=0.1, decay_step=None)) == 0.1
+    assert lr_at(150, TrainConfig(lr=0.1, schedule="step", decay_step=None)) == 0.1
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
@@ -186,7 +186,7 @@ def test_ema_evaluates_and_saves_the_average_and_trains_the_weights(tmp_path, ti
 
 
 def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused():
-    model = LanguageModel(ModelConfig(n_layer=1, n_hidden=8, n_embd=2), verbose=False)
+    model = LanguageModel(ModelConfig(block_size=3, n_layer=1, n_hidden=8, n_embd=2), verbose=False)
     old = make_optimizer(model, TrainConfig(optimizer="adamw"))
     for group in old.param_groups:  # as make_optimizer built it before it fused
         group["fused"], group["foreach"] = None, False

@@ -54,7 +54,7 @@ class LanguageModel(nn.Module):
     :mod:`normlab.lm.init_schemes`); ``verbose`` prints the parameter count.
 
     Example:
-        >>> model = LanguageModel(ModelConfig(n_layer=2, n_hidden=32), verbose=False)
+        >>> model = LanguageModel(ModelConfig(block_size=3, n_layer=2, n_hidden=32), verbose=False)
         >>> idx, targets = torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, dtype=torch.long)
         >>> logits, loss = model(idx, targets)
         >>> logits.shape, loss.shape

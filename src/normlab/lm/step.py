@@ -48,7 +48,7 @@ class TrainStep:
     Example:
         >>> from normlab.lm.config import ModelConfig, TrainConfig
         >>> from normlab.lm.optim import make_optimizer
-        >>> model = LanguageModel(ModelConfig(n_layer=2, n_hidden=16), verbose=False)
+        >>> model = LanguageModel(ModelConfig(block_size=3, n_layer=2, n_hidden=16), verbose=False)
         >>> step = TrainStep(model, make_optimizer(model, TrainConfig()), batch_size=32)
         >>> x, y = torch.randint(0, 27, (32, 3)), torch.randint(0, 27, (32,))
         >>> result = step(x, y, lr=0.1)

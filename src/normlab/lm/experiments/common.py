@@ -26,6 +26,7 @@ from normlab.lm.distributed import SINGLE
 from normlab.lm.evaluate import evaluate
 from normlab.lm.loop import MemoryLog, run_loop
 from normlab.lm.model import LanguageModel
+from normlab.lm.presets import LECTURE_SGD
 from normlab.lm.start import start_training
 from normlab.lsuv import LSUVLayer
 from normlab.nn import ACTIVATIONS
@@ -206,19 +207,11 @@ def step0_health(snapshot: Snapshot, num_classes: int | None = None) -> dict:
 
 
 def train_config(**kw) -> TrainConfig:
-    """A TrainConfig for an experiment cell: diagnostics at step 0 only."""
-    steps = kw.pop("steps")
-    return TrainConfig(steps=steps, diagnose_every=steps, **kw)
+    """A TrainConfig for an experiment cell: the lecture's SGD recipe (``LECTURE_SGD``) with
+    ``kw`` over it, and diagnostics at step 0 only."""
+    return TrainConfig(**{**LECTURE_SGD, "diagnose_every": kw["steps"], **kw})
 
 
 def lecture_sgd(steps: int, decay_step: int, seed: int) -> TrainConfig:
     """The lecture's optimization: plain SGD, batch 32, lr 0.1, then 0.01 from ``decay_step``."""
-    return train_config(
-        steps=steps,
-        batch_size=32,
-        optimizer="sgd",
-        lr=0.1,
-        schedule="step",
-        decay_step=decay_step,
-        seed=seed,
-    )
+    return train_config(steps=steps, decay_step=decay_step, seed=seed)
