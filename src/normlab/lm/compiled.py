@@ -183,10 +183,10 @@ class CompiledStep:
             raise ValueError("the optimizer holds parameters that are not the model's")
         return UpdatePlan("adamw" if adamw else "sgd", tuple(rules))
 
-    def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor, record=None):
+    def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor, recorder=None):
         """The step itself, from the model's forward and autograd; what is traced.
 
-        Returns the loss; with ``record`` (an armed ``Diagnostics``, whose hooks capture as
+        Returns the loss; with ``recorder`` (an armed ``Diagnostics``, whose hooks capture as
         the forward and backward passes run) also the batch's eval-mode loss before the
         update, what the hooks captured, and the parameters' gradients (None where unused)."""
         params = [t.detach().requires_grad_() for t in tensors[: self.n_params]]
@@ -198,7 +198,7 @@ class CompiledStep:
         # a parameter the loss does not use gets None, and no update, as in torch.optim
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         with torch.no_grad():
-            if record is not None:  # with the running statistics this batch moved
+            if recorder is not None:  # with the running statistics this batch moved
                 with set_mode(self.model, training=False):
                     eval_logits, _ = torch.func.functional_call(self.model, state, (x,))
                 eval_loss = next_char_loss(eval_logits, y)
@@ -206,38 +206,38 @@ class CompiledStep:
             if self.group is not None:
                 used = _sum_over_group(used, self.group)
             _apply_update(tensors, used, lr, self.update)
-        if record is None:
+        if recorder is None:
             return loss.detach()
         param_grads = [used.get(i) for i in range(self.n_params)]
-        return loss.detach(), eval_loss, record.captures(), param_grads
+        return loss.detach(), eval_loss, recorder.captures(), param_grads
 
-    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, record: Diagnostics | None):
+    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, recorder: Diagnostics | None):
         """The compiled step for ``key`` (``_key``: this batch's shape, the model's mode);
-        with ``record``, the recording step (traced with its hooks attached, so that the graph
+        with ``recorder``, the recording step (traced with its hooks attached, so that the graph
         returns what they capture), run uncompiled."""
         if key not in self._compiled:
 
             def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
-                return self._step(tensors, x, y, lr, record)
+                return self._step(tensors, x, y, lr, recorder)
 
             graph = make_fx(step, tracing_mode="fake")(self.tensors, x, y, self._lr)
-            if record is None:
+            if recorder is None:
                 graph = torch.compile(graph, dynamic=False, options=_options())
             self._compiled[key] = graph
         return self._compiled[key]
 
-    def _key(self, x: Tensor, y: Tensor, record: Diagnostics | None) -> tuple:
+    def _key(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
         # a recording's graph returns what its recorder's layers capture
-        layers = tuple(name for name, _, _ in record.layers) if record is not None else None
+        layers = tuple(name for name, _, _ in recorder.layers) if recorder is not None else None
         return (x.shape, y.shape, x.dtype, x.device, self.model.training, layers)
 
-    def _run(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics | None):
+    def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None):
         if self._lr is None or self._lr.device != x.device:
             self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
         self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
-        if not self.compile or (record is not None and self._record_eagerly):
-            return self._step(self.tensors, x, y, self._lr, record)
-        key = self._key(x, y, record)
+        if not self.compile or (recorder is not None and self._record_eagerly):
+            return self._step(self.tensors, x, y, self._lr, recorder)
+        key = self._key(x, y, recorder)
         if key in self._proven:
             return self._compiled[key](self.tensors, x, y, self._lr)
         # Until a graph has run once, keep what it updates in place: a step that fails
@@ -246,12 +246,12 @@ class CompiledStep:
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            out = self._compiled_for(key, x, y, record)(self.tensors, x, y, self._lr)
+            out = self._compiled_for(key, x, y, recorder)(self.tensors, x, y, self._lr)
         except Exception as e:
             reason = first_line(e, 160)
             message = (
                 f"torch.compile failed ({reason}); the step runs uncompiled"
-                if record is None
+                if recorder is None
                 else f"tracing a recording step failed ({reason}); recordings run untraced"
             )
             if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
@@ -260,29 +260,29 @@ class CompiledStep:
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
             torch.set_rng_state(rng)
-            if record is None:
+            if recorder is None:
                 self.compile = False
             else:  # the plain steps keep their compiled graph
                 self._record_eagerly = True
-                record.arm()  # drop what the failed trace's hooks captured
-            return self._step(self.tensors, x, y, self._lr, record)
+                recorder.arm()  # drop what the failed trace's hooks captured
+            return self._step(self.tensors, x, y, self._lr, recorder)
         self._proven.add(key)
         return out
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
         return self._run(x, y, lr, None)
 
-    def recorded(self, x: Tensor, y: Tensor, lr: float, record: Diagnostics) -> tuple:
-        """The step, recorded into ``record``, which must be armed: returns the loss and the
-        batch's eval-mode loss before the update (0-dim tensors), and leaves in ``record``
+    def recorded(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> tuple:
+        """The step, recorded into ``recorder``, which must be armed: returns the loss and the
+        batch's eval-mode loss before the update (0-dim tensors), and leaves in ``recorder``
         what its hooks capture in an autograd step, and in each parameter's ``.grad`` its
-        gradient, for ``record.collect()`` to measure."""
-        if not record.armed:  # its hooks would capture nothing, in the graph too
+        gradient, for ``recorder.collect()`` to measure."""
+        if not recorder.armed:  # its hooks would capture nothing, in the graph too
             raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
-        loss, eval_loss, captured, grads = self._run(x, y, lr, record)
-        record.restore(captured)
+        loss, eval_loss, captured, grads = self._run(x, y, lr, recorder)
+        recorder.restore(captured)
         for p, grad in zip(self.model.parameters(), grads, strict=True):
-            p.grad = grad  # as loss.backward() leaves them, for record.collect()
+            p.grad = grad  # as loss.backward() leaves them, for recorder.collect()
         return loss, eval_loss
 
 

@@ -86,9 +86,9 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             clock.step_started()
             lr = lr_at(progress.step, cfg)
             xb, yb = t.batches.next()
-            recording = t.records(progress.step)
-            record = t.diagnostics if recording else None  # None on ranks other than 0
-            result = t.step(xb, yb, lr, record, progress.step, recording=recording)
+            recording = t.records_at(progress.step)
+            recorder = t.diagnostics if recording else None  # None on ranks other than 0
+            result = t.step(xb, yb, lr, recorder, progress.step, recording_step=recording)
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
             clock.step_done(recording)
             progress.step += 1

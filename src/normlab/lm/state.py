@@ -99,7 +99,7 @@ class Training:
         under ``--ema`` their average."""
         return self.model if self.averaged is None else self.averaged.module
 
-    def records(self, step: int) -> bool:
+    def records_at(self, step: int) -> bool:
         """Whether rank 0 records diagnostics at ``step`` (the same answer on every rank)."""
         every = self.train_config.diagnose_every
         return every > 0 and step % every == 0

@@ -30,7 +30,7 @@ class StepResult:
 
 
 class TrainStep:
-    """``step(x, y, lr, record=None, index=0) -> StepResult``: one optimizer step on a batch.
+    """``step(x, y, lr, recorder=None, index=0) -> StepResult``: one optimizer step on a batch.
 
     Each process's loss is its rows' summed cross-entropy over the *global*
     batch size, so on one process it is the batch mean, and under DDP (which
@@ -71,7 +71,7 @@ class TrainStep:
         self.averaged = averaged
         self.compiled = compiled
         # the hooks a rank that does not record traces its recording steps with
-        self._peer = Diagnostics(model) if compiled is not None and ranks.distributed else None
+        self._stand_in = Diagnostics(model) if compiled is not None and ranks.distributed else None
         device = next(model.parameters()).device
         self.forward_model = model
         if ranks.distributed and compiled is None:
@@ -84,38 +84,38 @@ class TrainStep:
         x: Tensor,
         y: Tensor,
         lr: float,
-        record: Diagnostics | None = None,
+        recorder: Diagnostics | None = None,
         index: int = 0,
-        recording: bool = False,
+        recording_step: bool = False,
     ) -> StepResult:
-        """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``record``, record the
+        """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``recorder``, record the
         step into it as step ``index``. Under several processes rank 0 alone records; the
-        others pass ``recording`` on its recording steps, so that every process runs the same
+        others pass ``recording_step`` on its recording steps, so that every process runs the same
         graph and their collectives match."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if record is not None:
-            record.arm()
+        if recorder is not None:
+            recorder.arm()
         eval_loss = None
         if self.compiled is None:
             logits, _ = self.forward_model(x)
             loss = next_char_loss(logits, y, over=self.batch_size)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if record is not None:
+            if recorder is not None:
                 eval_loss = _eval_mode_loss(self.model, x, y)
             self.optimizer.step()
-        elif record is not None:
-            loss, eval_loss = self.compiled.recorded(x, y, lr, record)
-        elif recording and self._peer is not None:  # another rank records: run its graph too
-            self._peer.arm()
-            loss, _ = self.compiled.recorded(x, y, lr, self._peer)
-            self._peer.detach()
+        elif recorder is not None:
+            loss, eval_loss = self.compiled.recorded(x, y, lr, recorder)
+        elif recording_step and self._stand_in is not None:  # rank 0 records: run its graph
+            self._stand_in.arm()
+            loss, _ = self.compiled.recorded(x, y, lr, self._stand_in)
+            self._stand_in.detach()
         else:
             loss = self.compiled(x, y, lr)
         snapshot = None
-        if record is not None:
-            snapshot = record.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
+        if recorder is not None:
+            snapshot = recorder.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
             if self.compiled is not None:  # the gradients recorded: the compiled step needs none
                 self.optimizer.zero_grad(set_to_none=True)
         if self.averaged is not None:
