@@ -16,7 +16,7 @@ from normlab.lm.presets import PRESETS
 
 ARCHS = ("mlp", "wavenet")
 NORMS = ("batch", "layer", "group", "none")
-NONLINEARITIES = ("tanh", "relu")
+BLOCK_NONLINEARITIES = ("tanh", "relu")  # what a hidden block of the model can apply
 INITS = ("naive", "lecture", "kaiming", "lsuv")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
@@ -114,7 +114,9 @@ class ModelConfig(_Config):
     n_hidden: int = option(256, "width of each hidden layer", low=1)
     n_layer: int = option(2, "hidden blocks Linear → norm → nonlinearity", low=0)
     norm: str = option("batch", "normalization after each hidden Linear", choices=NORMS)
-    nonlinearity: str = option("tanh", "the hidden blocks' nonlinearity", choices=NONLINEARITIES)
+    nonlinearity: str = option(
+        "tanh", "the hidden blocks' nonlinearity", choices=BLOCK_NONLINEARITIES
+    )
     residual: bool = option(False, "skip connections around hidden blocks of equal width")
     init: str = option(
         "kaiming",
