@@ -69,14 +69,15 @@ def _histogram_figure(panels: list[tuple[str, list]], xlabel: str) -> str:
     if most <= LINES_UP_TO:
         # one legend below the panels: the panels' layers are the first panel's
         height = FIGSIZE[1] + 0.15 * math.ceil(len(panels[0][1]) / 2)
-        fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0], height), layout="constrained")
+        fig, axes = plt.subplots(
+            1, len(panels), figsize=(FIGSIZE[0], height), layout="constrained", squeeze=False
+        )
         colors = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(panels[0][1])}
-        for ax, (title, series) in zip(_as_list(axes), panels, strict=True):
+        for i, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
             for label, r, counts in series:
                 total = sum(counts) or 1.0
                 x, y = _bin_centers(r, len(counts)), [c / total for c in counts]
-                first = ax is _as_list(axes)[0]
-                ax.plot(x, y, color=colors.get(label), label=label if first else None)
+                ax.plot(x, y, color=colors.get(label), label=label if i == 0 else None)
             ax.set(title=title, xlabel=xlabel, ylabel="fraction")
         if panels[0][1]:
             fig.legend(loc="outside lower center", ncol=2, fontsize=7)
@@ -99,10 +100,6 @@ def _histogram_figure(panels: list[tuple[str, list]], xlabel: str) -> str:
         ax.set_title(title, fontsize=8)
     fig.supxlabel(f"{xlabel} (each row over its own range; colour: fraction of the row)", size=8)
     return _png(fig)
-
-
-def _as_list(axes) -> list:
-    return list(axes) if hasattr(axes, "__len__") else [axes]
 
 
 def kind_views(snap: Snapshot) -> list[tuple[str, str]]:

@@ -70,6 +70,11 @@ def row_std(rows: Tensor) -> Tensor:
     return (centered.square_().sum(1) / max(n - 1, 1)).sqrt()
 
 
+def row_absmax(rows: Tensor) -> Tensor:
+    """The largest magnitude in each row of (G, N), from its max and min: no copy of ``|x|``."""
+    return torch.maximum(rows.amax(1), rows.amin(1).neg())
+
+
 def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     """Per layer: mean, std, percentiles, the saturated fraction (saturating kinds), the dead
     fraction (rectifying kinds), histogram range and histogram. ``outputs`` all have one
@@ -101,8 +106,8 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     )
     # a saturating layer's histogram spans its whole range, so that plots compare; others span
     # their largest value
-    largest = torch.maximum(flat.amax(1), flat.amin(1).neg())  # max |x|, no |x| copy
-    r = torch.where(torch.tensor(saturating, device=device), ends, largest.clamp_min(1e-12))  # (G,)
+    largest = row_absmax(flat).clamp_min(1e-12)
+    r = torch.where(torch.tensor(saturating, device=device), ends, largest)  # (G,)
     fine = histograms(flat, r, FINE_BINS).view(-1, FINE_BINS)  # (G, FINE_BINS)
     nan = torch.full_like(r, math.nan)  # each fraction is measured where some layer needs it
     saturated = nan
@@ -131,7 +136,7 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
 def spread_stats(tensors: list[Tensor]) -> Columns:
     """Per tensor: mean, std, range (max |x|) and histogram. One shape for all."""
     rows = _stack([t.detach().float().flatten() for t in tensors])  # (G, N)
-    r = torch.maximum(rows.amax(1), rows.amin(1).neg()).clamp_min(1e-30)  # max |x|, no |x| copy
+    r = row_absmax(rows).clamp_min(1e-30)
     return {
         "mean": rows.mean(1),
         "std": row_std(rows),

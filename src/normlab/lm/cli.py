@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a model (the main job)",
-        description="Train an MLP language model; everything goes into a run folder.",
+        description="Train a character-level language model (an MLP or a WaveNet); everything "
+        "goes into a run folder.",
     )
     _add_config_flags(p)
     p.add_argument(

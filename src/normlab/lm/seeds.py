@@ -28,3 +28,9 @@ def stream_generator(seed: int, stream: str) -> torch.Generator:
 def dropout_seed(seed: int, rank: int) -> int:
     """The seed of torch's global generator, which draws dropout's masks: each rank its own."""
     return seed + rank
+
+
+def resumed_dropout_seed(seed: int, step: int, rank: int) -> int:
+    """The dropout seed of a run resumed at ``step`` on another number of processes than
+    saved it, whose ranks' own streams cannot carry over: each rank starts one afresh."""
+    return hash((hash((seed, step)), rank))  # ints hash alike in every process

@@ -16,7 +16,7 @@ from normlab.lm.model import LanguageModel
 from normlab.lm.optim import lr_at, make_optimizer, weight_average
 from normlab.lm.rundir import RunFolder
 from normlab.lm.runs import load_run_data, load_state
-from normlab.lm.seeds import dropout_seed, stream_generator, stream_seed
+from normlab.lm.seeds import dropout_seed, resumed_dropout_seed, stream_generator, stream_seed
 from normlab.lm.state import Batches, Progress, Training, restore_rng
 from normlab.lm.step import TrainStep, compiled_step
 
@@ -65,7 +65,8 @@ def start_training(
         if averaged is not None:
             averaged.module.load_state_dict(ckpt["model"])
             averaged.n_averaged.fill_(progress.step)  # one update per step
-        restore_rng(ckpt["rng"], batches, model, ranks, hash((tcfg.seed, progress.step)))
+        fresh = resumed_dropout_seed(tcfg.seed, progress.step, ranks.rank)
+        restore_rng(ckpt["rng"], batches, model, ranks, fresh)
     compiled = compiled_step(model, optimizer, tcfg, ranks)  # after loading
     step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, compiled)
     return Training(

@@ -133,14 +133,14 @@ def rng_state(batches: Batches, model: nn.Module, ranks: Ranks) -> dict:
 
 
 def restore_rng(state: dict, batches: Batches, model: nn.Module, ranks: Ranks, fresh: int) -> None:
-    """Undo ``rng_state``; saved by another number of processes, each rank's dropout stream
-    starts afresh from ``fresh``."""
+    """Undo ``rng_state``; saved by another number of processes, this rank's dropout stream
+    starts afresh from the seed ``fresh`` (``seeds.resumed_dropout_seed``)."""
     batches.generator.set_state(state["batch"])
     own = state
     if ranks.distributed:
         saved = state.get("ranks", [])
         if len(saved) != ranks.world_size:
-            torch.manual_seed(hash((fresh, ranks.rank)))
+            torch.manual_seed(fresh)
             return
         own = saved[ranks.rank]
     torch.set_rng_state(own["torch"])

@@ -27,6 +27,7 @@ from normlab.lm.evaluate import evaluate
 from normlab.lm.loop import MemoryLog, run_loop
 from normlab.lm.model import LanguageModel
 from normlab.lm.presets import LECTURE_SGD
+from normlab.lm.seeds import stream_generator
 from normlab.lm.start import start_training
 from normlab.lsuv import LSUVLayer
 from normlab.nn import ACTIVATIONS
@@ -119,7 +120,7 @@ class Fit:
 def new_model(config: ModelConfig, data: Dataset, seed: int) -> LanguageModel:
     """The model ``normlab train`` would build for this config and seed."""
     config.vocab_size = data.vocab.size
-    return LanguageModel(config, torch.Generator().manual_seed(seed), verbose=False)
+    return LanguageModel(config, stream_generator(seed, "weights"), verbose=False)
 
 
 def fit(
