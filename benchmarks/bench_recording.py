@@ -20,7 +20,6 @@ from bench_train import lecture_deep, rounds_and_threads
 
 from normlab.diagnostics import Diagnostics
 from normlab.lm import compiled as compiled_module
-from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import TrainConfig
 from normlab.lm.data import load_dataset
 from normlab.lm.optim import make_optimizer
@@ -35,8 +34,7 @@ def lecture_deep_step(vocab_size: int, batch_size: int, compiled: bool):
     """``TrainStep`` on lecture-deep with SGD, and a ``Diagnostics`` of its model."""
     model = lecture_deep(vocab_size)
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR, weight_decay=0.0))
-    steps = CompiledStep(model, optimizer) if compiled else None
-    return TrainStep(model, optimizer, batch_size, compiled=steps), Diagnostics(model)
+    return TrainStep(model, optimizer, batch_size, compile=compiled), Diagnostics(model)
 
 
 def per_step_ms(run, batches) -> float:
@@ -82,7 +80,7 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     trace_s = time.perf_counter() - start
     plain(x, y, LR)
     # the recording's graph, compiled as the plain step's is
-    recording = traced.compiled
+    recording = traced.core
     graph = recording._compiled[recording._key(x, y, traced_diag)]
     compiled_graph = torch.compile(graph, dynamic=False, options=compiled_module._options())
 

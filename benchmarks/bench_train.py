@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.lm.compiled import CompiledStep
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import load_dataset
 from normlab.lm.model import LanguageModel
@@ -81,8 +80,7 @@ def sgd_runner(model: nn.Module, loss_of):
 def normlab_runner(model: LanguageModel, batch_size: int, compiled: bool):
     """normlab train's own step (``TrainStep``), compiled or eager, with its SGD."""
     optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR, weight_decay=0.0))
-    fast = CompiledStep(model, optimizer) if compiled else None
-    step = TrainStep(model, optimizer, batch_size, compiled=fast)
+    step = TrainStep(model, optimizer, batch_size, compile=compiled)
     return lambda x, y: step(x, y, LR).loss
 
 

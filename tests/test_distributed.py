@@ -180,7 +180,6 @@ def test_calibration_on_n_ranks_gives_every_rank_the_whole_data_sets_statistics(
 
 def _compiled_step_rank(rank, world_size, init_file, result_dir):
     """A model initialized differently on each rank, given a compiled step (no DDP)."""
-    from normlab.lm.compiled import CompiledStep
     from normlab.lm.config import ModelConfig, TrainConfig
     from normlab.lm.model import LanguageModel
     from normlab.lm.optim import make_optimizer
@@ -192,8 +191,7 @@ def _compiled_step_rank(rank, world_size, init_file, result_dir):
     config = ModelConfig(n_layer=2, n_hidden=16, vocab_size=27)
     model = LanguageModel(config, torch.Generator().manual_seed(rank), verbose=False)
     optimizer = make_optimizer(model, TrainConfig())
-    fast = CompiledStep(model, optimizer, compile=False, batch_size=8, group=dist.group.WORLD)
-    TrainStep(model, optimizer, 8, Ranks(rank, world_size), compiled=fast)
+    TrainStep(model, optimizer, 8, Ranks(rank, world_size), compile=False)
     torch.save(model.state_dict(), result_dir / f"{rank}.pt")
     dist.barrier()  # no rank leaves while a peer still reads from it
     dist.destroy_process_group()

@@ -3,7 +3,8 @@
 Two wings. The library, for any PyTorch model: layers (``normlab.nn``), initializers
 (``normlab.init``, ``normlab.lsuv``), BatchNorm calibration and folding
 (``normlab.calibrate``, ``normlab.fold``), per-layer diagnostics (``normlab.diagnostics``;
-``normlab.audit(model, batch)`` for one judged step) and the Lightning and transformers
+``normlab.audit(model, batch)`` for one judged step), the second-order instruments
+(``normlab.curvature``, ``normlab.noise``, ``normlab.find_lr``) and the Lightning and transformers
 callbacks (``normlab.integrations``). The trainer (``normlab.lm``): character-level
 language models on the bundled names, built on the library, and the ``normlab`` command.
 docs/ARCHITECTURE.md maps the modules.
@@ -13,9 +14,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # normlab.audit, loaded on first use: ``import normlab`` stays light (no torch)
+    # normlab.audit and normlab.find_lr, loaded on first use: ``import normlab`` stays light
     if name == "audit":
         from normlab.auditor import audit
 
         return audit
+    if name == "find_lr":
+        from normlab.lr_find import find_lr
+
+        return find_lr
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,19 +14,32 @@ of its first output, which runs every layer's backward pass as a loss would.
 
 import importlib
 import importlib.util
+import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from normlab.dataflow import Batch, call_model, first_tensor
-from normlab.diagnostics import Diagnostics, Report, Thresholds, format_table, judge_recording
+from normlab.dataflow import Batch, batch_loss
+from normlab.diagnostics import (
+    Diagnostics,
+    Report,
+    SecondOrderStats,
+    Thresholds,
+    finite,
+    format_table,
+    judge_recording,
+)
 from normlab.errors import NormlabError, first_line
 from normlab.nn import set_mode
 from normlab.report import Page, render_html, write_report
+from normlab.second_order import measure_second_order
+
+# the second-order statistics an audit's JSON carries at its top level
+SECOND_ORDER_KEYS = ("sharpness", "hessian_trace", "noise_scale", "preconditioned_sharpness")
 
 
 @dataclass
@@ -41,29 +54,46 @@ class Audit:
     def verdicts(self):
         return self.report.verdicts
 
+    @property
+    def second_order(self) -> SecondOrderStats | None:
+        """The curvature and gradient noise, with ``second_order=True``; else None."""
+        return self.report.snapshot.second_order
+
+    @property
+    def sharpness(self) -> float | None:
+        """The top Hessian eigenvalue of the batch's loss (``second_order=True``)."""
+        return self.second_order.sharpness if self.second_order else None
+
+    @property
+    def hessian_trace(self) -> float | None:
+        """Hutchinson's estimate of the Hessian's trace (``second_order=True``)."""
+        return self.second_order.hessian_trace if self.second_order else None
+
+    @property
+    def noise_scale(self) -> float | None:
+        """The gradient noise scale B_simple (``second_order=True``)."""
+        return self.second_order.noise_scale if self.second_order else None
+
+    @property
+    def preconditioned_sharpness(self) -> float | None:
+        """λmax(P⁻¹H) with an Adam-type optimizer's preconditioner (``second_order=True``)."""
+        return self.second_order.preconditioned_sharpness if self.second_order else None
+
     def table(self) -> str:
         return format_table(self.report)
 
     def to_json(self) -> str:
-        return self.report.to_json()
+        """The report, with the second-order statistics also at the top level (None where not
+        measured): ``sharpness``, ``hessian_trace``, ``noise_scale``,
+        ``preconditioned_sharpness``."""
+        second_order = {key: getattr(self, key) for key in SECOND_ORDER_KEYS}
+        return json.dumps(finite({**asdict(self.report), **second_order}))
 
     def to_html(self, path: str | Path) -> Path:
         summary = {"loss": self.report.snapshot.loss}
         page = Page(self.title, summary, report=self.report, history=self.diagnostics.history)
         write_report(Path(path), render_html(page))
         return Path(path)
-
-
-def _loss(output, batch: Batch, loss_fn: Callable | None) -> Tensor:
-    if loss_fn is not None:
-        return loss_fn(output, batch)
-    own = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    if torch.is_tensor(own) and own.dim() == 0:
-        return own
-    first = first_tensor(output)
-    if first is None:
-        raise ValueError("audit: the model returned no tensor; give a loss_fn(output, batch)")
-    return first.float().square().mean()
 
 
 def audit(
@@ -73,6 +103,8 @@ def audit(
     optimizer: torch.optim.Optimizer | None = None,
     thresholds: Thresholds | None = None,
     num_classes: int | None = None,
+    second_order: bool = False,
+    micro_batch: int | None = None,
 ) -> Audit:
     """Run one recorded training step of ``model`` on ``batch`` and judge it.
 
@@ -86,6 +118,11 @@ def audit(
             one, the weights stay as they were.
         thresholds: where the verdicts fire.
         num_classes: the model's output classes, for the confident-at-init verdict.
+        second_order: also measure, before the step, the sharpness, the Hessian trace, the
+            gradient noise scale and (given an Adam-type optimizer that has stepped) the
+            preconditioned sharpness (``normlab.second_order``), for the lr-too-high and
+            batch-vs-noise verdicts; the loss must then be a batch mean.
+        micro_batch: the noise scale's small batch (default: ``default_micro_batch``).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
@@ -95,14 +132,23 @@ def audit(
     """
     diagnostics = Diagnostics(model)
     with set_mode(model, training=True):
+        measured = None
+        if second_order:  # on the weights the step starts from
+            measured = measure_second_order(
+                model,
+                lambda m, b: batch_loss(m, b, loss_fn),
+                batch,
+                optimizer,
+                micro_batch=micro_batch,
+            )
         diagnostics.arm()
         try:
-            loss = _loss(call_model(model, batch), batch, loss_fn)
+            loss = batch_loss(model, batch, loss_fn)
             model.zero_grad(set_to_none=True)
             loss.backward()
             if optimizer is not None:
                 optimizer.step()
-            diagnostics.collect(0, loss.item())
+            diagnostics.collect(0, loss.item()).second_order = measured
         finally:
             diagnostics.detach()
     report = judge_recording(diagnostics, num_classes, thresholds)
@@ -154,7 +200,7 @@ def build(spec: str, what: str):
 
 def audit_factory(model_spec: str, input_shape: list[int] | None, batch_spec: str | None) -> Audit:
     """``normlab diagnose --model``: audit the model a factory builds on a batch of random
-    inputs of ``input_shape``, or the batch another factory builds."""
+    inputs of ``input_shape``, or the batch another factory builds, second order included."""
     model = build(model_spec, "model")
     if not isinstance(model, nn.Module):
         raise NormlabError(f"{model_spec} returned a {type(model).__name__}, not a torch module")
@@ -165,7 +211,7 @@ def audit_factory(model_spec: str, input_shape: list[int] | None, batch_spec: st
     else:
         raise NormlabError("--model needs --input-shape N,... or --batch MODULE:FACTORY")
     try:
-        return audit(model, batch)
+        return audit(model, batch, second_order=True)
     except NormlabError:
         raise
     except Exception as e:

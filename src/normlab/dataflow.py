@@ -39,6 +39,28 @@ def call_model(model: nn.Module, batch: Batch):
     return model(batch)
 
 
+def batch_loss(model: nn.Module, batch: Batch, loss_fn: Callable | None = None) -> Tensor:
+    """The loss of ``model`` on ``batch`` (called as ``call_model`` calls it):
+    ``loss_fn(output, batch)``; else the model's own (a 0-dim ``loss`` in its output, as
+    transformers' models return given labels); else, for a model that returns only outputs,
+    the mean square of its first output tensor, which runs every layer's backward pass as a
+    loss would.
+
+    >>> batch_loss(nn.Identity(), torch.full((2, 3), 2.0))
+    tensor(4.)
+    """
+    output = call_model(model, batch)
+    if loss_fn is not None:
+        return loss_fn(output, batch)
+    own = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if torch.is_tensor(own) and own.dim() == 0:
+        return own
+    first = first_tensor(output)
+    if first is None:
+        raise ValueError("the model returned no tensor; give a loss_fn(output, batch)")
+    return first.float().square().mean()
+
+
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early, once what it measures has been seen."""
 

@@ -32,12 +32,14 @@ from normlab.diagnostics.rules import (
     Verdict,
     judge,
     judge_recording,
+    stability_line,
     verdicts,
 )
 from normlab.diagnostics.snapshot import (
     BatchNormStats,
     LayerStats,
     ParamStats,
+    SecondOrderStats,
     Snapshot,
     finite,
     snapshot_from_dict,
@@ -52,6 +54,7 @@ __all__ = [
     "LayerStats",
     "ParamStats",
     "Report",
+    "SecondOrderStats",
     "Snapshot",
     "Thresholds",
     "Verdict",
@@ -61,6 +64,7 @@ __all__ = [
     "judge_recording",
     "snapshot_from_dict",
     "snapshot_to_dict",
+    "stability_line",
     "update_history",
     "verdicts",
 ]

@@ -10,7 +10,13 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from normlab.diagnostics.snapshot import LayerStats, Snapshot, finite, update_history
+from normlab.diagnostics.snapshot import (
+    LayerStats,
+    SecondOrderStats,
+    Snapshot,
+    finite,
+    update_history,
+)
 from normlab.init import calculate_gain
 from normlab.nn import ACTIVATIONS, NORMALIZATIONS, SATURATION, WEIGHTED
 
@@ -28,6 +34,8 @@ class Thresholds:
     confident_at_init: float = 1.0  # loss at step 0 above ln(num_classes) by more than this
     bn_drift: float = 0.5  # |running mean − batch mean| / batch std, worst feature
     bn_settled: float = 3.0  # judge drift only after momentum × batches ≥ this (time constants)
+    stability: float = 1.0  # sharpness above this fraction of its stability line (2/lr for SGD)
+    noise_factor: float = 10.0  # the batch this many times below or above the noise scale
 
 
 @dataclass
@@ -208,6 +216,60 @@ def _confident_at_init(history, t, num_classes):
         yield Verdict("confident-at-init", "output", first.loss, limit, message)
 
 
+def stability_line(so: SecondOrderStats) -> tuple[float, float, str] | None:
+    """The sharpness that decides stability, its line and how that line is written: with
+    Adam's preconditioned sharpness, (2 + 2β₁)/((1 − β₁)·lr) (Cohen et al. 2022); else 2/lr
+    (Cohen et al. 2021). None without a learning rate or a sharpness."""
+    if not so.lr:
+        return None
+    if so.preconditioned_sharpness is not None and so.beta1 is not None:
+        factor = (2 + 2 * so.beta1) / (1 - so.beta1)
+        return (
+            so.preconditioned_sharpness,
+            factor / so.lr,
+            f"(2 + 2β₁)/((1 − β₁)·lr) = {factor:.3g}/lr",
+        )
+    if so.sharpness is None:
+        return None
+    return so.sharpness, 2 / so.lr, "2/lr"
+
+
+def _lr_too_high(history, t, _classes):
+    so = history[-1].second_order
+    found = stability_line(so) if so is not None else None
+    if found is None:
+        return
+    sharpness, line, written = found
+    if sharpness > t.stability * line:
+        under = so.lr * t.stability * line / sharpness  # the rate whose line sits at it
+        message = (
+            f"sharpness {sharpness:.4g} is above the stability line {written} = {line:.4g} at "
+            f"lr {so.lr:.3g}: expect loss spikes; a learning rate below {under:.3g} sits under it"
+        )
+        yield Verdict("lr-too-high", "model", sharpness, t.stability * line, message)
+
+
+def _batch_vs_noise(history, t, _classes):
+    so = history[-1].second_order
+    if so is None or so.noise_scale is None or not math.isfinite(so.noise_scale):
+        return
+    noise, batch = so.noise_scale, so.batch_size
+    if noise <= 0:
+        return
+    if batch * t.noise_factor < noise:
+        message = (
+            f"batch {batch} is far below the gradient noise scale B_simple ≈ {noise:.0f}: most "
+            f"of each step is noise; a batch nearer {noise:.0f} takes proportionally larger steps"
+        )
+        yield Verdict("batch-vs-noise", "model", noise, batch * t.noise_factor, message)
+    elif batch > noise * t.noise_factor:
+        message = (
+            f"batch {batch} is far above the gradient noise scale B_simple ≈ {noise:.0f}: the "
+            f"extra examples barely improve the step; a batch nearer {noise:.0f} costs less"
+        )
+        yield Verdict("batch-vs-noise", "model", noise, batch / t.noise_factor, message)
+
+
 # verdict                  fires when (thresholds in Thresholds)
 RULES: tuple[Rule, ...] = (
     _saturated,  # saturated: a saturating layer's fraction beyond 0.97 of its range > saturated
@@ -219,6 +281,8 @@ RULES: tuple[Rule, ...] = (
     _bn_drift,  # bn-drift: a settled BatchNorm's running mean > bn_drift batch stds off
     _update_ratio_off,  # update-ratio-off: log10 update:data far from update_log10, sustained
     _confident_at_init,  # confident-at-init: the loss at step 0 well above ln(num_classes)
+    _lr_too_high,  # lr-too-high: the sharpness above stability × its stability line
+    _batch_vs_noise,  # batch-vs-noise: the batch noise_factor × below or above B_simple
 )
 
 

@@ -56,6 +56,21 @@ class BatchNormStats:
 
 
 @dataclass
+class SecondOrderStats:
+    """The curvature of one batch's loss and the noise of its gradient, where they were measured
+    (``normlab.second_order``); None for what was not, with ``note`` saying why."""
+
+    sharpness: float | None  # the Hessian's top eigenvalue λmax
+    hessian_trace: float | None  # Hutchinson's estimate of tr(H)
+    noise_scale: float | None  # B_simple = tr(Σ)/|G|², McCandlish et al. 2018
+    preconditioned_sharpness: float | None  # λmax(P⁻¹H) with Adam's preconditioner P
+    lr: float | None  # the learning rate the step took: the stability line's
+    beta1: float | None  # Adam's β₁, for its stability line (2 + 2β₁)/((1 − β₁)·lr)
+    batch_size: int
+    note: str | None = None  # why something was not measured
+
+
+@dataclass
 class Snapshot:
     step: int
     loss: float | None
@@ -63,6 +78,7 @@ class Snapshot:
     layers: list[LayerStats]
     params: list[ParamStats]
     batchnorms: list[BatchNormStats]
+    second_order: SecondOrderStats | None = None
 
 
 def finite(obj):
@@ -89,6 +105,7 @@ def snapshot_to_dict(snap: Snapshot) -> dict:
         "layers": [dict(vars(x)) for x in snap.layers],
         "params": [dict(vars(x)) for x in snap.params],
         "batchnorms": [dict(vars(x)) for x in snap.batchnorms],
+        "second_order": dict(vars(snap.second_order)) if snap.second_order else None,
     }
 
 
@@ -101,6 +118,7 @@ def snapshot_from_dict(d: dict) -> Snapshot:
         layers=[LayerStats(**x) for x in d["layers"]],
         params=[ParamStats(**x) for x in d["params"]],
         batchnorms=[BatchNormStats(**x) for x in d["batchnorms"]],
+        second_order=SecondOrderStats(**d["second_order"]) if d.get("second_order") else None,
     )
 
 

@@ -2,7 +2,8 @@
 
 import math
 
-from normlab.diagnostics.rules import Report
+from normlab.diagnostics.rules import Report, stability_line
+from normlab.diagnostics.snapshot import SecondOrderStats
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -51,6 +52,8 @@ def format_table(rep: Report) -> str:
                 f"{bn.name[:25]:<26}{bn.mean_drift:>12.3f}{bn.var_ratio:>11.3f}{bn.time_constants:>13.1f}"
             )
     lines.append("")
+    if snap.second_order is not None:
+        lines += [*_second_order_lines(snap.second_order), ""]
     if rep.unrecorded:
         lines += [f"not recorded (no known kind): {', '.join(rep.unrecorded)}", ""]
     if rep.verdicts:
@@ -60,3 +63,19 @@ def format_table(rep: Report) -> str:
     else:
         lines.append("verdicts: none (healthy by every check)")
     return "\n".join(lines)
+
+
+def _second_order_lines(so: SecondOrderStats) -> list[str]:
+    """The curvature and the gradient noise, with the lines they are judged against."""
+    lines = [f"second order (batch {so.batch_size}, lr {_fmt(so.lr, '.3g')}):"]
+    lines.append(f"  sharpness λmax(H)          {_fmt(so.sharpness, '.4g')}")
+    if so.preconditioned_sharpness is not None:
+        lines.append(f"  Adam's λmax(P⁻¹H)          {so.preconditioned_sharpness:.4g}")
+    found = stability_line(so)
+    if found is not None:
+        lines.append(f"  stability line             {found[1]:.4g} ({found[2]})")
+    lines.append(f"  Hessian trace              {_fmt(so.hessian_trace, '.4g')}")
+    lines.append(f"  noise scale B_simple       {_fmt(so.noise_scale, '.4g')}")
+    if so.note:
+        lines.append(f"  note: {so.note}")
+    return lines

@@ -29,7 +29,7 @@ def bench(model_config: ModelConfig, train_config: TrainConfig, data: Dataset, s
     return {
         "steps_per_s": round(steps / (end - warmup_end), 1),
         "warmup_s": round(warmup_end - start, 2),
-        "compiled": t.step.compiled is not None,
+        "compiled": t.step.core.compile,
         "batch_size": train_config.batch_size,
         "preset": train_config.preset,
         "steps": steps,

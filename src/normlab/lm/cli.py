@@ -5,6 +5,7 @@
     normlab eval --run DIR [--calibrate]   loss with running vs calibrated BatchNorm statistics
     normlab bench --preset P ...           training steps per second, as one JSON line
     normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
+    normlab lr-find [--preset P]           the learning-rate range test, and its suggestion
     normlab export --run DIR --format F    the model as ONNX or safetensors, for use elsewhere
     normlab propagate                      the signal-propagation table of four inits
     normlab experiment NAME [--quick]      lecture, depth, batchnorm, wavenet (docs/RESULTS.md)
@@ -247,6 +248,21 @@ def _add_bench_diagnose_and_export(sub) -> None:
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
 
     p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test: sweep the rate, suggest one",
+        description="Train a new run's model for --sweep-steps batches with a learning rate "
+        "growing exponentially from --start-lr to --end-lr, then suggest the rate where the "
+        "smoothed loss falls fastest. The model and optimizer are as the preset and flags "
+        "make them; nothing is written but --plot.",
+    )
+    _add_config_flags(p)
+    p.add_argument("--sweep-steps", type=int, default=100, metavar="N", help="default: 100")
+    p.add_argument("--start-lr", type=float, default=1e-7, metavar="X", help="default: 1e-7")
+    p.add_argument("--end-lr", type=float, default=10.0, metavar="X", help="default: 10")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="draw the curve to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the sweep as one JSON object")
+
+    p = sub.add_parser(
         "export",
         help="write a trained run's model as ONNX or safetensors",
         description="Export a run's model for use outside normlab (needs normlab[export]).",
@@ -446,6 +462,33 @@ def _print_diagnosis(result, args) -> int:
     return 1 if args.strict and result.verdicts else 0
 
 
+def cmd_lr_find(args) -> int:
+    from normlab.diagnostics import finite
+    from normlab.lm.lr_range import lr_range_test
+
+    if args.sweep_steps < 10:
+        raise NormlabError(f"--sweep-steps must be at least 10, got {args.sweep_steps}")
+    if not 0 < args.start_lr < args.end_lr:
+        raise NormlabError(f"need 0 < --start-lr < --end-lr, got {args.start_lr} and {args.end_lr}")
+    model_config, train_config, data = configs_and_data_from_args(args)
+    sweep = lr_range_test(
+        model_config, train_config, data, args.sweep_steps, args.start_lr, args.end_lr
+    )
+    if args.plot is not None:
+        sweep.plot(args.plot)
+    if args.json:
+        print(json.dumps(finite(vars(sweep))))
+        return 0
+    suggestion = (
+        "none (the loss never fell)" if sweep.suggestion is None else f"{sweep.suggestion:.3g}"
+    )
+    print(
+        f"swept {len(sweep.lrs)} steps from {sweep.lrs[0]:.3g} to {sweep.lrs[-1]:.3g} "
+        f"(stopped: {sweep.stopped}); suggested learning rate: {suggestion}"
+    )
+    return 0
+
+
 def cmd_export(args) -> int:
     from normlab.lm.export import export_run
 
@@ -489,6 +532,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "diagnose": cmd_diagnose,
+    "lr-find": cmd_lr_find,
     "export": cmd_export,
     "propagate": cmd_propagate,
     "experiment": cmd_experiment,

@@ -1,24 +1,24 @@
-"""The whole training step as one compiled graph: what a run trains with unless ``--no-compile``
-(or its preset) turns it off.
+"""The training step: one function, compiled into one graph unless ``--no-compile`` (or its
+preset) turns that off.
 
 These networks are small: an eager step spends most of its time on the
 per-operator overhead of a hundred small kernels and of the autograd engine,
-not on arithmetic. ``CompiledStep`` traces one step, written with the model's own
-forward and autograd, into one graph (``make_fx``): the forward pass, the
-backward that autograd derives from it (BatchNorm's closed-form backward
-included), the optimizer's update and the running statistics. ``torch.compile``
-turns that graph into fused kernels. Nothing in it is a second copy of the
-model: a change to a layer changes the graph, and with it the compiled step.
+not on arithmetic. ``CompiledStep`` traces the step up to the update, written
+with the model's own forward and autograd, into one graph (``make_fx``): the
+forward pass, the running statistics, and the backward that autograd derives
+from it (BatchNorm's closed-form backward included). ``torch.compile`` turns
+that graph into fused kernels. Nothing in it is a second copy of the model: a
+change to a layer changes the graph, and with it the compiled step. The update
+is torch.optim's own (``normlab.lm.optim.FunctionalUpdate``), fused as
+``make_optimizer`` builds it, on the gradients the graph returns: one kernel
+per param group, and the same update, bit for bit, as ``optimizer.step()``.
 
-It covers every model and option the CLI builds, trained by the optimizers
-``make_optimizer`` builds: plain SGD and AdamW, with their weight decay. On
-several processes the step all-reduces the gradients itself (summed, as
-``normlab.lm.distributed``'s DDP hook does) and SyncBatchNorm's statistics, with
-functional collectives that are part of the graph. The parameters and AdamW's
-moments are updated in place, in the optimizer's own state, so the model, its
-optimizer and its checkpoints are the same objects whichever path a step takes.
+On several processes the step all-reduces the gradients itself (summed, see
+``normlab.lm.distributed``) and SyncBatchNorm's statistics, with functional
+collectives that are part of the graph. The model, its optimizer and its
+checkpoints are the same objects whichever path a step takes.
 
-A diagnostics recording (``CompiledStep.recorded``) traces the same step with the
+A diagnostics recording (``CompiledStep.recorded``) traces the same function with the
 ``Diagnostics`` hooks attached: they run while it is traced, so what they
 capture (the layers' outputs, their gradients, BatchNorm's inputs and running
 statistics) becomes the graph's outputs, with the parameters' gradients and
@@ -28,7 +28,7 @@ than the step itself, and compiling a second graph would cost about as much as
 the first.
 
 Other module hooks run while the step is traced, not in the compiled step, and
-hooks on the parameters or their gradients never run in it (the step
+hooks on the parameters or their gradients never run in it (the graph
 differentiates detached copies): a run whose hooks must see every step trains
 with ``--no-compile``. A BatchNorm with ``momentum=None`` (a cumulative
 average, which reads its step count on the host) cannot be traced; the step
@@ -36,18 +36,20 @@ then says so and runs uncompiled.
 """
 
 import os
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from normlab.diagnostics import Diagnostics
 from normlab.errors import first_line
 from normlab.lm.model import next_char_loss
+from normlab.lm.optim import FunctionalUpdate, set_learning_rate
 from normlab.nn import set_mode
 
 
@@ -88,41 +90,28 @@ def _options() -> dict:
     return options
 
 
-class ParamUpdate(NamedTuple):
-    """How the optimizer updates one parameter, from that parameter's group."""
-
-    index: int  # the parameter's place in the step's tensors
-    weight_decay: float
-    state: int | None  # AdamW: the place of its exp_avg; exp_avg_sq and step follow it
-    betas: tuple[float, float] | None  # AdamW
-    eps: float | None  # AdamW
-
-
-class UpdatePlan(NamedTuple):
-    """The optimizer's update, parameter by parameter: what ``_apply_update`` runs."""
-
-    optimizer: str  # "sgd" | "adamw"
-    params: tuple[ParamUpdate, ...]
-
-
 class CompiledStep:
     """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
-    ``optimizer`` is a ``torch.optim.SGD`` (plain: no momentum) or
-    ``torch.optim.AdamW`` over the model's parameters, as ``make_optimizer``
-    builds them; each parameter's weight decay comes from its group. Build the
-    step after loading a checkpoint into the optimizer: it works on the
-    optimizer's state tensors, creating them in torch's own format when absent.
+    The step is one function, ``_gradients``, and then the optimizer's own update:
+    ``_gradients`` runs the forward pass (which moves BatchNorm's running
+    statistics), the loss and autograd's backward, and returns the gradients,
+    which torch.optim's functional form applies (``FunctionalUpdate``: SGD
+    without momentum, AdamW without amsgrad) with every param group's settings;
+    ``lr`` is the schedule's rate, which each group scales by its ``lr_scale``
+    (``normlab.lm.optim.set_learning_rate``).
+    ``compile=True`` traces ``_gradients`` into one graph and compiles it;
+    ``compile=False`` runs it as it is, on the parameters themselves: what
+    ``--no-compile`` trains with, so that the parameters' hooks run.
+
     The loss is the rows' summed cross-entropy over ``batch_size`` (the global
     batch; by default the batch's own size, so its mean). With a process
     ``group``, each process steps on its own rows and the gradients are summed
-    over the group, so every process takes the global batch's step.
-    ``compile=False`` runs the same
-    step eagerly, untraced (for tests, and where ``torch.compile`` fails). A
-    batch of a new shape, or the model in another mode, traces and compiles
-    the step again, and falls back as the first one does where that fails.
-    The step holds the model's tensors as they are when it is
-    built: build it after moving the model to its device and dtype.
+    over the group, so every process takes the global batch's step. A batch of
+    a new shape, or the model in another mode, traces and compiles again, and
+    falls back as the first one does where that fails. The step holds the
+    model's tensors as they are when it is built: build it after moving the
+    model to its device and dtype.
     """
 
     def __init__(
@@ -135,92 +124,86 @@ class CompiledStep:
         group=None,
     ) -> None:
         self.model = model
+        self.optimizer = optimizer
         self.batch_size = batch_size
         self.group = group
-        # the tensors the step reads and updates, as one list: the parameters, the buffers
-        # (running statistics), then the optimizer's state
         params = dict(model.named_parameters())
         named = params | dict(model.named_buffers())
         self.names = tuple(named)
-        self.n_params = len(params)
-        self.tensors: list[Tensor] = [t.detach() for t in named.values()]
-        self.update = self._update_plan(optimizer, list(params.values()))
+        self.params = list(params.values())
+        self._trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
+        # the trainable parameters' gradients, in one buffer that each step writes in place
+        # (as DDP's buckets): fixed views of it are what the update reads
+        sizes = [self.params[i].numel() for i in self._trainable]
+        first = self.params[self._trainable[0]] if self._trainable else torch.empty(0)
+        grad_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
+        self._grad_views = {
+            i: view.view(self.params[i].shape)
+            for i, view in zip(self._trainable, grad_buffer.split(sizes), strict=True)
+        }
+        # the tensors the step reads and writes, as one list: the parameters, the buffers
+        # (running statistics), then the gradients' buffer
+        self.tensors: list[Tensor] = [t.detach() for t in named.values()] + [grad_buffer]
+        self._leaves: list[Tensor] = [*named.values(), grad_buffer]  # what runs untraced
+        self.update = FunctionalUpdate(optimizer, self.params)
         self.compile = compile
-        self._lr = None
         self._compiled: dict[tuple, object] = {}  # by the batch, the model's mode, the recording
+        self._places: dict[tuple, tuple[int, ...]] = {}  # by the same: the parameters with a grad
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
         self._record_eagerly = False  # a recording's trace failed: record without tracing
+        self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
 
-    def _update_plan(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> UpdatePlan:
-        """What the optimizer does to each parameter it holds, from that parameter's group;
-        appends each AdamW state to the step's tensors."""
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        adamw = isinstance(optimizer, torch.optim.AdamW)
-        if not adamw and not isinstance(optimizer, torch.optim.SGD):
-            raise ValueError(f"the compiled step has SGD and AdamW, not {type(optimizer).__name__}")
-        for g in optimizer.param_groups:
-            if g.get("momentum") or g.get("amsgrad") or g.get("maximize"):
-                raise ValueError("the compiled step has plain SGD, and AdamW without amsgrad")
-        rules = []
-        for i, p in enumerate(params):
-            group = group_of.get(id(p))
-            if group is None:  # frozen
-                continue
-            state = None
-            if adamw:
-                moments = optimizer.state[p]
-                # absent before the first step: create them as torch.optim.AdamW(fused=True) does
-                if not moments:
-                    moments["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    moments["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    moments["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state = len(self.tensors)
-                self.tensors += [moments["exp_avg"], moments["exp_avg_sq"], moments["step"]]
-            betas = tuple(float(b) for b in group["betas"]) if adamw else None
-            eps = float(group["eps"]) if adamw else None
-            rules.append(ParamUpdate(i, float(group["weight_decay"]), state, betas, eps))
-        if len(rules) != len(group_of):
-            raise ValueError("the optimizer holds parameters that are not the model's")
-        return UpdatePlan("adamw" if adamw else "sgd", tuple(rules))
+    def _gradients(self, tensors: list[Tensor], x: Tensor, y: Tensor, recorder=None):
+        """The step up to the update, from the model's forward and autograd; what is traced.
 
-    def _step(self, tensors: list[Tensor], x: Tensor, y: Tensor, lr: Tensor, recorder=None):
-        """The step itself, from the model's forward and autograd; what is traced.
-
+        Writes the trainable parameters' gradients into the gradients' buffer (the last of
+        ``tensors``), and notes in ``self._traced`` the places of those that the loss uses.
         Returns the loss; with ``recorder`` (an armed ``Diagnostics``, whose hooks capture as
-        the forward and backward passes run) also the batch's eval-mode loss before the
-        update, what the hooks captured, and the parameters' gradients (None where unused)."""
-        params = [t.detach().requires_grad_() for t in tensors[: self.n_params]]
-        buffers = tensors[self.n_params : len(self.names)]
-        state = dict(zip(self.names, params + buffers, strict=True))
+        the forward and backward passes run) also the batch's eval-mode loss before the update
+        and what the hooks captured."""
+        n_params = len(self.params)
+        # autograd's leaves: the parameters themselves untraced, else copies
+        params = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors[:n_params]]
+        state = dict(zip(self.names, params + tensors[n_params:-1], strict=True))
+        # untraced, the model's own tensors: calling it is the same, without swapping them in
+        forward = (
+            self.model if tensors is self._leaves else partial(functional_call, self.model, state)
+        )
         with torch.enable_grad():
-            logits, _ = torch.func.functional_call(self.model, state, (x,))
+            logits, _ = forward(x)
             loss = next_char_loss(logits, y, over=self.batch_size or len(y))
         # a parameter the loss does not use gets None, and no update, as in torch.optim
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        with torch.no_grad():
-            if recorder is not None:  # with the running statistics this batch moved
-                with set_mode(self.model, training=False):
-                    eval_logits, _ = torch.func.functional_call(self.model, state, (x,))
-                eval_loss = next_char_loss(eval_logits, y)
-            used = {i: g for i, g in enumerate(grads) if g is not None}
-            if self.group is not None:
-                used = _sum_over_group(used, self.group)
-            _apply_update(tensors, used, lr, self.update)
+        trainable = [params[i] for i in self._trainable]
+        found = torch.autograd.grad(loss, trainable, allow_unused=True)
+        # fixed by the graph: known when it is traced
+        self._traced = tuple(
+            i for i, g in zip(self._trainable, found, strict=True) if g is not None
+        )
+        found = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(trainable, found, strict=True)
+        ]
+        flat = torch.cat([g.flatten() for g in found])  # (numel,)
+        if self.group is not None:  # one all-reduce of them all
+            flat = funcol.all_reduce(flat, "sum", self.group)
+        tensors[-1].copy_(flat)
         if recorder is None:
             return loss.detach()
-        param_grads = [used.get(i) for i in range(self.n_params)]
-        return loss.detach(), eval_loss, recorder.captures(), param_grads
+        with torch.no_grad(), set_mode(self.model, training=False):
+            # with the running statistics this batch moved
+            eval_logits, _ = forward(x)
+        return loss.detach(), next_char_loss(eval_logits, y), recorder.captures()
 
     def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, recorder: Diagnostics | None):
-        """The compiled step for ``key`` (``_key``: this batch's shape, the model's mode);
-        with ``recorder``, the recording step (traced with its hooks attached, so that the graph
-        returns what they capture), run uncompiled."""
+        """The compiled ``_gradients`` for ``key`` (``_key``: this batch's shape, the model's
+        mode); with ``recorder``, the recording's (traced with its hooks attached, so that the
+        graph returns what they capture), run uncompiled."""
         if key not in self._compiled:
 
-            def step(tensors, x, y, lr):  # make_fx traces a function, not a bound method
-                return self._step(tensors, x, y, lr, recorder)
+            def gradients(tensors, x, y):  # make_fx traces a function, not a bound method
+                return self._gradients(tensors, x, y, recorder)
 
-            graph = make_fx(step, tracing_mode="fake")(self.tensors, x, y, self._lr)
+            graph = make_fx(gradients, tracing_mode="fake")(self.tensors, x, y)
+            self._places[key] = self._traced
             if recorder is None:
                 graph = torch.compile(graph, dynamic=False, options=_options())
             self._compiled[key] = graph
@@ -231,22 +214,30 @@ class CompiledStep:
         layers = tuple(name for name, _, _ in recorder.layers) if recorder is not None else None
         return (x.shape, y.shape, x.dtype, x.device, self.model.training, layers)
 
-    def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None):
-        if self._lr is None or self._lr.device != x.device:
-            self._lr = torch.zeros((), dtype=torch.float64, device=x.device)
-        self._lr.fill_(lr)  # a tensor, so that a new learning rate is not a new graph
+    def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None) -> tuple:
+        """``_gradients``, compiled unless it cannot be, then the optimizer's update."""
+        out, places = self._run_gradients(x, y, recorder)
+        grads = [self._grad_views[i] if i in places else None for i in range(len(self.params))]
+        set_learning_rate(self.optimizer, lr)
+        self.update(grads)
+        if recorder is not None:  # as loss.backward() leaves them, for recorder.collect()
+            for p, grad in zip(self.params, grads, strict=True):
+                p.grad = grad
+        return out
+
+    def _run_gradients(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
         if not self.compile or (recorder is not None and self._record_eagerly):
-            return self._step(self.tensors, x, y, self._lr, recorder)
+            return self._gradients(self._leaves, x, y, recorder), self._traced
         key = self._key(x, y, recorder)
         if key in self._proven:
-            return self._compiled[key](self.tensors, x, y, self._lr)
-        # Until a graph has run once, keep what it updates in place: a step that fails
-        # (no C++ compiler, an unsupported platform) may have updated some tensors already,
-        # and the uncompiled retry must start from the same state.
+            return self._compiled[key](self.tensors, x, y), self._places[key]
+        # Until a graph has run once, keep what it updates in place (the running statistics):
+        # a graph that fails (no C++ compiler, an unsupported platform) may have updated some
+        # already, and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            out = self._compiled_for(key, x, y, recorder)(self.tensors, x, y, self._lr)
+            out = self._compiled_for(key, x, y, recorder)(self.tensors, x, y)
         except Exception as e:
             reason = first_line(e, 160)
             message = (
@@ -265,9 +256,9 @@ class CompiledStep:
             else:  # the plain steps keep their compiled graph
                 self._record_eagerly = True
                 recorder.arm()  # drop what the failed trace's hooks captured
-            return self._step(self.tensors, x, y, self._lr, recorder)
+            return self._gradients(self._leaves, x, y, recorder), self._traced
         self._proven.add(key)
-        return out
+        return out, self._places[key]
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
         return self._run(x, y, lr, None)
@@ -276,60 +267,10 @@ class CompiledStep:
         """The step, recorded into ``recorder``, which must be armed: returns the loss and the
         batch's eval-mode loss before the update (0-dim tensors), and leaves in ``recorder``
         what its hooks capture in an autograd step, and in each parameter's ``.grad`` its
-        gradient, for ``recorder.collect()`` to measure."""
+        gradient (a view of the step's gradients' buffer, which the next step overwrites), for
+        ``recorder.collect()`` to measure."""
         if not recorder.armed:  # its hooks would capture nothing, in the graph too
             raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
-        loss, eval_loss, captured, grads = self._run(x, y, lr, recorder)
+        loss, eval_loss, captured = self._run(x, y, lr, recorder)
         recorder.restore(captured)
-        for p, grad in zip(self.model.parameters(), grads, strict=True):
-            p.grad = grad  # as loss.backward() leaves them, for recorder.collect()
         return loss, eval_loss
-
-
-def _sum_over_group(grads: dict, group) -> dict:
-    """``grads`` (index -> gradient) summed over the processes of ``group``: one all-reduce
-    of them all, flattened."""
-    flat = torch.cat([g.flatten() for g in grads.values()])  # (total numel,)
-    flat = funcol.all_reduce(flat, "sum", group)
-    summed = flat.split([g.numel() for g in grads.values()])
-    return {i: s.view_as(g) for (i, g), s in zip(grads.items(), summed, strict=True)}
-
-
-def _apply_update(tensors: list[Tensor], grads: dict, lr: Tensor, update: UpdatePlan) -> None:
-    r"""The optimizer's update, in place, with :math:`\eta` the learning rate and
-    :math:`\lambda` the weight decay. ``grads`` maps a parameter's index to its gradient;
-    a parameter without one is left alone, as ``torch.optim`` does.
-
-    ``torch.optim.SGD``: decay as L2, :math:`p \leftarrow p - \eta (g + \lambda p)`.
-
-    ``torch.optim.AdamW``: decoupled decay :math:`p \leftarrow p (1 - \eta\lambda)`, the
-    moments :math:`m \leftarrow \beta_1 m + (1 - \beta_1) g` and
-    :math:`v \leftarrow \beta_2 v + (1 - \beta_2) g^2`, then at step :math:`t`
-
-    .. math::
-        p \leftarrow p - \frac{\eta}{1 - \beta_1^t}
-            \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
-    """
-    if update.optimizer == "sgd":
-        for i, decay, *_ in update.params:
-            if i not in grads:
-                continue
-            p, g = tensors[i], grads[i]
-            if decay:
-                g = g + decay * p
-            p.sub_(lr * g)
-        return
-    for i, decay, k, (beta1, beta2), eps in update.params:
-        if i not in grads:
-            continue
-        p, g = tensors[i], grads[i]
-        exp_avg, exp_avg_sq, step = tensors[k : k + 3]
-        step.add_(1)
-        t = step.double()  # the scalar coefficients in float64, as torch's fused AdamW
-        if decay:
-            p.mul_((1 - lr * decay).to(p.dtype))
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step_size = (lr / (1 - beta1**t)).to(p.dtype)
-        denom = exp_avg_sq.sqrt() / (1 - beta2**t).sqrt().to(p.dtype) + eps
-        p.sub_(step_size * exp_avg / denom)

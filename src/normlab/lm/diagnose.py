@@ -8,6 +8,8 @@ from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
 from normlab.lm.optim import lr_at
 from normlab.lm.start import start_training
+from normlab.nn import set_mode
+from normlab.second_order import measure_second_order
 
 
 def diagnose(
@@ -17,7 +19,8 @@ def diagnose(
     ckpt: dict | None = None,
     quiet: bool = False,
 ) -> tuple[Report, Diagnostics]:
-    """Record one training step (forward, backward, update) on a fixed batch and judge it;
+    """Record one training step (forward, backward, update) on a fixed batch and judge it,
+    with the batch's second-order statistics before the step (``normlab.second_order``);
     returns the judgement and the recording.
 
     Without ``ckpt`` the model is as a run starts it (LSUV included); with one,
@@ -31,6 +34,12 @@ def diagnose(
     ix = torch.randint(0, len(X), (train_config.batch_size,), generator=g)
     device = next(t.model.parameters()).device
     step = t.progress.step
+    x, y = X[ix].to(device), Y[ix].to(device)
+    lr = lr_at(step, train_config)
+    with set_mode(t.model, training=True):
+        second_order = measure_second_order(
+            t.model, lambda m, b: m(*b)[1], (x, y), t.optimizer, lr=lr
+        )
     record = Diagnostics(t.model)
-    t.step(X[ix].to(device), Y[ix].to(device), lr_at(step, train_config), record, step)
+    t.step(x, y, lr, record, step).snapshot.second_order = second_order
     return judge_recording(record, num_classes=data.vocab.size), record

@@ -1,10 +1,13 @@
-"""Data-parallel training on PyTorch's own engine: torchrun, torch.distributed and DDP.
+"""Data-parallel training on PyTorch's own engine: torchrun and torch.distributed.
 
 Every process (rank) draws the same global batch from the same generator and
 takes its own contiguous slice of it, so the examples a step sees do not
 depend on the number of processes; ``normlab.nn.SyncBatchNorm`` combines the
 BatchNorm statistics across ranks, so a run on N processes computes what one
-process computes with the same global batch. Rank 0 alone prints and writes.
+process computes with the same global batch. Each rank's loss is its rows' sum
+over the global batch size, and the step (``normlab.lm.compiled``) sums the
+gradients over the ranks: the global batch's gradient exactly, also when the
+slices have unequal sizes. Rank 0 alone prints and writes.
 
     torchrun --standalone --nproc-per-node 2 -m normlab train ...   # or: normlab train --nproc 2
 
@@ -13,7 +16,6 @@ asks for, starting and ending the process group, the batch slice, sums across
 ranks, agreeing on an error, and the ``--nproc`` launcher.
 """
 
-import inspect
 import logging
 import os
 import signal
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
 from normlab.errors import ConfigError, NormlabError
 
@@ -175,37 +176,6 @@ def broadcast_state(model: torch.nn.Module) -> None:
     dropout) scales each rank's weights differently."""
     for t in [*model.parameters(), *model.buffers()]:
         dist.broadcast(t, src=0)
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
-    """DDP around ``model``, summing gradients (see ``allreduce_sum_hook``), buffers left alone.
-
-    Buffers are not re-broadcast before each forward: BatchNorm's running statistics
-    are already equal on every rank, and a broadcast would hide it if they were not.
-    """
-    # torch 2.13 renamed broadcast_buffers; the range in pyproject.toml goes back to 2.4
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
-        no_buffer_sync = {"forward_sync_buffers": False}
-    else:
-        no_buffer_sync = {"broadcast_buffers": False}
-    ddp = DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, **no_buffer_sync
-    )
-    ddp.register_comm_hook(None, allreduce_sum_hook)
-    return ddp
-
-
-def allreduce_sum_hook(process_group, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """A DDP communication hook that sums gradients across ranks instead of averaging them.
-
-    Each rank's loss is its share of the global mean (its rows' sum over the
-    global batch size), so the sum over ranks is the global gradient exactly,
-    also when the shards have unequal sizes; activation gradients within a rank
-    are then the true ones too (what the diagnostics measure).
-    """
-    group = process_group if process_group is not None else dist.group.WORLD
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -18,7 +18,7 @@ from normlab.lm.rundir import RunFolder
 from normlab.lm.runs import load_run_data, load_state
 from normlab.lm.seeds import dropout_seed, resumed_dropout_seed, stream_generator, stream_seed
 from normlab.lm.state import Batches, Progress, Training, restore_rng
-from normlab.lm.step import TrainStep, compiled_step
+from normlab.lm.step import TrainStep
 
 
 def start_training(
@@ -67,8 +67,7 @@ def start_training(
             averaged.n_averaged.fill_(progress.step)  # one update per step
         fresh = resumed_dropout_seed(tcfg.seed, progress.step, ranks.rank)
         restore_rng(ckpt["rng"], batches, model, ranks, fresh)
-    compiled = compiled_step(model, optimizer, tcfg, ranks)  # after loading
-    step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, compiled)
+    step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, tcfg.compile)
     return Training(
         model_config=mcfg,
         train_config=tcfg,

@@ -25,7 +25,7 @@ def train(
     ``steps`` continues it to that many steps in all.
 
     Under ``torch.distributed`` with several processes (e.g. torchrun), every
-    process calls this: each takes its slice of every global batch, DDP sums the
+    process calls this: each takes its slice of every global batch, the step sums the
     gradients, and rank 0 alone prints and writes; the others return None.
     """
     wall_start = time.perf_counter()

@@ -21,7 +21,9 @@ from normlab.nn.batchnorm import (
     BatchNorm3d,
     BatchNormFunction,
     SyncBatchNorm,
+    batch_norm_composite,
     convert_sync_batchnorm,
+    twice_differentiable,
 )
 from normlab.nn.flatten import FlattenConsecutive, FlattenContext
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
@@ -64,6 +66,7 @@ __all__ = [
     "ReLU",
     "SyncBatchNorm",
     "Tanh",
+    "batch_norm_composite",
     "batchnorm_form",
     "batchnorm_training",
     "convert_sync_batchnorm",
@@ -72,4 +75,5 @@ __all__ = [
     "register_batchnorm",
     "register_kind",
     "set_mode",
+    "twice_differentiable",
 ]

@@ -1,0 +1,124 @@
+"""Gradient noise: how much a batch's gradient varies from batch to batch, and what batch size
+that asks for (McCandlish et al., 2018, "An Empirical Model of Large-Batch Training").
+
+With :math:`G` the true gradient and :math:`\\Sigma` the per-example gradients'
+covariance, a batch of :math:`B` examples has :math:`\\mathrm{E}|G_B|^2 = |G|^2 +
+\\mathrm{tr}(\\Sigma)/B`. The *simple noise scale* :math:`B_{simple} =
+\\mathrm{tr}(\\Sigma)/|G|^2` predicts the critical batch size: well below it, a
+larger batch buys a proportionally larger step; well above it, it buys little.
+
+``gradient_noise`` splits one batch of :math:`B` into micro-batches of :math:`b`
+and computes each one's gradient, and the whole batch's, as a training step would
+(BatchNorm normalizes each micro-batch with its own statistics, as a batch of
+:math:`b` does), then solves McCandlish's two equations (their appendix A):
+
+.. math::
+    |G|^2 \\approx \\frac{B|G_B|^2 - b\\,\\overline{|G_b|^2}}{B - b}, \\qquad
+    \\mathrm{tr}(\\Sigma) \\approx \\frac{\\overline{|G_b|^2} - |G_B|^2}{1/b - 1/B}
+
+With :math:`b = 1` and no BatchNorm this is the unbiased per-example estimate
+exactly. With BatchNorm in training mode an example's gradient depends on its batch,
+so :math:`\\Sigma` is then the noise of micro-batches of :math:`b`, scaled to one
+example: the noise that the batch size actually controls. Cost: about two
+forward-backward passes of the batch (the micro-batches, then the whole).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """``gradient_noise``'s estimates, whole-model and per parameter."""
+
+    b_simple: float  # tr(Σ)/|G|²: the critical batch size's estimate (inf where |G|² ≤ 0)
+    gradient_norm_sq: float  # |G|², the true gradient's squared norm
+    noise_trace: float  # tr(Σ), the per-example gradients' total variance
+    batch_size: int  # B
+    micro_batch: int  # b
+    snr: dict[
+        str, float
+    ]  # per parameter: |G_p|² / (tr(Σ_p)/B), the batch gradient's signal-to-noise
+
+
+def _split(batch, size: int) -> list:
+    """``batch`` (a tensor, or a tuple, list or dict of them) in pieces of ``size`` rows; what
+    is not a tensor goes to every piece as it is."""
+    if torch.is_tensor(batch):
+        return list(batch.split(size))
+    n = -(-batch_rows(batch) // size)
+    if isinstance(batch, dict):
+        parts = {k: _split(v, size) if torch.is_tensor(v) else [v] * n for k, v in batch.items()}
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    parts = [_split(v, size) if torch.is_tensor(v) else [v] * n for v in batch]
+    return [type(batch)(p[i] for p in parts) for i in range(n)]
+
+
+def batch_rows(batch) -> int:
+    """The batch's size: its first tensor's first dimension."""
+    if torch.is_tensor(batch):
+        return len(batch)
+    values = batch.values() if isinstance(batch, dict) else batch
+    return len(next(v for v in values if torch.is_tensor(v)))
+
+
+def _gradients(model, loss_fn, batch, params) -> list[Tensor]:
+    with torch.enable_grad():
+        loss = loss_fn(model, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def gradient_noise(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch,
+    micro_batch: int,
+) -> NoiseScale:
+    """The gradient noise scale of ``model`` on ``batch``, from micro-batches of ``micro_batch``.
+
+    ``batch`` is a tensor, or a tuple, list or dict of tensors, split along their first
+    dimension;
+    ``loss_fn(model, batch)`` is a batch's *mean* loss. The model keeps its mode, and
+    its buffers (running statistics) are put back. ``micro_batch`` must divide the batch
+    and be smaller than it.
+
+    Example:
+        >>> model = nn.Linear(4, 1)
+        >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+        >>> noise = gradient_noise(model, lambda m, b: (m(b[0]) - b[1]).square().mean(), (x, y), 1)
+        >>> noise.batch_size, noise.micro_batch, noise.b_simple > 0
+        (64, 1, True)
+    """
+    B = batch_rows(batch)
+    if micro_batch < 1 or micro_batch >= B or B % micro_batch:
+        raise ValueError(
+            f"gradient_noise: micro_batch must divide the batch of {B} and be smaller, "
+            f"got {micro_batch}"
+        )
+    names, params = zip(
+        *[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True
+    )
+    buffers = [b.detach().clone() for b in model.buffers()]
+    small = [0.0] * len(params)  # per parameter: the micro-batches' mean |G_b|²
+    pieces = _split(batch, micro_batch)
+    for piece in pieces:
+        for k, g in enumerate(_gradients(model, loss_fn, piece, params)):
+            small[k] += g.double().square().sum().item() / len(pieces)
+    whole = [g.double().square().sum().item() for g in _gradients(model, loss_fn, batch, params)]
+    with torch.no_grad():  # each forward pass moved the running statistics: put them back
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    b = micro_batch
+    signal = [(B * w - b * s) / (B - b) for w, s in zip(whole, small, strict=True)]  # |G_p|²
+    noise = [(s - w) / (1 / b - 1 / B) for w, s in zip(whole, small, strict=True)]  # tr(Σ_p)
+    G2, trace = sum(signal), sum(noise)
+    snr = {
+        n: g / (v / B) if v > 0 else float("inf")
+        for n, g, v in zip(names, signal, noise, strict=True)
+    }
+    b_simple = trace / G2 if G2 > 0 else float("inf")
+    return NoiseScale(b_simple, G2, trace, B, micro_batch, snr)

@@ -1,0 +1,186 @@
+"""Curvature: Hessian-vector products through BatchNorm in training mode, checked against the
+full Hessian that torch computes densely for the same model built of torch's own layers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+import normlab.nn as nl
+from normlab.curvature import (
+    Hessian,
+    NotTwiceDifferentiable,
+    adam_preconditioner,
+    hessian_trace,
+    top_eigenvalue,
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_composite_batchnorm_equals_torchs_to_second_order(dtype, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 4, 5, generator=g, dtype=dtype, requires_grad=True)
+    w = (1 + torch.randn(4, generator=g, dtype=dtype)).requires_grad_()
+    b = torch.randn(4, generator=g, dtype=dtype, requires_grad=True)
+    channel_dim = 2 if channels_last else 1
+    xin = x.transpose(1, 2) if channels_last else x
+    ours = nl.batch_norm_composite(xin, w, b, 1e-5, None, None, channel_dim)
+    theirs = F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
+    if channels_last:
+        ours = ours.transpose(1, 2)
+    tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
+    torch.testing.assert_close(ours, theirs, **tol)
+    # a Hessian-vector product of a loss through each (torch's has its own double backward)
+    weights = torch.randn(6, 4, 5, generator=g, dtype=dtype)
+    v = [torch.randn_like(t) for t in (x, w, b)]
+    products = []
+    for out in (ours, theirs):
+        loss = (out.tanh() * weights).sum()
+        grads = torch.autograd.grad(loss, (x, w, b), create_graph=True)
+        products.append(torch.autograd.grad(grads, (x, w, b), v))
+    for mine, reference in zip(*products, strict=True):
+        torch.testing.assert_close(mine, reference, **tol)
+
+
+def test_the_composite_batchnorm_passes_gradgradcheck():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: nl.batch_norm_composite(x, w, b, 1e-5, None), (x, w, b)
+    )
+
+
+def test_within_twice_differentiable_a_batchnorm_module_gives_the_same_outputs_and_statistics():
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    a, b = nl.BatchNorm1d(8), nl.BatchNorm1d(8)
+    expected = a(x)
+    with nl.twice_differentiable():
+        got = b(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for name, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], value, msg=name)
+
+
+def _models(dtype):
+    """The same small network twice: normlab's BatchNorm, and torch's (the reference)."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(6, 8, bias=False), nl.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    theirs = nn.Sequential(
+        nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3)
+    )
+    theirs.load_state_dict(ours.state_dict())
+    torch.func.replace_all_batch_norm_modules_(theirs)  # batch statistics only: no buffer moves
+    return ours.to(dtype), theirs.to(dtype)
+
+
+def _batch(dtype):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(32, 6, generator=g, dtype=dtype), torch.randint(0, 3, (32,), generator=g)
+
+
+def _dense_hessian(model, x, y):
+    """The full Hessian of the batch loss, (n, n), by torch.func on torch's own layers."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(theta):
+        chunks = theta.split([s.numel() for s in shapes])
+        params = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        out = torch.func.functional_call(model, (params, dict(buffers)), (x,))
+        return F.cross_entropy(out, y)
+
+    return torch.func.hessian(loss)(flat)
+
+
+def _loss(x, y):
+    return lambda m: F.cross_entropy(m(x), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_sharpness_is_the_top_eigenvalue_of_the_full_hessian(dtype):
+    ours, theirs = _models(dtype)
+    x, y = _batch(dtype)
+    eigenvalues = torch.linalg.eigvalsh(_dense_hessian(theirs, x, y).double())
+    largest = eigenvalues.max().item()
+    before = {n: b.clone() for n, b in ours.named_buffers()}
+    hessian = Hessian(ours, _loss(x, y))
+    found = top_eigenvalue(
+        hessian, max_products=500, tol=1e-4, generator=torch.Generator().manual_seed(0)
+    )
+    assert found.converged
+    assert found.value == pytest.approx(largest, rel=0.01)
+    for name, value in ours.named_buffers():  # the running statistics are put back
+        assert torch.equal(value, before[name]), name
+
+
+def test_the_hessian_trace_is_within_5_percent_at_1000_probes():
+    ours, theirs = _models(torch.float64)
+    x, y = _batch(torch.float64)
+    exact = torch.trace(_dense_hessian(theirs, x, y)).item()
+    estimate = hessian_trace(
+        Hessian(ours, _loss(x, y)), probes=1000, generator=torch.Generator().manual_seed(0)
+    )
+    assert estimate.value == pytest.approx(exact, rel=0.05)
+    assert abs(estimate.value - exact) < 4 * estimate.stderr  # and its error bar covers it
+
+
+def test_the_preconditioned_sharpness_is_the_top_eigenvalue_of_p_inverse_h():
+    ours, theirs = _models(torch.float64)
+    x, y = _batch(torch.float64)
+    optimizer = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    for _ in range(20):
+        optimizer.zero_grad()
+        F.cross_entropy(ours(x), y).backward()
+        optimizer.step()
+    theirs.load_state_dict(dict(ours.named_parameters()), strict=False)  # the trained weights
+    hessian = Hessian(ours, _loss(x, y))
+    P = adam_preconditioner(optimizer, hessian.params)
+    d = torch.cat([p.flatten() for p in P]).rsqrt()  # P^(-1/2)
+    symmetric = d[:, None] * _dense_hessian(theirs, x, y) * d[None, :]
+    eigenvalues = torch.linalg.eigvalsh(symmetric)
+    largest = eigenvalues.max().item()
+    found = top_eigenvalue(hessian, 1000, 1e-4, P, torch.Generator().manual_seed(0))
+    assert found.converged
+    assert found.value == pytest.approx(largest, rel=0.01)
+
+
+def test_an_optimizer_without_second_moments_has_no_preconditioner():
+    ours, _ = _models(torch.float64)
+    with pytest.raises(ValueError, match="SGD keeps no second moments"):
+        adam_preconditioner(torch.optim.SGD(ours.parameters(), lr=0.1), list(ours.parameters()))
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _Custom(nn.Module):
+    def forward(self, x):
+        return _OnceDifferentiable.apply(x)
+
+
+def test_a_loss_without_a_second_derivative_is_one_line_naming_the_layer():
+    model = nn.Sequential(nn.Linear(4, 4), _Custom(), nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+    with pytest.raises(NotTwiceDifferentiable) as raised:
+        Hessian(model, lambda m: m(x).mean())
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "autograd Function _OnceDifferentiable in layer '1'" in message
