@@ -32,3 +32,21 @@ def test_digits_trains_four_ways_and_folds_the_batchnorm_model():
 
 
 DEPTH_BATCHNORMS = 9  # examples/digits.py: a BatchNorm in each of its 9 blocks
+
+
+@pytest.mark.slow
+def test_digits_lr_find_compares_the_suggestion_with_a_grid():
+    pytest.importorskip("sklearn", reason="examples/digits_lr_find.py needs scikit-learn")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "digits_lr_find.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "examples",
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert (
+        "find_lr suggests" in out and out.count("test loss") == 9
+    )  # 7 rates, the suggestion, best
+    assert "best of the grid: lr" in out

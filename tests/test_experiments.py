@@ -136,3 +136,14 @@ def test_experiment_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["experiment", "nonsense"])
     assert e.value.code == 2
+
+
+def test_experiment_lr_find_quick(capsys, tmp_path):
+    results, stdout = _quick(capsys, tmp_path, "lr-find")
+    assert set(results["setups"]) == {"default", "lecture-deep"}
+    for setup in results["setups"].values():
+        assert len(setup["grid"]) == 7 and 1e-7 <= setup["suggestion"] <= 10
+        best = min(row["val_loss"] for row in setup["grid"])
+        assert setup["best_val_loss"] == best
+        assert setup["gap"] == pytest.approx(setup["suggested_val_loss"] - best)
+    assert "the range test suggests" in stdout

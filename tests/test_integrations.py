@@ -120,3 +120,54 @@ def test_transformers_callback_logs_through_the_trainer_and_writes_the_report(tm
     assert "activations/transformer.h.1.mlp.act" in _tensorboard_histograms(tmp_path / "runs")
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert "normlab diagnostics at step 6:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_lightning_callback_measures_the_second_order_statistics_at_its_cadence(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from normlab.integrations.lightning import DiagnosticsCallback
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
+    callback = DiagnosticsCallback(every_n_steps=5, second_order_every=4)
+    trainer = lightning.Trainer(
+        max_steps=9,
+        default_root_dir=tmp_path,
+        logger=CSVLogger(tmp_path, name="csv"),
+        callbacks=[callback],
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), torch.utils.data.DataLoader(data, batch_size=32))
+    history = callback.recorder.diagnostics.history
+    assert [s.step for s in history] == [0, 4, 5, 8]  # the second order's steps are recorded too
+    measured = {s.step: s.second_order for s in history if s.second_order is not None}
+    assert set(measured) == {0, 4, 8} and all(so.sharpness > 0 for so in measured.values())
+    assert measured[0].lr == 0.1 and measured[0].batch_size == 32
+    (metrics,) = tmp_path.rglob("metrics.csv")
+    assert "normlab/second_order/sharpness" in next(csv.reader(metrics.open()))
+
+
+@pytest.mark.slow
+def test_transformers_callback_measures_the_second_order_statistics(tmp_path):
+    from normlab.integrations.transformers import DiagnosticsCallback
+
+    trainer, callback = _gpt2_trainer(
+        tmp_path,
+        lambda trainer: DiagnosticsCallback(trainer, every_n_steps=3, second_order_every=6),
+    )
+    trainer.train()
+    history = callback.recorder.diagnostics.history
+    measured = {s.step: s.second_order for s in history if s.second_order is not None}
+    assert set(measured) == {0, 6}
+    so = measured[0]
+    assert so.sharpness is not None or "second derivative" in so.note  # measured, or said why
+    assert so.noise_scale is not None or "noise" in so.note
+    logged = [
+        row for row in trainer.state.log_history if "normlab/second_order/hessian_trace" in row
+    ]
+    assert len(logged) == (2 if so.hessian_trace is not None else 0)

@@ -13,6 +13,7 @@ from normlab import audit
 from normlab.curvature import Hessian, hessian_trace, top_eigenvalue
 from normlab.diagnostics import SecondOrderStats, Snapshot, snapshot_from_dict, snapshot_to_dict
 from normlab.diagnostics.rules import Thresholds, verdicts
+from normlab.lm.checkpoint import load_checkpoint
 from normlab.lm.cli import main
 from normlab.noise import gradient_noise
 from normlab.second_order import default_micro_batch
@@ -104,7 +105,7 @@ def test_audit_measures_before_the_step_what_the_instruments_measure_alone():
         expected_model, lambda m, b: _loss(m(*b), b), batch, default_micro_batch(256)
     )
     assert result.noise_scale == pytest.approx(noise.b_simple, rel=1e-6)
-    assert result.preconditioned_sharpness is None and "SGD" in result.second_order.note
+    assert result.preconditioned_sharpness is None and result.second_order.note is None
     keys = json.loads(result.to_json())
     assert keys["sharpness"] == result.sharpness and keys["noise_scale"] == result.noise_scale
     assert "second order" in result.table()
@@ -169,3 +170,28 @@ def test_normlab_diagnose_json_carries_the_second_order_keys_at_the_top(capsys):
     assert out["sharpness"] > 0 and out["hessian_trace"] > 0
     assert out["sharpness"] == out["snapshot"]["second_order"]["sharpness"]
     assert "preconditioned_sharpness" in out and "noise_scale" in out
+
+
+def test_a_run_measures_at_its_second_order_cadence_and_trains_the_same_numbers(tmp_path, tiny):
+    def train(name, every):
+        flags = ["--steps", "40", "--diagnose-every", "10", "--second-order-every", every]
+        assert (
+            main(["train", *tiny, "--dropout", "0.1", *flags, "--out", str(tmp_path / name)]) == 0
+        )
+        return tmp_path / name
+
+    measured, plain = train("measured", "20"), train("plain", "0")
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "diagnostics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(measured) if r["second_order"]] == [0, 20]
+    so = rows(measured)[0]["second_order"]
+    assert so["sharpness"] > 0 and so["lr"] is not None
+    assert all(r["second_order"] is None for r in rows(plain))
+    # measuring moved nothing: not the weights, not the running statistics, not dropout's draws
+    assert (measured / "metrics.jsonl").read_text() == (plain / "metrics.jsonl").read_text()
+    a = load_checkpoint(measured)["model"]
+    b = load_checkpoint(plain)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "Curvature and gradient noise" in (measured / "report.html").read_text()

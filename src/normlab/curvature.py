@@ -18,6 +18,7 @@ moves (running statistics) is put back afterwards.
   :math:`(2 + 2\\beta_1)/((1 - \\beta_1)\\eta)` (Cohen et al., 2022).
 """
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,22 +76,18 @@ class Hessian:
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module], Tensor]) -> None:
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        buffers = [b.detach().clone() for b in model.buffers()]
         layer_of = {}  # the autograd node that made a layer's output -> the layer
         handles = [
             m.register_forward_hook(_note_node(name, layer_of)) for name, m in model.named_modules()
         ]
         try:
-            with twice_differentiable(), torch.enable_grad():
+            with twice_differentiable(), torch.enable_grad(), _buffers_on_copies(model):
                 loss = loss_fn(model)
                 _refuse_once_differentiable(loss, layer_of)
                 self.grads = torch.autograd.grad(loss, self.params, create_graph=True)
         finally:
             for handle in handles:
                 handle.remove()
-            with torch.no_grad():  # the forward pass moved the running statistics: put them back
-                for b, saved in zip(model.buffers(), buffers, strict=True):
-                    b.copy_(saved)
         self.loss = loss.item()
         self.products = 0
         self._check_second_order()
@@ -114,6 +111,24 @@ class Hessian:
                 f"the loss has no second derivative: {first_line(e, 160)}"
             ) from None
         self.products = 0
+
+
+@contextlib.contextmanager
+def _buffers_on_copies(model: nn.Module):
+    """Within it, each module's buffers are copies, which the forward pass may move (running
+    statistics); the module's own are back afterwards, untouched. Putting the moved values
+    back in place instead would change tensors that a double backward reads (torch's
+    BatchNorm saves its running statistics for it)."""
+    owned = [
+        (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
+    ]
+    for m, name, b in owned:
+        m._buffers[name] = b.detach().clone()
+    try:
+        yield
+    finally:
+        for m, name, b in owned:
+            m._buffers[name] = b
 
 
 def _note_node(name: str, layer_of: dict):

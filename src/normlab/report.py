@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from normlab.diagnostics import Report, Snapshot, format_table
+from normlab.diagnostics import Report, Snapshot, format_table, stability_line
 from normlab.files import atomic_write_bytes
 from normlab.nn import ACTIVATIONS
 
@@ -161,6 +161,42 @@ def loss_figure(metrics: list[dict]) -> str:
     return _png(fig)
 
 
+def second_order_figure(history: list[Snapshot]) -> str:
+    """The sharpness against its stability line, and the gradient noise scale against the batch
+    size, at every recording that measured them."""
+    measured = [(s.step, s.second_order) for s in history if s.second_order is not None]
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(2 * FIGSIZE[0], FIGSIZE[1]), layout="constrained"
+    )
+    lines = [(step, stability_line(so)) for step, so in measured]
+    lines = [(step, found) for step, found in lines if found is not None]
+    if lines:
+        written = lines[-1][1][2]
+        left.plot([s for s, _ in lines], [f[0] for _, f in lines], "o-", label="sharpness")
+        left.plot(
+            [s for s, _ in lines],
+            [f[1] for _, f in lines],
+            "k--",
+            label=f"stability line {written}",
+        )
+        left.set_yscale("log")
+        left.legend(fontsize=7)
+    left.set_title("sharpness λmax and its stability line")
+    left.set_xlabel("step")
+    noise = [(step, so.noise_scale, so.batch_size) for step, so in measured if so.noise_scale]
+    if noise:
+        right.plot(
+            [s for s, _, _ in noise], [n for _, n, _ in noise], "o-", label="noise scale B_simple"
+        )
+        right.plot([s for s, _, _ in noise], [b for _, _, b in noise], "k--", label="batch size")
+        right.set_yscale("log")
+        right.legend(fontsize=7)
+    right.set_title("gradient noise scale and the batch size")
+    right.set_xlabel("step")
+    return _png(fig)
+
+
 def signal_propagation_figure(snap: Snapshot) -> str:
     """Activation and gradient std against depth."""
     plt = pyplot()
@@ -270,6 +306,14 @@ def render_html(page: Page) -> str:
             "<h2>Every layer, by kind, at the last recording</h2>",
             *[_img(png, title) for title, png in kind_views(snap)],
             _img(weight_gradient_histograms(snap), "weight-gradient histograms"),
+            *(
+                [
+                    "<h2>Curvature and gradient noise</h2>",
+                    _img(second_order_figure(history or [snap]), "sharpness and noise scale"),
+                ]
+                if any(s.second_order is not None for s in history or [snap])
+                else []
+            ),
             "<h2>Update:data ratio</h2>",
             _img(update_ratio_figure(diag.update_history), "update to data ratio over time")
             if several
@@ -329,6 +373,11 @@ def snapshot_scalars(snap: Snapshot) -> dict[str, float]:
     for p in snap.params:
         if p.update_to_data:
             scalars[f"log10_update_to_data/{p.name}"] = math.log10(p.update_to_data)
+    so = snap.second_order
+    for key in ("sharpness", "preconditioned_sharpness", "hessian_trace", "noise_scale"):
+        value = getattr(so, key) if so is not None else None
+        if value is not None and math.isfinite(value):
+            scalars[f"second_order/{key}"] = value
     return scalars
 
 

@@ -52,13 +52,38 @@ def measure_second_order(
     max_products: int = 20,
     probes: int = 10,
     seed: int = 0,
+    noise_batch=None,
 ) -> SecondOrderStats:
     """The second-order statistics of ``loss_fn(model, batch)`` (a batch's mean loss).
 
+    ``noise_batch`` (default: ``batch``) is what the noise scale splits into micro-batches of
+    ``micro_batch`` (default: ``default_micro_batch`` of it); ``batch_size``, which the
+    batch-vs-noise verdict compares with the noise scale, is ``batch``'s.
     ``lr`` is the learning rate of the step the statistics judge; by default the first
     param group's of ``optimizer``. The random vectors come from their own generator
-    (``seed``), so measuring draws nothing from torch's global one.
+    (``seed``), and torch's generators are put back afterwards (dropout draws from them):
+    measuring changes nothing in the model, its optimizer or the random draws to come.
     """
+    device = next(model.parameters()).device
+    # dropout draws from torch's generators: measuring must leave a run's draws as they were
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _measure(
+            model,
+            loss_fn,
+            batch,
+            optimizer,
+            lr,
+            micro_batch,
+            max_products,
+            probes,
+            seed,
+            noise_batch,
+        )
+
+
+def _measure(
+    model, loss_fn, batch, optimizer, lr, micro_batch, max_products, probes, seed, noise_batch
+):
     generator = torch.Generator().manual_seed(seed)
     groups = optimizer.param_groups if optimizer is not None else []
     lr = lr if lr is not None else (groups[0]["lr"] if groups else None)
@@ -74,7 +99,8 @@ def measure_second_order(
     else:
         sharpness = top_eigenvalue(hessian, max_products, generator=generator).value
         trace = hessian_trace(hessian, probes, generator=generator).value
-        if optimizer is not None:
+        # plain SGD preconditions nothing: its sharpness is the plain one, without a word
+        if optimizer is not None and type(optimizer) is not torch.optim.SGD:
             try:
                 P = adam_preconditioner(optimizer, hessian.params)
             except ValueError as e:
@@ -82,15 +108,15 @@ def measure_second_order(
             else:
                 found = top_eigenvalue(hessian, max_products, preconditioner=P, generator=generator)
                 preconditioned = found.value
+    noise_batch = batch if noise_batch is None else noise_batch
     try:
-        noise = gradient_noise(
-            model, loss_fn, batch, micro_batch or default_micro_batch(batch_size)
-        )
+        micro_batch = micro_batch or default_micro_batch(batch_rows(noise_batch))
+        noise = gradient_noise(model, loss_fn, noise_batch, micro_batch)
         noise_scale = noise.b_simple
         if noise.gradient_norm_sq <= 0:
             notes.append(
-                f"no noise scale: at a batch of {batch_size} the gradient's signal is lost in its "
-                "noise (|G|² estimated ≤ 0); measure it on a larger batch"
+                f"no noise scale: at a batch of {batch_rows(noise_batch)} the gradient's signal is "
+                "lost in its noise (|G|² estimated ≤ 0); measure it on a larger batch"
             )
             noise_scale = None
     except (ValueError, RuntimeError) as e:  # a BatchNorm given one row, an odd batch

@@ -6,6 +6,7 @@ trainer = lightning.Trainer(max_steps=1000, callbacks=[DiagnosticsCallback(every
 trainer.fit(model, data)      # report.html in trainer.default_root_dir at the end
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -30,6 +31,11 @@ class DiagnosticsCallback(pl.Callback):
         thresholds: where the verdicts fire.
         report_path: where the report goes.
         keep: recordings kept in memory besides the first (see ``Diagnostics``).
+        second_order_every: also measure the sharpness, Hessian trace and gradient noise
+            scale on the steps whose global step is a multiple of it (0: never), on the
+            step's batch, before its update, with the module's first optimizer.
+        loss_fn: ``loss_fn(module, batch)``, the batch's mean loss, for those measurements;
+            default: ``training_step(batch, 0)`` (its ``"loss"`` if it returns a dict).
     """
 
     def __init__(
@@ -38,9 +44,12 @@ class DiagnosticsCallback(pl.Callback):
         thresholds: Thresholds | None = None,
         report_path: str | Path | None = None,
         keep: int = 16,
+        second_order_every: int = 0,
+        loss_fn: Callable | None = None,
     ) -> None:
-        self.recorder = Recorder(every_n_steps, thresholds, keep)
+        self.recorder = Recorder(every_n_steps, thresholds, keep, second_order_every)
         self.report_path = report_path
+        self.loss_fn = loss_fn or _training_step_loss
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -48,6 +57,9 @@ class DiagnosticsCallback(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.recorder.arm(trainer.global_step)
+        if self.recorder.measures_second_order_at(trainer.global_step):
+            optimizer = trainer.optimizers[0] if trainer.optimizers else None
+            self.recorder.measure(pl_module, self.loss_fn, batch, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # after the optimizer's step; Lightning zeroes the gradients before the next backward
@@ -66,3 +78,9 @@ class DiagnosticsCallback(pl.Callback):
         if trainer.is_global_zero:
             path = self.report_path or Path(trainer.default_root_dir) / "report.html"
             self.recorder.finish(Path(path), f"normlab diagnostics of {type(pl_module).__name__}")
+
+
+def _training_step_loss(module: pl.LightningModule, batch):
+    """The batch's loss as the module's own ``training_step`` computes it."""
+    out = module.training_step(batch, 0)
+    return out["loss"] if isinstance(out, dict) else out

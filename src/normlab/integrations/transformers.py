@@ -13,9 +13,11 @@ same layers; its activation classes are recognized by what they do.
 
 from pathlib import Path
 
+import torch
 import transformers
 from transformers.integrations import TensorBoardCallback
 
+from normlab.dataflow import batch_loss
 from normlab.diagnostics import Thresholds
 from normlab.integrations import Recorder
 from normlab.report import log_histograms, snapshot_scalars
@@ -36,6 +38,10 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         thresholds: where the verdicts fire.
         report_path: where the report goes.
         keep: recordings kept in memory besides the first (see ``Diagnostics``).
+        second_order_every: also measure the sharpness, Hessian trace and gradient noise
+            scale on the steps whose global step is a multiple of it (0: never), before
+            their update, on a batch of the training data (the trainer does not show
+            callbacks the step's own), with the model's own loss (the batch holds labels).
     """
 
     def __init__(
@@ -45,17 +51,25 @@ class DiagnosticsCallback(transformers.TrainerCallback):
         thresholds: Thresholds | None = None,
         report_path: str | Path | None = None,
         keep: int = 16,
+        second_order_every: int = 0,
     ) -> None:
         self.trainer = trainer
-        self.recorder = Recorder(every_n_steps, thresholds, keep)
+        self.recorder = Recorder(every_n_steps, thresholds, keep, second_order_every)
         self.report_path = report_path
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.is_world_process_zero:
             self.recorder.start(model)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.recorder.arm(state.global_step)
+        loader = kwargs.get("train_dataloader")
+        if self.recorder.measures_second_order_at(state.global_step) and loader is not None:
+            with torch.random.fork_rng():  # a new pass over the loader draws its order
+                batch = next(iter(loader))
+            device = next(model.parameters()).device
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            self.recorder.measure(model, batch_loss, batch, optimizer)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # after the optimizer's step, before the gradients are zeroed

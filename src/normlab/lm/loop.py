@@ -88,7 +88,12 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             xb, yb = t.batches.next()
             recording = t.records_at(progress.step)
             recorder = t.diagnostics if recording else None  # None on ranks other than 0
+            second_order = None
+            if t.measures_second_order_at(progress.step):  # on the weights the step starts from
+                second_order = t.second_order(xb, yb, lr, progress.step)
             result = t.step(xb, yb, lr, recorder, progress.step, recording_step=recording)
+            if second_order is not None:
+                result.snapshot.second_order = second_order
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
             clock.step_done(recording)
             progress.step += 1

@@ -12,6 +12,7 @@ STREAMS = {
     "lsuv": 2,  # LSUV's batch and its orthonormal starts
     "train-subset": 3,  # the train examples the periodic evaluations measure
     "random-biases": 3,  # the batchnorm experiment's biases (its run draws no train subset)
+    "second-order": 4,  # the gradient noise scale's extra batches (second_order_batch_seed)
 }
 
 
@@ -23,6 +24,12 @@ def stream_seed(seed: int, stream: str) -> int:
 def stream_generator(seed: int, stream: str) -> torch.Generator:
     """A CPU generator at the start of ``stream`` in the run of ``seed``."""
     return torch.Generator().manual_seed(stream_seed(seed, stream))
+
+
+def second_order_batch_seed(seed: int, step: int) -> int:
+    """The seed of the extra examples that measure the gradient noise scale at ``step``: one
+    per step, so that a resumed run measures on the examples an uninterrupted one does."""
+    return hash((stream_seed(seed, "second-order"), step))
 
 
 def dropout_seed(seed: int, rank: int) -> int:

@@ -15,13 +15,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
-from normlab.diagnostics import Diagnostics
+from normlab.diagnostics import Diagnostics, SecondOrderStats
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import Ranks, gather_objects, shard
 from normlab.lm.model import LanguageModel
+from normlab.lm.seeds import second_order_batch_seed
 from normlab.lm.step import TrainStep
 from normlab.lsuv import LSUVLayer
+from normlab.second_order import measure_second_order
+
+NOISE_BATCHES = 8  # the gradient noise scale's large batch, in training batches
 
 
 @dataclass
@@ -102,7 +106,29 @@ class Training:
     def records_at(self, step: int) -> bool:
         """Whether rank 0 records diagnostics at ``step`` (the same answer on every rank)."""
         every = self.train_config.diagnose_every
-        return every > 0 and step % every == 0
+        return (every > 0 and step % every == 0) or self.measures_second_order_at(step)
+
+    def measures_second_order_at(self, step: int) -> bool:
+        """Whether ``step`` measures the second-order statistics (``second_order``): one
+        process only (they run the model outside the step, where SyncBatchNorm's collectives
+        would wait for the others), into a recording."""
+        every = self.train_config.second_order_every
+        measures = every > 0 and step % every == 0 and self.diagnostics is not None
+        return measures and not self.ranks.distributed
+
+    def second_order(self, x: Tensor, y: Tensor, lr: float, step: int) -> SecondOrderStats:
+        """The batch's second-order statistics before this step's update: its sharpness
+        against the stability line of ``lr`` and its Hessian trace; and the gradient noise
+        scale, from batches of this size against one of ``NOISE_BATCHES`` of them (this batch
+        and more, drawn from their own stream), as McCandlish et al. measure it in training."""
+        loss = lambda model, batch: model(*batch)[1]  # noqa: E731  the batch's mean loss
+        X, Y = self.data.splits["train"]
+        g = torch.Generator().manual_seed(second_order_batch_seed(self.train_config.seed, step))
+        ix = torch.randint(0, len(X), ((NOISE_BATCHES - 1) * len(x),), generator=g).to(X.device)
+        noise_batch = (torch.cat([x, X[ix].to(x.device)]), torch.cat([y, Y[ix].to(y.device)]))
+        return measure_second_order(
+            self.model, loss, (x, y), self.optimizer, lr, len(x), noise_batch=noise_batch
+        )
 
     def checkpoint_state(self) -> dict:
         """What ``checkpoint.pt`` holds (a collective under several processes: the RNGs)."""

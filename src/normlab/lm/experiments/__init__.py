@@ -9,7 +9,7 @@ import importlib
 
 from normlab.lm.experiments.common import Context
 
-EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet")
+EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet", "lr-find")
 
 
 def run_experiment(ctx: Context) -> dict:
@@ -18,7 +18,7 @@ def run_experiment(ctx: Context) -> dict:
         valid = ", ".join(EXPERIMENTS)
         raise ValueError(f"unknown experiment {ctx.name!r}; valid choices: {valid}")
     ctx.prepare()
-    module = importlib.import_module(f"normlab.lm.experiments.{ctx.name}")
+    module = importlib.import_module(f"normlab.lm.experiments.{ctx.name.replace('-', '_')}")
     results = module.run(ctx)
     path = ctx.write_results(results)
     print(f"results: {path}; figures: {ctx.out}/*.png")
