@@ -6,8 +6,8 @@ The 10-layer ReLU conv net of ``examples/digits.py`` with BatchNorm, trained as 
 with momentum 0.9, batches of 64, 300 steps), with the rate decaying from its peak on a cosine
 (the range test suggests a peak rate, as the presets' schedules use one), at each peak rate of
 a grid of seven half-decades and at the rate ``normlab.find_lr`` suggests (100 batches, 1e-7
-to 10), each from the same initial weights. It prints each one's test loss and whether the suggestion's is
-within 0.02 of the grid's best.
+to 10), each from the same initial weights. It prints each one's test loss and whether the
+suggestion's is within 0.02 of the grid's best.
 """
 
 import torch

@@ -147,3 +147,14 @@ def test_experiment_lr_find_quick(capsys, tmp_path):
         assert setup["best_val_loss"] == best
         assert setup["gap"] == pytest.approx(setup["suggested_val_loss"] - best)
     assert "the range test suggests" in stdout
+
+
+def test_experiment_sharpness_quick(capsys, tmp_path):
+    results, _ = _quick(capsys, tmp_path, "sharpness")
+    runs = results["runs"]
+    assert [run["lr"] for run in runs] == [1.0, 2.0]
+    for run in runs:
+        assert [step for step, _ in run["sharpness"]] == [0, 50, 100, 150]
+        assert run["stability_line"] == 2 / run["lr"]
+        assert run["peak"] > run["at_start"]  # progressive sharpening, from the same start
+    assert runs[0]["at_start"] == runs[1]["at_start"]  # the same initial weights

@@ -71,14 +71,15 @@ def test_training_writes_a_well_formed_self_contained_report(tmp_path, tiny, cap
     checker = _check_page(out / "report.html")
     # loss, 2 propagation, 2 activation histograms, then one view per family present
     # (activations, normalizations, linear layers, the embedding; each its outputs beside
-    # their gradients), weight gradients, update ratios
-    assert len(checker.images) == 5 + 4 + 2
+    # their gradients), weight gradients, the second order measured at step 0, update ratios
+    assert len(checker.images) == 5 + 4 + 3
     for heading in (
         "Result",
         "Loss",
         "Verdicts",
         "Signal propagation",
         "Update:data ratio",
+        "Curvature and gradient noise",
         "Samples",
         "Config",
     ):

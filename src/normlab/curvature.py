@@ -174,7 +174,7 @@ def _normalized(v: list[Tensor]) -> list[Tensor]:
 def top_eigenvalue(
     hessian: Hessian,
     max_products: int = 100,
-    tol: float = 1e-3,
+    tol: float = 1e-2,
     preconditioner: list[Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> Eigenvalue:

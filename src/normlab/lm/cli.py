@@ -8,7 +8,7 @@
     normlab lr-find [--preset P]           the learning-rate range test, and its suggestion
     normlab export --run DIR --format F    the model as ONNX or safetensors, for use elsewhere
     normlab propagate                      the signal-propagation table of four inits
-    normlab experiment NAME [--quick]      lecture, depth, batchnorm, wavenet, lr-find (RESULTS.md)
+    normlab experiment NAME [--quick]      the measurements behind docs/RESULTS.md
 
 The model and training flags are generated from the config fields
 (``normlab.lm.config``): ``--n-layer`` sets ``ModelConfig.n_layer``, with the

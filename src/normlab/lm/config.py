@@ -229,7 +229,7 @@ class TrainConfig(_Config):
     checkpoint_every: int = option(1000, "steps between checkpoints", low=1)
     diagnose_every: int = option(100, "record per-layer diagnostics every N steps; 0: never", low=0)
     second_order_every: int = option(
-        2000,
+        5000,
         "also measure the sharpness, Hessian trace and gradient noise scale every N steps, "
         "into that step's diagnostics (one process, --diagnose-every > 0); 0: never",
         low=0,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from normlab.diagnostics import Snapshot
+from normlab.diagnostics import SecondOrderStats, Snapshot
 from normlab.errors import Interrupted, TrainingDiverged
 from normlab.lm.distributed import global_outcome
 from normlab.lm.evaluate import evaluate
@@ -32,6 +32,7 @@ class MemoryLog:
         self.step_losses: list[float] = []
         self.step_ends: list[float] = []  # time.perf_counter() after each step
         self.rows: list[dict] = []
+        self.second_order: list[tuple[int, SecondOrderStats]] = []  # (step, what it measured)
 
     def progress_bar(self, total: int, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, unit="step", desc=self.desc, leave=False)
@@ -39,6 +40,8 @@ class MemoryLog:
     def step(self, step: int, loss: float, snapshot: Snapshot | None) -> None:
         self.step_ends.append(time.perf_counter())
         self.step_losses.append(loss)
+        if snapshot is not None and snapshot.second_order is not None:
+            self.second_order.append((snapshot.step, snapshot.second_order))
 
     def metrics(self, row: dict, bar: tqdm) -> None:
         self.rows.append(row)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from normlab.calibrate import calibrate_batchnorm
-from normlab.diagnostics import Snapshot, Thresholds, finite, verdicts
+from normlab.diagnostics import SecondOrderStats, Snapshot, Thresholds, finite, verdicts
 from normlab.errors import NormlabError, TrainingDiverged
 from normlab.files import atomic_write_bytes, atomic_write_json
 from normlab.lm.config import ModelConfig, TrainConfig, check_configs
@@ -115,6 +115,7 @@ class Fit:
     diverged_at: int | None = None  # the step whose loss was not finite
     seconds: float = 0.0
     lsuv: list[LSUVLayer] | None = None  # init=lsuv: what LSUV did, layer by layer
+    second_order: list[tuple[int, SecondOrderStats]] = field(default_factory=list)  # (step, ...)
 
 
 def new_model(config: ModelConfig, data: Dataset, seed: int) -> LanguageModel:
@@ -158,6 +159,7 @@ def fit(
         diverged_at=diverged_at,
         seconds=time.perf_counter() - start,
         lsuv=t.lsuv,
+        second_order=log.second_order,
     )
 
 

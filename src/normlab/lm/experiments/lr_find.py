@@ -70,7 +70,7 @@ def run(ctx: Context) -> dict:
             "best_val_loss": best["val_loss"],
             "gap": gap,
         }
-    ctx.save_figure(_figure(results), "lr_find.png")
+    ctx.save_figure(_figure(results), "lr-find.png")
     return results
 
 

@@ -1,0 +1,49 @@
+"""``normlab coordcheck``: the coord check (``normlab.coord_check``) on normlab's own models,
+the width being ``n_hidden``."""
+
+from dataclasses import replace
+
+import torch
+
+from normlab.coord_check import CoordCheck, coord_check
+from normlab.lm.config import ModelConfig, TrainConfig
+from normlab.lm.data import Dataset
+from normlab.lm.distributed import SINGLE
+from normlab.lm.model import LanguageModel
+from normlab.lm.optim import make_optimizer
+from normlab.lm.seeds import stream_seed
+from normlab.lm.state import Batches
+
+
+def coord_check_widths(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: Dataset,
+    widths: list[int],
+    steps: int = 4,
+    seeds: int = 2,
+) -> CoordCheck:
+    """The model of ``model_config`` at each of ``widths`` hidden units, trained by the
+    optimizer of ``train_config`` at its peak rate on the run's first ``steps`` batches, once
+    per seed (``train_config.seed`` onwards). Under ``--param mup`` the base width is
+    ``model_config.base_width``, or the narrowest of ``widths``."""
+    base = model_config.base_width or min(widths)
+
+    def factory(width: int) -> LanguageModel:
+        config = replace(model_config, n_hidden=width, base_width=base)
+        generator = torch.Generator().manual_seed(torch.initial_seed())  # coord_check's seed
+        return LanguageModel(config, generator, verbose=False)
+
+    X, Y = data.splits["train"]
+    batches = Batches(
+        X, Y, train_config.batch_size, stream_seed(train_config.seed, "batches"), SINGLE
+    )
+    return coord_check(
+        factory,
+        widths,
+        [batches.next() for _ in range(steps)],
+        steps=steps,
+        optimizer=lambda model: make_optimizer(model, train_config),
+        loss_fn=lambda model, batch: model(*batch)[1],
+        seeds=range(train_config.seed, train_config.seed + seeds),
+    )
