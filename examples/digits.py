@@ -95,16 +95,22 @@ def verdicts(report) -> str:
     return "".join(f"\n    {v.kind} at {v.layer}: {v.message}" for v in report.verdicts) or " none"
 
 
-def main() -> None:
-    start = time.perf_counter()
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
+def split_digits():
+    """scikit-learn's digits as (N, 1, 8, 8) images in [0, 1], split 80/20 at random (seed 0):
+    ``Xtr, ytr, Xte, yte``."""
     digits = load_digits()
     X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # (N, 1, 8, 8)
     y = torch.tensor(digits.target)
     order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
     train_ix, test_ix = order[: int(0.8 * len(X))], order[int(0.8 * len(X)) :]
-    Xtr, ytr, Xte, yte = X[train_ix], y[train_ix], X[test_ix], y[test_ix]
+    return X[train_ix], y[train_ix], X[test_ix], y[test_ix]
+
+
+def main() -> None:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    Xtr, ytr, Xte, yte = split_digits()
     print(f"digits: {len(Xtr)} training and {len(Xte)} test images; a {DEPTH}-layer ReLU conv net")
     models = {}
     for way in ("naive", "kaiming", "kaiming + batchnorm", "residual"):

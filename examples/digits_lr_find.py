@@ -11,8 +11,7 @@ suggestion's is within 0.02 of the grid's best.
 """
 
 import torch
-from digits import BATCH, STEPS, conv_net
-from sklearn.datasets import load_digits
+from digits import BATCH, STEPS, conv_net, split_digits
 from torch import nn
 
 import normlab
@@ -52,12 +51,7 @@ def test_loss(lr: float, initial: dict, X, y, Xte, yte) -> float:
 def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    digits = load_digits()
-    X = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # (N, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    order = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
-    train_ix, test_ix = order[: int(0.8 * len(X))], order[int(0.8 * len(X)) :]
-    Xtr, ytr, Xte, yte = X[train_ix], y[train_ix], X[test_ix], y[test_ix]
+    Xtr, ytr, Xte, yte = split_digits()
     model = conv_net("kaiming + batchnorm")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.coord_check import _slope, coord_check
+from normlab.coordcheck import _slope, coord_check
 
 WIDTHS = [64, 128, 256, 512]
 

@@ -158,3 +158,20 @@ def test_experiment_sharpness_quick(capsys, tmp_path):
         assert run["stability_line"] == 2 / run["lr"]
         assert run["peak"] > run["at_start"]  # progressive sharpening, from the same start
     assert runs[0]["at_start"] == runs[1]["at_start"]  # the same initial weights
+
+
+def test_experiment_width_quick(capsys, tmp_path):
+    results, _ = _quick(capsys, tmp_path, "width")
+    grid = results["grid"]
+    assert {(r["param"], r["width"], r["lr"]) for r in grid} == {
+        (param, width, lr)
+        for param in ("standard", "mup")
+        for width in results["widths"]
+        for lr in results["lrs"]
+    }
+    for param, best in results["best_lr"].items():
+        for width, lr in best.items():  # the lowest val loss of its width
+            cells = [r for r in grid if r["param"] == param and r["width"] == int(width)]
+            assert lr == min(cells, key=lambda r: r["val_loss"])["lr"]
+    assert results["coord_check"]["mup"]["flagged"] == {}
+    assert (tmp_path / "width" / "coordcheck-mup.png").stat().st_size > 1000

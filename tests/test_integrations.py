@@ -36,21 +36,14 @@ class TinyModule(lightning.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.slow
-def test_lightning_callback_logs_through_the_trainers_loggers_and_writes_the_report(
-    tmp_path, capsys
-):
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from normlab.integrations.lightning import DiagnosticsCallback
-
+def _fit_tiny_module(tmp_path, callback, max_steps, loggers):
+    """TinyModule fit on random data for ``max_steps`` with ``callback``, on the CPU."""
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
-    callback = DiagnosticsCallback(every_n_steps=5)
     trainer = lightning.Trainer(
-        max_steps=12,
+        max_steps=max_steps,
         default_root_dir=tmp_path,
-        logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
+        logger=loggers,
         callbacks=[callback],
         accelerator="cpu",
         devices=1,
@@ -59,6 +52,19 @@ def test_lightning_callback_logs_through_the_trainers_loggers_and_writes_the_rep
         enable_model_summary=False,
     )
     trainer.fit(TinyModule(), torch.utils.data.DataLoader(data, batch_size=32))
+
+
+@pytest.mark.slow
+def test_lightning_callback_logs_through_the_trainers_loggers_and_writes_the_report(
+    tmp_path, capsys
+):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from normlab.integrations.lightning import DiagnosticsCallback
+
+    callback = DiagnosticsCallback(every_n_steps=5)
+    loggers = [CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")]
+    _fit_tiny_module(tmp_path, callback, 12, loggers)
     diagnostics = callback.recorder.diagnostics
     assert [s.step for s in diagnostics.history] == [0, 5, 10]
     kinds = {x.name: x.kind for x in diagnostics.history[-1].layers}
@@ -128,21 +134,8 @@ def test_lightning_callback_measures_the_second_order_statistics_at_its_cadence(
 
     from normlab.integrations.lightning import DiagnosticsCallback
 
-    torch.manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(256, 8), torch.randint(0, 3, (256,)))
     callback = DiagnosticsCallback(every_n_steps=5, second_order_every=4)
-    trainer = lightning.Trainer(
-        max_steps=9,
-        default_root_dir=tmp_path,
-        logger=CSVLogger(tmp_path, name="csv"),
-        callbacks=[callback],
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(TinyModule(), torch.utils.data.DataLoader(data, batch_size=32))
+    _fit_tiny_module(tmp_path, callback, 9, CSVLogger(tmp_path, name="csv"))
     history = callback.recorder.diagnostics.history
     assert [s.step for s in history] == [0, 4, 5, 8]  # the second order's steps are recorded too
     measured = {s.step: s.second_order for s in history if s.second_order is not None}

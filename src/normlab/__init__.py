@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # normlab.audit and normlab.find_lr, loaded on first use: ``import normlab`` stays light
+    # normlab.audit, find_lr and coord_check, loaded on first use: ``import normlab`` stays light
     if name == "audit":
         from normlab.auditor import audit
 
@@ -23,4 +23,8 @@ def __getattr__(name: str):
         from normlab.lr_find import find_lr
 
         return find_lr
+    if name == "coord_check":
+        from normlab.coordcheck import coord_check
+
+        return coord_check
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

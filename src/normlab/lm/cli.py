@@ -6,6 +6,7 @@
     normlab bench --preset P ...           training steps per second, as one JSON line
     normlab diagnose [--preset P | --run DIR] per-layer health of one step, with verdicts
     normlab lr-find [--preset P]           the learning-rate range test, and its suggestion
+    normlab coordcheck [--preset P]        each layer's activation size against the width
     normlab export --run DIR --format F    the model as ONNX or safetensors, for use elsewhere
     normlab propagate                      the signal-propagation table of four inits
     normlab experiment NAME [--quick]      the measurements behind docs/RESULTS.md
@@ -22,7 +23,7 @@ import os
 import signal
 import sys
 import typing
-from dataclasses import Field, fields
+from dataclasses import Field, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -174,9 +175,51 @@ def _add_data_flag(p: argparse.ArgumentParser) -> None:
 
 def _add_run_commands(sub) -> None:
     """The commands that read a run, or build a model as a run would: sample, eval, bench,
-    diagnose and export."""
+    diagnose, export, lr-find and coordcheck."""
     _add_sample_and_eval(sub)
     _add_bench_diagnose_and_export(sub)
+    _add_scaling_commands(sub)
+
+
+def _add_scaling_commands(sub) -> None:
+    """The commands that say how to scale a run: lr-find and coordcheck."""
+    p = sub.add_parser(
+        "lr-find",
+        help="the learning-rate range test: sweep the rate, suggest one",
+        description="Train a new run's model for --sweep-steps batches with a learning rate "
+        "growing exponentially from --start-lr to --end-lr, then suggest the rate where the "
+        "smoothed loss falls fastest. The model and optimizer are as the preset and flags "
+        "make them; nothing is written but --plot.",
+    )
+    _add_config_flags(p)
+    p.add_argument("--sweep-steps", type=int, default=100, metavar="N", help="default: 100")
+    p.add_argument("--start-lr", type=float, default=1e-7, metavar="X", help="default: 1e-7")
+    p.add_argument("--end-lr", type=float, default=10.0, metavar="X", help="default: 10")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="draw the curve to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the sweep as one JSON object")
+
+    p = sub.add_parser(
+        "coordcheck",
+        help="the coord check: each layer's activation size against the width, first steps",
+        description="Build the model at each of --widths hidden units, train each for "
+        "--check-steps steps on the same batches (once per seed), and fit each layer's mean "
+        "|activation| against the width: a slope near 0 means the layer's size does not "
+        "depend on the width. --param mup should keep every layer flat; the standard "
+        "parametrization lets them drift once training moves them.",
+    )
+    _add_config_flags(p)
+    p.add_argument(
+        "--widths",
+        type=_shape,
+        default=[64, 128, 256, 512, 1024],
+        metavar="W,...",
+        help="hidden widths (default: 64,128,256,512,1024)",
+    )
+    p.add_argument("--check-steps", type=int, default=4, metavar="N", help="default: 4")
+    p.add_argument("--seeds", type=int, default=2, metavar="N", help="default: 2")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="draw mup's figure to this PNG file")
+    p.add_argument("--json", action="store_true", help="print the slopes as one JSON object")
+    p.add_argument("--strict", action="store_true", help="exit with code 1 when a layer drifts")
 
 
 def _add_sample_and_eval(sub) -> None:
@@ -246,21 +289,6 @@ def _add_bench_diagnose_and_export(sub) -> None:
         "--html", type=Path, metavar="FILE", help="also write the report as a page to this file"
     )
     p.add_argument("--strict", action="store_true", help="exit with code 1 when a verdict fires")
-
-    p = sub.add_parser(
-        "lr-find",
-        help="the learning-rate range test: sweep the rate, suggest one",
-        description="Train a new run's model for --sweep-steps batches with a learning rate "
-        "growing exponentially from --start-lr to --end-lr, then suggest the rate where the "
-        "smoothed loss falls fastest. The model and optimizer are as the preset and flags "
-        "make them; nothing is written but --plot.",
-    )
-    _add_config_flags(p)
-    p.add_argument("--sweep-steps", type=int, default=100, metavar="N", help="default: 100")
-    p.add_argument("--start-lr", type=float, default=1e-7, metavar="X", help="default: 1e-7")
-    p.add_argument("--end-lr", type=float, default=10.0, metavar="X", help="default: 10")
-    p.add_argument("--plot", type=Path, metavar="FILE", help="draw the curve to this PNG file")
-    p.add_argument("--json", action="store_true", help="print the sweep as one JSON object")
 
     p = sub.add_parser(
         "export",
@@ -489,6 +517,35 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+def cmd_coordcheck(args) -> int:
+    from normlab.lm.coordcheck import coord_check_widths
+
+    if len(set(args.widths)) < 2 or args.check_steps < 1 or args.seeds < 1:
+        raise NormlabError("need two widths or more, --check-steps ≥ 1 and --seeds ≥ 1")
+    if args.n_hidden is not None:
+        raise NormlabError("--widths sets the hidden width; drop --n-hidden")
+    if args.base_width is not None and args.base_width > min(args.widths):
+        raise NormlabError(
+            f"--base-width ({args.base_width}) is larger than the narrowest width "
+            f"({min(args.widths)}); μP scales up from its base width"
+        )
+    args.n_hidden = max(args.widths)
+    model_config, train_config, data = configs_and_data_from_args(args)
+    for width in args.widths:  # each width is a model of its own: check each one's config
+        check_configs(replace(model_config, n_hidden=width), train_config)
+    check = coord_check_widths(
+        model_config, train_config, data, args.widths, args.check_steps, args.seeds
+    )
+    if args.plot is not None:
+        check.plot(args.plot)
+    if args.json:
+        out = {"widths": check.widths, "slopes": check.slopes, "flagged": check.flagged}
+        print(json.dumps(out))
+    else:
+        print(check.table())
+    return 1 if args.strict and check.flagged else 0
+
+
 def cmd_export(args) -> int:
     from normlab.lm.export import export_run
 
@@ -533,6 +590,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "diagnose": cmd_diagnose,
     "lr-find": cmd_lr_find,
+    "coordcheck": cmd_coordcheck,
     "export": cmd_export,
     "propagate": cmd_propagate,
     "experiment": cmd_experiment,

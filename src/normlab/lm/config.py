@@ -18,6 +18,7 @@ ARCHS = ("mlp", "wavenet")
 NORMS = ("batch", "layer", "group", "none")
 BLOCK_NONLINEARITIES = ("tanh", "relu")  # what a hidden block of the model can apply
 INITS = ("naive", "lecture", "kaiming", "lsuv")
+PARAMS = ("standard", "mup")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -146,6 +147,15 @@ class ModelConfig(_Config):
     embed_dropout: float = option(
         0.0, "dropout on the context's embeddings (training only)", low=0, high=1, open_high=True
     )
+    param: str = option(
+        "standard",
+        "standard, or mup: the Maximal Update Parametrization, whose learning rates and init "
+        "carry over from --base-width to wider models (normlab.lm.mup)",
+        choices=PARAMS,
+    )
+    base_width: int | None = option(
+        None, "param mup: the width it keeps as is (default: n_hidden itself)", low=1
+    )
 
     def validate(self) -> None:
         """Raise ConfigError for a field, or a combination of fields, that cannot work."""
@@ -164,9 +174,29 @@ class ModelConfig(_Config):
             )
         if self.arch == "wavenet":
             self._validate_wavenet()
+        if self.param == "mup":
+            self._validate_mup()
         if self.norm == "group" and self.n_hidden % self.n_groups != 0:
             raise ConfigError(
                 f"n_hidden ({self.n_hidden}) must be divisible by n_groups ({self.n_groups})"
+            )
+
+    def _validate_mup(self) -> None:
+        uncovered = {
+            "--arch wavenet": self.arch == "wavenet",
+            "--output-bn": self.output_bn,
+            f"--init {self.init}": self.init != "kaiming",
+        }
+        for option_, given in uncovered.items():
+            if given:
+                raise ConfigError(
+                    f"--param mup does not cover {option_} (see normlab.lm.mup); drop it, or "
+                    "train with --param standard"
+                )
+        if self.base_width is not None and self.base_width > self.n_hidden:
+            raise ConfigError(
+                f"--base-width ({self.base_width}) is larger than the width --n-hidden "
+                f"({self.n_hidden}); μP scales up from its base width"
             )
 
     def _validate_wavenet(self) -> None:

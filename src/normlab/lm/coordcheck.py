@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import torch
 
-from normlab.coord_check import CoordCheck, coord_check
+from normlab.coordcheck import CoordCheck, coord_check
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE

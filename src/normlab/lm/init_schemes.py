@@ -93,6 +93,8 @@ def _kaiming_(model: nn.Module, g: torch.Generator) -> None:
     # logits near zero at step 0: the loss starts near ln(vocab_size), not confidently wrong
     output_bn = _output_batchnorm(model)
     (head.weight if output_bn is None else output_bn.weight).mul_(0.1)
+    if c.param == "mup":  # μP's output layer starts at zero, at any width (normlab.lm.mup)
+        head.weight.zero_()
 
 
 @torch.no_grad()

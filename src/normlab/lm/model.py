@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from normlab import nn as nl
 from normlab.lm.config import ModelConfig
 from normlab.lm.init_schemes import initialize_
+from normlab.lm.mup import output_multiplier
 
 
 class Block(nn.Sequential):
@@ -30,6 +31,21 @@ class Block(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
         return x + out if self.residual else out
+
+
+class Readout(nl.Linear):
+    """μP's output layer (``--param mup``): a Linear whose input is multiplied by
+    ``multiplier`` (1/m, ``normlab.lm.mup``), so that the bias is not (mup's ``MuReadout``)."""
+
+    def __init__(self, fan_in: int, fan_out: int, multiplier: float, **kwargs) -> None:
+        super().__init__(fan_in, fan_out, **kwargs)
+        self.multiplier = multiplier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x * self.multiplier)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", multiplier={self.multiplier:g}"
 
 
 def next_char_loss(logits: Tensor, targets: Tensor, over: int | None = None) -> Tensor:
@@ -91,7 +107,11 @@ class LanguageModel(nn.Module):
             blocks.append(Block(*layers, residual=c.residual and fan_in == c.n_hidden))
             fan_in = c.n_hidden
         self.blocks = nn.Sequential(*blocks)
-        head = [nl.Linear(fan_in, c.vocab_size, bias=not c.output_bn, init=nn.init.zeros_)]
+        readout = dict(bias=not c.output_bn, init=nn.init.zeros_)
+        if c.param == "mup":
+            head = [Readout(fan_in, c.vocab_size, output_multiplier(c), **readout)]
+        else:
+            head = [nl.Linear(fan_in, c.vocab_size, **readout)]
         if c.output_bn:
             head.append(nl.BatchNorm1d(c.vocab_size, momentum=c.bn_momentum))
         self.head = nn.Sequential(*head)

@@ -35,6 +35,7 @@ What it covers, and what it chooses:
 
 from torch import nn
 
+from normlab import nn as nl
 from normlab.lm.config import ModelConfig
 
 
@@ -54,7 +55,7 @@ def rate_scales(model: nn.Module, optimizer: str) -> dict[int, tuple[float, floa
     """Each parameter's ``(learning-rate scale, weight-decay scale)`` by the table above,
     keyed by ``id(parameter)``, for ``optimizer`` ``"adamw"`` or ``"sgd"``."""
     m = width_multiplier(model.config)
-    linears = [layer for block in model.blocks for layer in block if isinstance(layer, nn.Linear)]
+    linears = [layer for block in model.blocks for layer in block if isinstance(layer, nl.Linear)]
     hidden = {id(p) for layer in linears[1:] for p in layer.parameters() if p.dim() >= 2}
     fixed = {id(model.embedding.weight)}
     scales = {}

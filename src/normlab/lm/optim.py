@@ -9,16 +9,21 @@ from torch.optim.sgd import sgd
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from normlab.lm.config import TrainConfig
+from normlab.lm.mup import rate_scales
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; weight decay on matrices (embeddings, Linear weights), not gains and biases."""
+    """SGD or AdamW; weight decay on matrices (embeddings, Linear weights), not gains and biases.
+    Under ``--param mup`` each parameter's group scales the rate and the decay by μP's table
+    (``normlab.lm.mup``), as its ``lr_scale`` (``set_learning_rate``)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if getattr(model, "config", None) is not None and model.config.param == "mup":
+        groups = _mup_groups(model, cfg)
     # fused: the whole update in one kernel per dtype and device, several times faster than
     # the default per-tensor loop on CPU (SGD's is bitwise the same; AdamW's within rounding)
     if cfg.optimizer == "sgd":
@@ -116,6 +121,21 @@ class FunctionalUpdate:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+
+def _mup_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One param group per (rate scale, decay) of μP's table, each at ``cfg.lr`` times its scale."""
+    scales = rate_scales(model, cfg.optimizer)
+    groups: dict[tuple[float, float], dict] = {}
+    for p in model.parameters():
+        lr_scale, decay_scale = scales[id(p)]
+        decay = cfg.weight_decay * decay_scale if p.dim() >= 2 else 0.0
+        group = groups.setdefault(
+            (lr_scale, decay),
+            {"params": [], "weight_decay": decay, "lr_scale": lr_scale, "lr": cfg.lr * lr_scale},
+        )
+        group["params"].append(p)
+    return list(groups.values())
 
 
 IMPLEMENTATION_KEYS = ("fused", "foreach")  # how an optimizer runs, not what it computes

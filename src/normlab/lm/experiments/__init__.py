@@ -9,7 +9,7 @@ import importlib
 
 from normlab.lm.experiments.common import Context
 
-EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet", "lr-find", "sharpness")
+EXPERIMENTS = ("lecture", "depth", "batchnorm", "wavenet", "lr-find", "sharpness", "width")
 
 
 def run_experiment(ctx: Context) -> dict:
