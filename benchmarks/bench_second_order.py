@@ -35,7 +35,7 @@ declare_torchvision_operators()  # before anything imports torchvision: see test
 
 from normlab.curvature import Hessian, hessian_trace, top_eigenvalue  # noqa: E402
 from normlab.lm.config import preset_configs  # noqa: E402
-from normlab.lm.model import LanguageModel  # noqa: E402
+from normlab.lm.model import LanguageModel, batch_mean_loss  # noqa: E402
 from normlab.lm.optim import make_optimizer  # noqa: E402
 from normlab.noise import gradient_noise  # noqa: E402
 from normlab.second_order import default_micro_batch, measure_second_order  # noqa: E402
@@ -52,7 +52,7 @@ def default_preset():
     x = torch.randint(0, 27, (train_config.batch_size, model_config.block_size))
     y = torch.randint(0, 27, (train_config.batch_size,))
     optimizer = make_optimizer(model, train_config)
-    return "default preset", model, (x, y), lambda m, b: m(*b)[1], optimizer
+    return "default preset", model, (x, y), batch_mean_loss, optimizer
 
 
 def resnet18():

@@ -18,7 +18,6 @@ moves (running statistics) is put back afterwards.
   :math:`(2 + 2\\beta_1)/((1 - \\beta_1)\\eta)` (Cohen et al., 2022).
 """
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 
 from normlab.dataflow import first_tensor
 from normlab.errors import first_line
-from normlab.nn import twice_differentiable
+from normlab.nn import kept_buffers, twice_differentiable
 
 
 class NotTwiceDifferentiable(RuntimeError):
@@ -81,7 +80,7 @@ class Hessian:
             m.register_forward_hook(_note_node(name, layer_of)) for name, m in model.named_modules()
         ]
         try:
-            with twice_differentiable(), torch.enable_grad(), _buffers_on_copies(model):
+            with twice_differentiable(), torch.enable_grad(), kept_buffers(model):
                 loss = loss_fn(model)
                 _refuse_once_differentiable(loss, layer_of)
                 self.grads = torch.autograd.grad(loss, self.params, create_graph=True)
@@ -111,24 +110,6 @@ class Hessian:
                 f"the loss has no second derivative: {first_line(e, 160)}"
             ) from None
         self.products = 0
-
-
-@contextlib.contextmanager
-def _buffers_on_copies(model: nn.Module):
-    """Within it, each module's buffers are copies, which the forward pass may move (running
-    statistics); the module's own are back afterwards, untouched. Putting the moved values
-    back in place instead would change tensors that a double backward reads (torch's
-    BatchNorm saves its running statistics for it)."""
-    owned = [
-        (m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None
-    ]
-    for m, name, b in owned:
-        m._buffers[name] = b.detach().clone()
-    try:
-        yield
-    finally:
-        for m, name, b in owned:
-            m._buffers[name] = b
 
 
 def _note_node(name: str, layer_of: dict):

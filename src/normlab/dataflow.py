@@ -61,6 +61,29 @@ def batch_loss(model: nn.Module, batch: Batch, loss_fn: Callable | None = None) 
     return first.float().square().mean()
 
 
+def split_batch(batch: Batch, size: int) -> list[Batch]:
+    """``batch`` (a tensor, or a tuple, list or dict of them) in pieces of ``size`` rows; what
+    is not a tensor goes to every piece as it is."""
+    if torch.is_tensor(batch):
+        return list(batch.split(size))
+    n = -(-batch_rows(batch) // size)
+    if isinstance(batch, dict):
+        parts = {
+            k: split_batch(v, size) if torch.is_tensor(v) else [v] * n for k, v in batch.items()
+        }
+        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
+    parts = [split_batch(v, size) if torch.is_tensor(v) else [v] * n for v in batch]
+    return [type(batch)(p[i] for p in parts) for i in range(n)]
+
+
+def batch_rows(batch: Batch) -> int:
+    """The batch's size: its first tensor's first dimension."""
+    if torch.is_tensor(batch):
+        return len(batch)
+    values = batch.values() if isinstance(batch, dict) else batch
+    return len(next(v for v in values if torch.is_tensor(v)))
+
+
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early, once what it measures has been seen."""
 

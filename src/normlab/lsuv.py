@@ -46,7 +46,14 @@ from torch.nn.utils import parametrize
 
 from normlab.dataflow import Batch, StopForward, call_model, forward_until_stopped, trace_dataflow
 from normlab.errors import first_line
-from normlab.nn import ACTIVATIONS, NORMALIZATIONS, WEIGHTED, batchnorm_training, layer_kind
+from normlab.nn import (
+    ACTIVATIONS,
+    NORMALIZATIONS,
+    WEIGHTED,
+    batchnorm_training,
+    kept_buffers,
+    layer_kind,
+)
 
 
 @dataclass
@@ -182,27 +189,24 @@ def lsuv_(
     if not layers:
         raise ValueError("lsuv_ found no Linear or convolution layer to initialize")
     names = {m: n for n, m in model.named_modules()}
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    devices = [d for d in {b.device for b in buffers.values()} if d.type == "cuda"]
-    try:
-        # the global RNG is forked: a stochastic layer left on must not use it up
-        with batchnorm_training(model), torch.random.fork_rng(devices=devices):
-            flow = trace_dataflow(model, x, forward_fn)
-            modules = dict(model.named_modules())
-            called = sorted(
-                (m for m in layers if names[m] in flow.calls),
-                key=lambda m: flow.order.index(names[m]),
-            )
-            variance_of = lambda probe: _output_variance(model, x, probe, forward_fn)  # noqa: E731
-            results = [
-                _lsuv_layer(
-                    layer, names[layer], flow, modules, variance_of, tol, max_iter, generator
-                )
-                for layer in called
-            ]
-    finally:
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
+    devices = [d for d in {b.device for b in model.buffers()} if d.type == "cuda"]
+    # the global RNG is forked: a stochastic layer left on must not use it up
+    with (
+        kept_buffers(model),
+        batchnorm_training(model),
+        torch.random.fork_rng(devices=devices),
+    ):
+        flow = trace_dataflow(model, x, forward_fn)
+        modules = dict(model.named_modules())
+        called = sorted(
+            (m for m in layers if names[m] in flow.calls),
+            key=lambda m: flow.order.index(names[m]),
+        )
+        variance_of = lambda probe: _output_variance(model, x, probe, forward_fn)  # noqa: E731
+        results = [
+            _lsuv_layer(layer, names[layer], flow, modules, variance_of, tol, max_iter, generator)
+            for layer in called
+        ]
     uncalled = [m for m in layers if names[m] not in flow.calls]
     why = "the forward pass does not call it (its weight may be used by a function)"
     return results + [LSUVLayer(names[m], "output", None, None, 0, why) for m in uncalled]

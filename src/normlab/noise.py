@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from normlab.dataflow import batch_rows, split_batch
+from normlab.nn import kept_buffers
+
 
 @dataclass(frozen=True)
 class NoiseScale:
@@ -39,30 +42,8 @@ class NoiseScale:
     noise_trace: float  # tr(Σ), the per-example gradients' total variance
     batch_size: int  # B
     micro_batch: int  # b
-    snr: dict[
-        str, float
-    ]  # per parameter: |G_p|² / (tr(Σ_p)/B), the batch gradient's signal-to-noise
-
-
-def _split(batch, size: int) -> list:
-    """``batch`` (a tensor, or a tuple, list or dict of them) in pieces of ``size`` rows; what
-    is not a tensor goes to every piece as it is."""
-    if torch.is_tensor(batch):
-        return list(batch.split(size))
-    n = -(-batch_rows(batch) // size)
-    if isinstance(batch, dict):
-        parts = {k: _split(v, size) if torch.is_tensor(v) else [v] * n for k, v in batch.items()}
-        return [{k: v[i] for k, v in parts.items()} for i in range(n)]
-    parts = [_split(v, size) if torch.is_tensor(v) else [v] * n for v in batch]
-    return [type(batch)(p[i] for p in parts) for i in range(n)]
-
-
-def batch_rows(batch) -> int:
-    """The batch's size: its first tensor's first dimension."""
-    if torch.is_tensor(batch):
-        return len(batch)
-    values = batch.values() if isinstance(batch, dict) else batch
-    return len(next(v for v in values if torch.is_tensor(v)))
+    # per parameter: |G_p|² / (tr(Σ_p)/B), the batch gradient's signal-to-noise
+    snr: dict[str, float]
 
 
 def _gradients(model, loss_fn, batch, params) -> list[Tensor]:
@@ -102,16 +83,14 @@ def gradient_noise(
     names, params = zip(
         *[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True
     )
-    buffers = [b.detach().clone() for b in model.buffers()]
     small = [0.0] * len(params)  # per parameter: the micro-batches' mean |G_b|²
-    pieces = _split(batch, micro_batch)
-    for piece in pieces:
-        for k, g in enumerate(_gradients(model, loss_fn, piece, params)):
-            small[k] += g.double().square().sum().item() / len(pieces)
-    whole = [g.double().square().sum().item() for g in _gradients(model, loss_fn, batch, params)]
-    with torch.no_grad():  # each forward pass moved the running statistics: put them back
-        for b, saved in zip(model.buffers(), buffers, strict=True):
-            b.copy_(saved)
+    pieces = split_batch(batch, micro_batch)
+    with kept_buffers(model):  # each forward pass moves the running statistics
+        for piece in pieces:
+            for k, g in enumerate(_gradients(model, loss_fn, piece, params)):
+                small[k] += g.double().square().sum().item() / len(pieces)
+        whole = _gradients(model, loss_fn, batch, params)
+        whole = [g.double().square().sum().item() for g in whole]
     b = micro_batch
     signal = [(B * w - b * s) / (B - b) for w, s in zip(whole, small, strict=True)]  # |G_p|²
     noise = [(s - w) / (1 / b - 1 / B) for w, s in zip(whole, small, strict=True)]  # tr(Σ_p)

@@ -27,9 +27,10 @@ from normlab.curvature import (
     hessian_trace,
     top_eigenvalue,
 )
+from normlab.dataflow import batch_rows
 from normlab.diagnostics import SecondOrderStats
 from normlab.errors import first_line
-from normlab.noise import batch_rows, gradient_noise
+from normlab.noise import gradient_noise
 
 
 def default_micro_batch(batch_size: int) -> int:

@@ -149,6 +149,7 @@ class CompiledStep:
         self.compile = compile
         self._compiled: dict[tuple, object] = {}  # by the batch, the model's mode, the recording
         self._places: dict[tuple, tuple[int, ...]] = {}  # by the same: the parameters with a grad
+        self._grad_lists: dict[tuple, list] = {}  # by those places: the update's gradients
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
         self._record_eagerly = False  # a recording's trace failed: record without tracing
         self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
@@ -217,13 +218,23 @@ class CompiledStep:
     def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None) -> tuple:
         """``_gradients``, compiled unless it cannot be, then the optimizer's update."""
         out, places = self._run_gradients(x, y, recorder)
-        grads = [self._grad_views[i] if i in places else None for i in range(len(self.params))]
+        grads = self._grads_at(places)
         set_learning_rate(self.optimizer, lr)
         self.update(grads)
         if recorder is not None:  # as loss.backward() leaves them, for recorder.collect()
             for p, grad in zip(self.params, grads, strict=True):
                 p.grad = grad
         return out
+
+    def _grads_at(self, places: tuple[int, ...]) -> list[Tensor | None]:
+        """Each parameter's gradient, a view of the buffer, or None where ``places`` (the
+        parameters a graph differentiates) leaves it out: one list per set of places."""
+        if places not in self._grad_lists:
+            views = self._grad_views
+            self._grad_lists[places] = [
+                views.get(i) if i in places else None for i in range(len(self.params))
+            ]
+        return self._grad_lists[places]
 
     def _run_gradients(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
         if not self.compile or (recorder is not None and self._record_eagerly):

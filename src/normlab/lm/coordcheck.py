@@ -9,7 +9,7 @@ from normlab.coordcheck import CoordCheck, coord_check
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
-from normlab.lm.model import LanguageModel
+from normlab.lm.model import LanguageModel, batch_mean_loss
 from normlab.lm.optim import make_optimizer
 from normlab.lm.seeds import stream_seed
 from normlab.lm.state import Batches
@@ -44,6 +44,6 @@ def coord_check_widths(
         [batches.next() for _ in range(steps)],
         steps=steps,
         optimizer=lambda model: make_optimizer(model, train_config),
-        loss_fn=lambda model, batch: model(*batch)[1],
+        loss_fn=batch_mean_loss,
         seeds=range(train_config.seed, train_config.seed + seeds),
     )

@@ -6,9 +6,9 @@ from normlab.diagnostics import Diagnostics, Report, judge_recording
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
+from normlab.lm.model import batch_mean_loss
 from normlab.lm.optim import lr_at
 from normlab.lm.start import start_training
-from normlab.nn import set_mode
 from normlab.second_order import measure_second_order
 
 
@@ -36,10 +36,7 @@ def diagnose(
     step = t.progress.step
     x, y = X[ix].to(device), Y[ix].to(device)
     lr = lr_at(step, train_config)
-    with set_mode(t.model, training=True):
-        second_order = measure_second_order(
-            t.model, lambda m, b: m(*b)[1], (x, y), t.optimizer, lr=lr
-        )
+    second_order = measure_second_order(t.model, batch_mean_loss, (x, y), t.optimizer, lr=lr)
     record = Diagnostics(t.model)
     t.step(x, y, lr, record, step).snapshot.second_order = second_order
     return judge_recording(record, num_classes=data.vocab.size), record

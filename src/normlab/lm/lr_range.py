@@ -4,6 +4,7 @@ as a run would start it."""
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import SINGLE
+from normlab.lm.model import batch_mean_loss
 from normlab.lm.start import start_training
 from normlab.lr_find import LRSweep, find_lr
 
@@ -22,4 +23,4 @@ def lr_range_test(
     generator: the same seed and flags give the same sweep."""
     t = start_training(model_config, train_config, data, SINGLE, quiet=True)
     batches = (t.batches.next() for _ in range(steps))
-    return find_lr(t.model, batches, t.optimizer, lambda m, b: m(*b)[1], start_lr, end_lr, steps)
+    return find_lr(t.model, batches, t.optimizer, batch_mean_loss, start_lr, end_lr, steps)

@@ -60,6 +60,14 @@ def next_char_loss(logits: Tensor, targets: Tensor, over: int | None = None) -> 
     return F.cross_entropy(logits, targets, reduction="sum") / over
 
 
+def batch_mean_loss(model: "LanguageModel", batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The mean loss of a batch ``(x, y)``: what the instruments of ``normlab.curvature``,
+    ``normlab.noise``, ``normlab.find_lr`` and ``normlab.coord_check`` take as
+    ``loss_fn(model, batch)``."""
+    _, loss = model(*batch)
+    return loss
+
+
 class LanguageModel(nn.Module):
     """Predict the next character from the previous ``block_size`` characters.
 

@@ -19,7 +19,7 @@ from normlab.diagnostics import Diagnostics, SecondOrderStats
 from normlab.lm.config import ModelConfig, TrainConfig
 from normlab.lm.data import Dataset
 from normlab.lm.distributed import Ranks, gather_objects, shard
-from normlab.lm.model import LanguageModel
+from normlab.lm.model import LanguageModel, batch_mean_loss
 from normlab.lm.seeds import second_order_batch_seed
 from normlab.lm.step import TrainStep
 from normlab.lsuv import LSUVLayer
@@ -121,13 +121,12 @@ class Training:
         against the stability line of ``lr`` and its Hessian trace; and the gradient noise
         scale, from batches of this size against one of ``NOISE_BATCHES`` of them (this batch
         and more, drawn from their own stream), as McCandlish et al. measure it in training."""
-        loss = lambda model, batch: model(*batch)[1]  # noqa: E731  the batch's mean loss
         X, Y = self.data.splits["train"]
         g = torch.Generator().manual_seed(second_order_batch_seed(self.train_config.seed, step))
         ix = torch.randint(0, len(X), ((NOISE_BATCHES - 1) * len(x),), generator=g).to(X.device)
         noise_batch = (torch.cat([x, X[ix].to(x.device)]), torch.cat([y, Y[ix].to(y.device)]))
         return measure_second_order(
-            self.model, loss, (x, y), self.optimizer, lr, len(x), noise_batch=noise_batch
+            self.model, batch_mean_loss, (x, y), self.optimizer, lr, len(x), noise_batch=noise_batch
         )
 
     def checkpoint_state(self) -> dict:

@@ -5,7 +5,7 @@ training-mode forward and its closed-form backward once, for every rank and
 layout, and every layer matches its ``torch.nn`` counterpart in outputs,
 gradients, running statistics, buffers and ``state_dict`` keys, so state dicts
 load both ways. Beside the layers: their *kinds*, which LSUV and the
-diagnostics go by (``kinds``), and ``set_mode`` (``mode``).
+diagnostics go by (``kinds``), and ``set_mode`` and ``kept_buffers`` (``mode``).
 
 The modules: ``linear``, ``batchnorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
 ``instancenorm`` (``InstanceNorm1d/2d``), ``normalization`` (``LayerNorm``,
@@ -42,7 +42,7 @@ from normlab.nn.kinds import (
     register_kind,
 )
 from normlab.nn.linear import Linear
-from normlab.nn.mode import set_mode
+from normlab.nn.mode import kept_buffers, set_mode
 from normlab.nn.normalization import GroupNorm, LayerNorm
 
 __all__ = [
@@ -71,6 +71,7 @@ __all__ = [
     "batchnorm_training",
     "convert_sync_batchnorm",
     "is_batchnorm",
+    "kept_buffers",
     "layer_kind",
     "register_batchnorm",
     "register_kind",

@@ -1,4 +1,5 @@
-"""``set_mode``: a block of code in train or eval mode, then every submodule as it was."""
+"""A block of code with a model in another state, then the model as it was: ``set_mode`` (train
+or eval mode), ``kept_buffers`` (running statistics a block may move)."""
 
 import contextlib
 from collections.abc import Iterator
@@ -26,3 +27,30 @@ def set_mode(module: nn.Module, training: bool) -> Iterator[nn.Module]:
     finally:
         for m, training_before in modes:
             m.training = training_before
+
+
+@contextlib.contextmanager
+def kept_buffers(module: nn.Module) -> Iterator[nn.Module]:
+    """Run a block with every buffer of ``module`` (running statistics, counts) swapped for a
+    copy, which the block's forward passes may move; the module's own buffers are back
+    afterwards, untouched, also when the block raises. Swapping, not copying the old values
+    back in place, leaves alone the tensors that autograd saved for a later backward (torch's
+    BatchNorm saves its running statistics for its double backward).
+
+    Example:
+        >>> bn = torch.nn.BatchNorm1d(2)
+        >>> with kept_buffers(bn):
+        ...     _ = bn(torch.randn(8, 2) + 5)
+        >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
+        ([0.0, 0.0], 0)
+    """
+    owned = [
+        (m, name, b) for m in module.modules() for name, b in m._buffers.items() if b is not None
+    ]
+    for m, name, b in owned:
+        m._buffers[name] = b.detach().clone()
+    try:
+        yield module
+    finally:
+        for m, name, b in owned:
+            m._buffers[name] = b
