@@ -1,7 +1,10 @@
 """Runs in processes of their own, for the tests that kill, signal or race them."""
 
+import os
 import subprocess
 import time
+
+import torch.distributed as dist
 
 
 def start_run(command: list, out) -> subprocess.Popen:
@@ -15,3 +18,15 @@ def start_run(command: list, out) -> subprocess.Popen:
         assert time.monotonic() < deadline
         time.sleep(0.005)
     return proc
+
+
+def leave_process_group() -> None:
+    """End a rank that ``torch.multiprocessing.spawn`` started: meet every peer (no rank leaves
+    while another still reads from it), destroy the group, and exit at once. Under load, gloo's
+    threads can abort the process in the interpreter's own teardown ("terminate called without
+    an active exception", pytorch#190489; a fix in torch, pytorch#179291, was abandoned), after
+    the rank's work and its results are done; exiting before that teardown leaves the test
+    judging the work alone."""
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)

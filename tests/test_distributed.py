@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
+from processes import leave_process_group
 
 from normlab import nn as nl
 from normlab.lm.distributed import Ranks, shard
@@ -45,8 +46,7 @@ def _batchnorm_rank(rank, world_size, init_file, shape, result_dir):
     )
     for dtype in (torch.float32, torch.float64):
         _batchnorm_forward_backward(rank, world_size, dtype, shape, result_dir)
-    dist.barrier()  # no rank leaves while a peer still reads from it
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def _batchnorm_forward_backward(rank, world_size, dtype, shape, result_dir):
@@ -127,8 +127,7 @@ def _plain_batchnorm_rank(rank, world_size, init_file, result_dir):
     ours, theirs = nl.BatchNorm1d(4), torch.nn.BatchNorm1d(4)
     torch.save({"ours": ours(x), "theirs": theirs(x)}, result_dir / f"{rank}.pt")
     # without a collective, a fast rank could tear the group down while the other still connects
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_batchnorm_is_synced_only_when_asked(tmp_path):
@@ -161,8 +160,7 @@ def _calibrate_rank(rank, world_size, init_file, result_dir):
     model = _conv_net()
     calibrate_batchnorm(model, X[shard(len(X), Ranks(rank, world_size))], batch_size=7)
     torch.save(model.state_dict(), result_dir / f"{rank}.pt")
-    dist.barrier()  # no rank leaves while a peer still reads from it
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_calibration_on_n_ranks_gives_every_rank_the_whole_data_sets_statistics(tmp_path):
@@ -193,8 +191,7 @@ def _compiled_step_rank(rank, world_size, init_file, result_dir):
     optimizer = make_optimizer(model, TrainConfig())
     TrainStep(model, optimizer, 8, Ranks(rank, world_size), compile=False)
     torch.save(model.state_dict(), result_dir / f"{rank}.pt")
-    dist.barrier()  # no rank leaves while a peer still reads from it
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_a_compiled_step_starts_every_rank_from_rank_0s_weights(tmp_path):
