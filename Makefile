@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: train test lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt setup.py src/normlab/nn/csrc/batchnorm.cpp
+$(STAMP): pyproject.toml constraints.txt setup.py src/normlab/nn/csrc/batchnorm.cpp src/normlab/nn/csrc/stats.cpp
 	python3 -m venv $(VENV)
-	@# torch first: setup.py builds BatchNorm's C++ kernel against it (no build isolation)
+	@# torch first: setup.py builds normlab's C++ kernels against it (no build isolation)
 	$(PY) -m pip install --quiet -c constraints.txt setuptools torch
 	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)

@@ -1,8 +1,9 @@
-"""Builds normlab's C++ BatchNorm kernel (src/normlab/nn/csrc) against the installed torch.
+"""Builds normlab's C++ kernels (src/normlab/nn/csrc: BatchNorm, the diagnostics' statistics)
+against the installed torch.
 
-The kernel needs torch at build time: ``pip install --no-build-isolation`` (as the
+The kernels need torch at build time: ``pip install --no-build-isolation`` (as the
 Makefile does) with torch installed first. Where torch is not importable, as in
-an isolated build, normlab installs without it and its BatchNorm runs on ATen
+an isolated build, normlab installs without them and runs on ATen
 operators (``normlab.nn.kernel``).
 """
 
@@ -14,8 +15,8 @@ except ImportError:
     setup()
 else:
     kernel = CppExtension(
-        "normlab.nn._batchnorm_cpu",
-        ["src/normlab/nn/csrc/batchnorm.cpp"],
+        "normlab.nn._kernels_cpu",
+        ["src/normlab/nn/csrc/batchnorm.cpp", "src/normlab/nn/csrc/stats.cpp"],
         extra_compile_args=["-O3", "-fopenmp"],
     )
     setup(ext_modules=[kernel], cmdclass={"build_ext": BuildExtension})

@@ -22,7 +22,7 @@ from normlab.diagnostics import Diagnostics
 from normlab.lm import compiled as compiled_module
 from normlab.lm.config import TrainConfig
 from normlab.lm.data import load_dataset
-from normlab.lm.optim import make_optimizer
+from normlab.lm.optim import make_optimizer, set_learning_rate
 from normlab.lm.presets import PRESETS
 from normlab.lm.step import TrainStep
 
@@ -81,13 +81,19 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     plain(x, y, LR)
     # the recording's graph, compiled as the plain step's is
     recording = traced.core
-    graph = recording._compiled[recording._key(x, y, traced_diag)]
-    compiled_graph = torch.compile(graph, dynamic=False, options=compiled_module._options())
+    key = recording._key(x, y, traced_diag)
+    compiled_graph = torch.compile(
+        recording._compiled[key], dynamic=False, options=compiled_module._options()
+    )
 
-    def compiled_recording(x, y):
+    def compiled_recording(x, y):  # CompiledStep.recorded, with the graph compiled
         traced_diag.arm()
-        recording._lr.fill_(LR)
-        out = compiled_graph(recording.tensors, x, y, recording._lr)
+        out = compiled_graph(recording.tensors, x, y)
+        grads = recording._grads_at(recording._places[key])
+        set_learning_rate(recording.optimizer, LR)
+        recording.update(grads)
+        for p, grad in zip(recording.params, grads, strict=True):
+            p.grad = grad
         traced_diag.restore(out[2])
         traced_diag.collect(0)
 

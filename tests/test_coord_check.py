@@ -142,3 +142,19 @@ def test_a_factory_without_a_width_or_with_one_size_is_one_line():
         coord_check(lambda w: MLP(32), WIDTHS, _batches(), steps=2, loss_fn=_ce)
     with pytest.raises(ValueError, match="4 steps need 4 batches; data gave 3"):
         coord_check(MLP, WIDTHS, _batches(3), steps=4, loss_fn=_ce)
+
+
+def test_along_depth_it_compares_the_layers_every_depth_has():
+    def deep(depth):  # a plain tanh MLP of `depth` hidden layers: layers 0..2·depth+1
+        layers = [nn.Linear(16, 32), nn.Tanh()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(32, 32), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(32, 10))
+
+    check = coord_check(deep, [2, 4, 8], _batches(), steps=2, loss_fn=_ce, along="depth")
+    # the shallowest net has layers 0..4; its readout "4" is a hidden layer of the deeper ones,
+    # so it is compared too, while the deeper nets' own layers 5.. are left out
+    assert sorted(check.slopes) == ["0", "1", "2", "3", "4"]
+    assert "against log depth" in check.table()
+    with pytest.raises(ValueError, match="the factory must take a depth"):
+        coord_check(lambda: deep(2), [2, 4], _batches(), steps=1, loss_fn=_ce, along="depth")

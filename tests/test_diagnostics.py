@@ -326,3 +326,41 @@ def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
                 grad_std, grad_range = p.grad.std().item(), p.grad.abs().max().item()
                 assert columns["grad_std"][row].item() == pytest.approx(grad_std, rel=1e-5)
                 assert columns["grad_range"][row].item() == pytest.approx(grad_range, rel=1e-6)
+
+
+def test_only_a_models_first_recording_watches_its_operations(monkeypatch):
+    """The first recording watches every operation for in-place writes; later ones copy, at
+    the hook, exactly the outputs the first saw written, and measure the same numbers."""
+    from normlab.diagnostics.keep import KeepAsIs
+
+    class Gate(nn.Module):  # a squeeze-excite-like gate, written in place outside any layer
+        def __init__(self):
+            super().__init__()
+            self.linear, self.bn = nn.Linear(10, 16), nn.BatchNorm1d(16)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            h = self.bn(self.linear(x))
+            return self.act(h.mul_(2.0))  # the BatchNorm's output, written twice in place
+
+    calls = []
+    dispatch = KeepAsIs.__torch_dispatch__
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return dispatch(self, *args, **kwargs)
+
+    monkeypatch.setattr(KeepAsIs, "__torch_dispatch__", counted)
+    model = Gate()
+    x = torch.randn(32, 10)
+    expected = model.bn(model.linear(x)).detach()  # what the BatchNorm's output was
+    for watched in (True, False):
+        calls.clear()
+        diag = Diagnostics(model)
+        diag.arm()
+        model(x).sum().backward()
+        layers = {layer.name: layer for layer in diag.collect(0).layers}
+        diag.detach()
+        assert bool(calls) == watched
+        assert layers["bn"].mean == pytest.approx(expected.mean().item(), abs=1e-6)
+        assert layers["bn"].std == pytest.approx(expected.std().item(), rel=1e-5)

@@ -93,7 +93,11 @@ def test_experiment_lecture_quick(capsys, tmp_path):
 def test_experiment_depth_quick(capsys, tmp_path):
     results, stdout = _quick(capsys, tmp_path, "depth")
     cells = results["cells"]
-    assert len(cells) == 7 * 2
+    assert len(cells) == len(results["variants"]) * 2
+    # the depth scale keeps the residual sum, and so the last layer's saturation, small
+    by = {(c["variant"], c["depth"]): c for c in cells}
+    scaled, unscaled = by[("kaiming 5/3 + residual/√2L", 5)], by[("kaiming 5/3 + residual", 5)]
+    assert scaled["saturated_last"] < unscaled["saturated_last"] / 2
     naive = [c for c in cells if c["variant"] == "naive"]
     assert all("saturated" in c["verdicts"] and c["loss_step0"] > 10 for c in naive)
     lsuv = [c for c in cells if c["variant"] == "lsuv"]

@@ -133,6 +133,7 @@ def test_a_folder_removed_under_a_running_run_is_one_line(tmp_path, tiny):
 def test_a_folder_in_use_is_refused_and_a_killed_runs_lock_is_taken_over(tmp_path, tiny):
     out = tmp_path / "run"
     first = start_run(_train_cmd(tiny, out), out)
+    first.send_signal(signal.SIGSTOP)  # it holds the lock, and cannot finish while refused
     try:
         resume = [*_train_cmd(tiny, out)[:4], "--out", out, "--resume"]
         for cmd in (_train_cmd(tiny, out), resume):

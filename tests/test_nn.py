@@ -180,17 +180,19 @@ def test_the_kernel_moves_the_running_statistics_as_an_in_place_operator():
 @pytest.fixture
 def reload_kernel():
     """Forget the loaded kernel before and after the test, which loads it its own way."""
-    kernel.ops.cache_clear()
+    for loaded in (kernel.library, kernel.ops, kernel.stats_ops):
+        loaded.cache_clear()
     yield
-    kernel.ops.cache_clear()
+    for loaded in (kernel.library, kernel.ops, kernel.stats_ops):
+        loaded.cache_clear()
 
 
 def test_a_kernel_that_does_not_load_is_one_line_and_the_aten_path(
     reload_kernel, monkeypatch, tmp_path, capsys
 ):
-    broken = tmp_path / "_batchnorm_cpu.so"
+    broken = tmp_path / "_kernels_cpu.so"
     broken.write_bytes(b"not a shared library")  # as one built against another torch
-    spec = importlib.machinery.ModuleSpec("normlab.nn._batchnorm_cpu", None, origin=str(broken))
+    spec = importlib.machinery.ModuleSpec("normlab.nn._kernels_cpu", None, origin=str(broken))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
     assert kernel.ops() is None
     out = capsys.readouterr().out

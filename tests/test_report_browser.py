@@ -61,6 +61,7 @@ def test_a_report_of_dozens_of_layers_renders_in_chromium(tmp_path):
     assert found, dom[-2000:]
     probe = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert probe["errors"] == []
-    # propagation, one view per family (activations, normalizations, linear), weight gradients
-    assert probe["images"] == probe["loaded"] == 5
+    # propagation; per family (activations, normalizations, linear) a heatmap of the outputs
+    # and one of their gradients; the weight gradients' heatmap
+    assert probe["images"] == probe["loaded"] == 8
     assert "Every layer, by kind, at the last recording" in probe["headings"]

@@ -292,3 +292,27 @@ def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
     lowest = (recorded - half_ms) / (train + half_ms) - 0.00005
     highest = (recorded + half_ms) / (train - half_ms) + 0.00005
     assert lowest <= summary["diagnostics_share"] <= highest
+
+
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_the_steps_update_is_torch_optims_step_bit_for_bit(optimizer_name):
+    """FunctionalUpdate, fed the gradients in a list, leaves the weights and the optimizer's
+    state exactly as ``optimizer.step()`` does from ``.grad``, over several steps and both
+    param groups (with and without weight decay)."""
+    from normlab.lm.optim import FunctionalUpdate
+
+    cfg = TrainConfig(optimizer=optimizer_name, lr=0.05, weight_decay=0.1)
+    models = [LanguageModel(ModelConfig(n_hidden=16), verbose=False) for _ in "ab"]
+    optimizers = [make_optimizer(m, cfg) for m in models]
+    update = FunctionalUpdate(optimizers[1], list(models[1].parameters()))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in models[0].parameters()]
+        for p, grad in zip(models[0].parameters(), grads, strict=True):
+            p.grad = grad.clone()
+        optimizers[0].step()
+        update(grads)
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+        for key, value in optimizers[0].state[p].items():
+            assert torch.equal(value, optimizers[1].state[q][key]), key

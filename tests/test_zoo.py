@@ -44,31 +44,36 @@ def test_the_zoo_covers_what_users_bring():
 @pytest.mark.parametrize("key", list(BY_NAME))
 def test_audit_records_each_output_as_it_left_its_layer(key):
     """Every recorded mean and std equals that of a copy of the output taken at its hook,
-    though in-place activations, residual additions and gates write it afterwards."""
+    though in-place activations, residual additions and gates write it afterwards: on the
+    model's first recording, which watches every operation, and on the next, which copies at
+    the hooks what the first saw written."""
     model, batch = _build(key)
-    copies = {}
+    for _ in range(2):
+        copies = {}
 
-    def copy_at_hook(name):
-        def hook(_module, _inputs, out):
-            out = first_tensor(out)
-            # training mode: the recorded pass (kinds are probed in eval mode)
-            if out is not None and name not in copies and _module.training:
-                copies[name] = out.detach().double().clone()
+        def copy_at_hook(name, copies=copies):
+            def hook(_module, _inputs, out):
+                out = first_tensor(out)
+                # training mode: the recorded pass (kinds are probed in eval mode)
+                if out is not None and name not in copies and _module.training:
+                    copies[name] = out.detach().double().clone()
 
-        return hook
+            return hook
 
-    handles = [m.register_forward_hook(copy_at_hook(n)) for n, m in model.named_modules()]
-    result = audit(model, batch)
-    for h in handles:
-        h.remove()
-    layers = result.report.snapshot.layers
-    assert layers and not result.diagnostics.overwritten
-    for layer in layers:
-        x = copies[layer.name]
-        # float32 sums of N values: relative rounding ~ log2(N) · 6e-8 of the sum of |x|
-        scale = x.abs().mean().item()
-        assert layer.mean == pytest.approx(x.mean().item(), abs=1e-5 * scale + 1e-12), layer.name
-        assert layer.std == pytest.approx(x.std().item(), rel=1e-4, abs=1e-12), layer.name
+        handles = [m.register_forward_hook(copy_at_hook(n)) for n, m in model.named_modules()]
+        result = audit(model, batch)
+        for h in handles:
+            h.remove()
+        layers = result.report.snapshot.layers
+        assert layers and not result.diagnostics.overwritten
+        for layer in layers:
+            x = copies[layer.name]
+            # float32 sums of N values: relative rounding ~ log2(N) · 6e-8 of the sum of |x|
+            scale = x.abs().mean().item()
+            assert layer.mean == pytest.approx(x.mean().item(), abs=1e-5 * scale + 1e-12), (
+                layer.name
+            )
+            assert layer.std == pytest.approx(x.std().item(), rel=1e-4, abs=1e-12), layer.name
 
 
 def _random_statistics(model: nn.Module) -> nn.Module:

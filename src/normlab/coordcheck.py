@@ -42,10 +42,12 @@ class CoordCheck:
     sizes: dict[str, list[list[float]]]  # layer -> [step][width]: mean |output| before the update
     updates: dict[str, list[list[float]]]  # layer -> [step][width]: its weight's mean |Δw|
     threshold: float = THRESHOLD
+    along: str = "width"  # what ``widths`` measure: the width, or another size such as depth
 
     @property
     def slopes(self) -> dict[str, list[float]]:
-        """Layer -> the slope of log size against log width, at each recorded step."""
+        """Layer -> the slope of log size against log width (``along``), at each recorded
+        step."""
         return {
             name: [_slope(self.widths, row) for row in rows] for name, rows in self.sizes.items()
         }
@@ -61,22 +63,25 @@ class CoordCheck:
         """One row per layer: its slope at each step, and its verdict."""
         header = f"{'layer':<28}" + "".join(f"{f'step {t}':>9}" for t in range(self.steps))
         lines = [
-            f"coord check: widths {', '.join(map(str, self.widths))}; {self.seeds} seed(s); "
-            f"slope of log mean|x| against log width (flagged beyond ±{self.threshold})",
+            f"coord check: {self.along} {', '.join(map(str, self.widths))}; {self.seeds} "
+            f"seed(s); slope of log mean|x| against log {self.along} (flagged beyond "
+            f"±{self.threshold})",
             header + "  verdict",
         ]
         flagged = self.flagged
         for name, slopes in self.slopes.items():
-            verdict = f"grows with width ({flagged[name]:+.2f})" if name in flagged else "flat"
-            if name in flagged and flagged[name] < 0:
-                verdict = f"shrinks with width ({flagged[name]:+.2f})"
+            verdict = "flat"
+            if name in flagged:
+                trend = "grows" if flagged[name] > 0 else "shrinks"
+                verdict = f"{trend} with {self.along} ({flagged[name]:+.2f})"
             lines.append(
                 f"{name[:27]:<28}" + "".join(f"{s:>9.2f}" for s in slopes) + f"  {verdict}"
             )
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
-        """mup's figure: one panel per step, each layer's mean |x| against the width."""
+        """mup's figure: one panel per step, each layer's mean |x| against the width (or
+        ``along``)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -92,7 +97,7 @@ class CoordCheck:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_title(f"step {t}")
-            ax.set_xlabel("width")
+            ax.set_xlabel(self.along)
         axes[0][0].set_ylabel("mean |activation|")
         if few:
             axes[0][-1].legend(fontsize=6)
@@ -112,12 +117,12 @@ def _slope(widths, sizes) -> float:
     )
 
 
-def _build(factory: Callable[[int], nn.Module], width: int) -> nn.Module:
+def _build(factory: Callable[[int], nn.Module], width: int, along: str) -> nn.Module:
     try:
         model = factory(width)
     except TypeError as e:
         raise ValueError(
-            f"coord_check: the factory must take a width: factory({width}) raised {first_line(e)}"
+            f"coord_check: the factory must take a {along}: factory({width}) raised {first_line(e)}"
         ) from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"coord_check: factory({width}) returned a {type(model).__name__}")
@@ -133,8 +138,12 @@ def coord_check(
     loss_fn: Callable | None = None,
     seeds: Iterable[int] = (0, 1),
     threshold: float = THRESHOLD,
+    along: str = "width",
 ) -> CoordCheck:
     """Record every layer's mean |activation| over the first ``steps`` steps at each width.
+
+    A layer that some widths lack (a check along depth: the blocks only the deeper models have)
+    is left out; the layers every model has are compared.
 
     Args:
         factory: ``factory(width)`` builds the model at that width.
@@ -147,6 +156,8 @@ def coord_check(
             ``normlab.dataflow.batch_loss``, the model's own loss).
         seeds: each width is built and trained once per seed (``torch.manual_seed``).
         threshold: a layer is flagged where its slope's magnitude exceeds it.
+        along: what the widths measure, for the table and the figure (``"depth"``: the factory
+            takes a depth).
 
     Example:
         >>> def mlp(width):
@@ -171,25 +182,36 @@ def coord_check(
     counts = {}
     sizes: dict[str, list[list[float]]] = {}
     updates: dict[str, list[list[float]]] = {}
+    seen: dict[str, set[int]] = {}  # layer -> the widths whose model has it
     for k, width in enumerate(widths):
         for seed in seeds:
             torch.manual_seed(seed)
-            model = _build(factory, width)
+            model = _build(factory, width, along)
             count = sum(p.numel() for p in model.parameters())
             for other, n in counts.items():
                 if n == count and other != width:
                     raise ValueError(
                         f"coord_check: the factory builds {count:,} parameters at widths {other} "
-                        f"and {width}: the width changes nothing"
+                        f"and {width}: the {along} changes nothing"
                     )
             counts.setdefault(width, count)
             run = _train(model, batches, make_optimizer(model), loss_fn)
             for name, (run_sizes, run_updates) in run.items():
+                seen.setdefault(name, set()).add(width)
                 for store, values in ((sizes, run_sizes), (updates, run_updates)):
                     rows = store.setdefault(name, [[0.0] * len(widths) for _ in range(steps)])
                     for t, value in enumerate(values):
                         rows[t][k] += value / len(seeds)
-    return CoordCheck(widths, steps, len(seeds), sizes, updates, threshold)
+    common = [name for name in sizes if len(seen[name]) == len(widths)]
+    return CoordCheck(
+        widths,
+        steps,
+        len(seeds),
+        {name: sizes[name] for name in common},
+        {name: updates[name] for name in common},
+        threshold,
+        along,
+    )
 
 
 def _train(model: nn.Module, batches: list, optimizer, loss_fn) -> dict:

@@ -59,52 +59,76 @@ FAMILY_VIEWS = (
 )
 
 
-def _histogram_figure(panels: list[tuple[str, list]], xlabel: str) -> str:
-    """Histograms side by side, one panel per ``(title, series)``; ``series`` is
-    [(label, range, counts)]. Up to ``LINES_UP_TO`` layers a panel draws a line per layer; for
-    more, a heatmap of layers (rows, in order) by value (columns), each row scaled to its own
-    range, the layers named once, on the left."""
+def _histogram_view(panels: list[tuple[str, list]], xlabel: str, alt: str) -> str:
+    """Histograms side by side as HTML, one panel per ``(title, series)``; ``series`` is
+    [(label, range, counts)]. Up to ``LINES_UP_TO`` layers, a figure whose panels draw a line
+    per layer; for more, ``_heatmaps``."""
+    if max(len(series) for _, series in panels) > LINES_UP_TO:
+        return _heatmaps(panels, xlabel, alt)
     plt = pyplot()
-    most = max(len(series) for _, series in panels)
-    if most <= LINES_UP_TO:
-        # one legend below the panels: the panels' layers are the first panel's
-        height = FIGSIZE[1] + 0.15 * math.ceil(len(panels[0][1]) / 2)
-        fig, axes = plt.subplots(
-            1, len(panels), figsize=(FIGSIZE[0], height), layout="constrained", squeeze=False
-        )
-        colors = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(panels[0][1])}
-        for i, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
-            for label, r, counts in series:
-                total = sum(counts) or 1.0
-                x, y = _bin_centers(r, len(counts)), [c / total for c in counts]
-                ax.plot(x, y, color=colors.get(label), label=label if i == 0 else None)
-            ax.set(title=title, xlabel=xlabel, ylabel="fraction")
-        if panels[0][1]:
-            fig.legend(loc="outside lower center", ncol=2, fontsize=7)
-        return _png(fig)
-    # fixed margins, not a layout engine: laying out the names would cost more than the drawing
-    height = min(12.0, 1.5 + 0.12 * most)
-    fig, axes = plt.subplots(1, len(panels), figsize=(FIGSIZE[0], height), squeeze=False)
-    step = max(1, len(panels[0][1]) // 30)  # at most 30 names on the axis
-    names = [s[0] for s in panels[0][1]][::step]
-    # a name of 6-point type takes about 0.05 in a character
-    left = min(0.5, (0.25 + 0.05 * max(len(n) for n in names)) / FIGSIZE[0])
-    fig.subplots_adjust(left=left, right=0.96, top=1 - 0.45 / height, bottom=0.6 / height)
+    # one legend below the panels: the panels' layers are the first panel's
+    height = FIGSIZE[1] + 0.15 * math.ceil(len(panels[0][1]) / 2)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(FIGSIZE[0], height), layout="constrained", squeeze=False
+    )
+    colors = {label: f"C{i % 10}" for i, (label, _, _) in enumerate(panels[0][1])}
     for i, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
-        rows = [[c / (sum(counts) or 1.0) for c in counts] for _, _, counts in series]
-        ax.imshow(rows or [[0.0]], aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(0, len(series), step) if i == 0 else [], names if i == 0 else [])
-        ax.tick_params(axis="y", labelsize=6)
-        width = len(rows[0]) if rows else 1
-        ax.set_xticks([0, width // 2, width - 1], ["-range", "0", "+range"], fontsize=7)
-        ax.set_title(title, fontsize=8)
-    fig.supxlabel(f"{xlabel} (each row over its own range; colour: fraction of the row)", size=8)
-    return _png(fig)
+        for label, r, counts in series:
+            total = sum(counts) or 1.0
+            x, y = _bin_centers(r, len(counts)), [c / total for c in counts]
+            ax.plot(x, y, color=colors.get(label), label=label if i == 0 else None)
+        ax.set(title=title, xlabel=xlabel, ylabel="fraction")
+    if panels[0][1]:
+        fig.legend(loc="outside lower center", ncol=2, fontsize=7)
+    return _img(_png(fig), alt)
 
 
-def kind_views(snap: Snapshot) -> list[tuple[str, str]]:
-    """One figure per family of layers present: their output histograms beside their output
-    gradients' histograms; returns (title, PNG as base64) pairs."""
+HEATMAP_HEIGHT = 720  # pixels a heatmap takes at most; a layer's row, 3 to 12 of them
+NAME_HEIGHT = 11  # pixels a layer's name takes: every name, or every few, by the row height
+
+
+def _heatmaps(panels: list[tuple[str, list]], xlabel: str, alt: str) -> str:
+    """Each panel a heatmap of layers (rows, the first panel's, in order) by value (columns),
+    each row its fraction of the layer's values over the layer's own range, as an image of one
+    pixel a value; the layers' names and the titles are HTML beside it. A matplotlib figure
+    would spend most of its time laying out the names."""
+    labels = [label for label, _, _ in panels[0][1]]
+    row = max(3, min(12, HEATMAP_HEIGHT // max(len(labels), 1)))  # pixels a layer
+    step = math.ceil(NAME_HEIGHT / row)  # a name every `step` layers
+    names = "".join(
+        f'<div style="height:{row * step}px">{html.escape(label)}</div>' for label in labels[::step]
+    )
+    cells = ["<div></div>"] + [f"<div>{html.escape(title)}</div>" for title, _ in panels]
+    cells.append(f'<div class="names">{names}</div>')
+    for title, series in panels:
+        by_label = {label: counts for label, _, counts in series}
+        width = max((len(c) for c in by_label.values()), default=1)
+        rows = [by_label.get(label) or [0.0] * width for label in labels]  # aligned by name
+        png = _heatmap_png([[c / (sum(counts) or 1.0) for c in counts] for counts in rows])
+        cells.append(
+            f'<img alt="{html.escape(f"{alt}: {title}")}" style="height:{row * len(labels)}px" '
+            f'src="data:image/png;base64,{png}">'
+        )
+    columns = f"max-content repeat({len(panels)}, 1fr)"
+    return (
+        f'<div class="heatmaps" style="grid-template-columns: {columns}">{"".join(cells)}</div>'
+        f'<p class="axis">{html.escape(xlabel)}, from −range to +range, each row over its '
+        "own range; colour: the fraction of the row's values (viridis, dark to light)</p>"
+    )
+
+
+def _heatmap_png(rows: list[list[float]]) -> str:
+    """The rows as a PNG of one pixel a value, viridis over their whole range, as base64."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    pyplot().imsave(buffer, np.asarray(rows or [[0.0]], dtype=float), cmap="viridis", format="png")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def kind_views(snap: Snapshot) -> list[str]:
+    """One view (HTML) per family of layers present: their output histograms beside their
+    output gradients' histograms."""
     views = []
     for title, families in FAMILY_VIEWS:
         layers = [x for x in snap.layers if x.family in families]
@@ -116,20 +140,22 @@ def kind_views(snap: Snapshot) -> list[tuple[str, str]]:
         panels = [(f"{title}: outputs", outputs)]
         if grads:
             panels.append((f"gradients ({len(grads)})", grads))
-        views.append((full, _histogram_figure(panels, "value")))
+        views.append(f"<h3>{html.escape(full)}</h3>" + _histogram_view(panels, "value", full))
     return views
 
 
-def activation_histograms(snap: Snapshot) -> str:
+def activation_histograms(snap: Snapshot, which: str) -> str:
     layers = [x for x in snap.layers if x.family in ACTIVATIONS] or snap.layers
     series = [(x.name, x.hist_range, x.hist) for x in layers]
-    return _histogram_figure([(f"layer outputs at step {snap.step:,}", series)], "value")
+    title = f"layer outputs at step {snap.step:,}"
+    return _histogram_view([(title, series)], "value", f"activation histograms, {which}")
 
 
 def weight_gradient_histograms(snap: Snapshot) -> str:
     params = [p for p in snap.params if len(p.shape) >= 2 and p.grad_hist]
     series = [(p.name, p.grad_hist_range, p.grad_hist) for p in params]
-    return _histogram_figure([(f"weight gradients at step {snap.step:,}", series)], "gradient")
+    title = f"weight gradients at step {snap.step:,}"
+    return _histogram_view([(title, series)], "gradient", "weight-gradient histograms")
 
 
 def update_ratio_figure(update_history: dict[str, list[tuple[int, float]]]) -> str:
@@ -237,6 +263,11 @@ td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: left; }
 th { background: #f3f3f3; } .ok { color: #1a7f37; } .bad { color: #b42318; }
 .grid { display: grid; grid-template-columns: 1fr 1fr; gap: 8px; } img { max-width: 100%; }
 pre { background: #f6f6f6; padding: 8px; font-size: 0.8em; overflow-x: auto; }
+h3 { font-size: 0.95em; font-weight: normal; margin: 1.2em 0 0.3em; }
+.heatmaps { display: grid; gap: 2px 8px; font-size: 9px; align-items: end; }
+.heatmaps img { width: 100%; image-rendering: pixelated; display: block; }
+.heatmaps .names div { line-height: 11px; overflow: hidden; white-space: nowrap; }
+.axis { font-size: 0.8em; color: #555; margin-top: 2px; }
 """
 
 
@@ -259,7 +290,7 @@ def render_html(page: Page) -> str:
     diag, history, samples = page.report, page.history, page.samples
     losses = [
         (k, f"{summary[k]:.4f}")
-        for k in ("train_loss", "val_loss", "test_loss")
+        for k in ("loss", "train_loss", "val_loss", "test_loss")
         if summary.get(k) is not None
     ]
     facts = losses + [
@@ -296,16 +327,13 @@ def render_html(page: Page) -> str:
             parts += [
                 "<h2>Activations at the first and the last recording</h2>",
                 '<div class="grid">',
-                *[
-                    _img(activation_histograms(s), f"activation histograms, {w} recording")
-                    for s, w in ends
-                ],
+                *[f"<div>{activation_histograms(s, f'{w} recording')}</div>" for s, w in ends],
                 "</div>",
             ]
         parts += [
             "<h2>Every layer, by kind, at the last recording</h2>",
-            *[_img(png, title) for title, png in kind_views(snap)],
-            _img(weight_gradient_histograms(snap), "weight-gradient histograms"),
+            *kind_views(snap),
+            weight_gradient_histograms(snap),
             *(
                 [
                     "<h2>Curvature and gradient noise</h2>",

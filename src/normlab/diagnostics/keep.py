@@ -12,6 +12,13 @@ kept tensor shares, that tensor is copied, and the copy is what the store holds.
 Under ``make_fx`` tracing the copy is a ``clone`` in the graph. A write that no
 mode saw (after the forward pass) moves the tensor's version counter, which
 ``overwritten`` reports, so a corrupted value is never measured silently.
+
+Watching costs a Python call on every operation of the forward pass, which on a model of
+many small layers is as much again as the pass itself. A model's forward pass writes the same
+outputs in place every time, so the recorder watches a model's first recording only, learns
+from ``copied`` which outputs were written, and on later recordings copies exactly those at
+their hooks (``keep(..., copy=True)``) with no mode at all; the version counters still catch
+an output that a later pass wrote and the first did not.
 """
 
 from collections.abc import MutableMapping
@@ -51,11 +58,13 @@ class KeepAsIs(TorchDispatchMode):
         super().__init__()
         self._watched: dict = {}  # storage → [(store, key)]
         self._versions: dict = {}  # (id(store), key) → the version counter when kept
+        self.copied: list = []  # (store, key) of each tensor copied before a write it watched
 
-    def keep(self, store: MutableMapping, key, tensor: Tensor) -> None:
-        """Set ``store[key] = tensor``, to stay as it is now."""
-        storage = _storage(tensor)
-        if storage is None:  # nothing to watch: copy now
+    def keep(self, store: MutableMapping, key, tensor: Tensor, copy: bool = False) -> None:
+        """Set ``store[key] = tensor``, to stay as it is now: copied now with ``copy``, else
+        watched while the mode is active."""
+        storage = None if copy else _storage(tensor)
+        if storage is None:  # asked to, or nothing to watch: copy now
             tensor = tensor.clone()
         else:
             self._watched.setdefault(storage, []).append((store, key))
@@ -71,7 +80,7 @@ class KeepAsIs(TorchDispatchMode):
         ]
 
     def forget(self) -> None:
-        self._watched, self._versions = {}, {}
+        self._watched, self._versions, self.copied = {}, {}, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -88,3 +97,4 @@ class KeepAsIs(TorchDispatchMode):
             copy = store[key].clone()  # dispatched below this mode: no recursion
             store[key] = copy
             self._versions[(id(store), key)] = copy._version
+            self.copied.append((store, key))

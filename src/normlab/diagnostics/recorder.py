@@ -2,10 +2,12 @@
 
 import math
 import warnings
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from normlab.dataflow import first_tensor
 from normlab.diagnostics import stats
@@ -19,6 +21,10 @@ from normlab.diagnostics.snapshot import (
     update_history,
 )
 from normlab.nn import FlattenConsecutive, FlattenContext, Kind, layer_kind
+
+# model → what its forward pass writes in place, ("outputs" or "batchnorm", layer name),
+# learned by watching its first recording (KeepAsIs): later ones copy exactly those at the hook
+_WRITTEN_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 class BatchNormCapture(NamedTuple):
@@ -80,10 +86,12 @@ class Diagnostics:
         self._grads: dict[str, Tensor] = {}
         self._batchnorm: dict[str, BatchNormCapture] = {}
         self._batchnorm_inputs: dict[str, Tensor] = {}  # (N, C, *)
-        self._before: dict[str, Tensor] = {}
+        self._params: dict[str, Tensor] = {}  # the model's, at arm()
+        self._before: dict[str, Tensor] = {}  # copies of them, at arm()
         self._awaits_backward = False  # a recorded output will receive a gradient
         self._keeper = KeepAsIs()  # active over the model's forward pass while armed
         self._keeping = 0  # depth of the model's calls that entered it
+        self._watching = False  # this recording's forward pass runs under the keeper's mode
         self.overwritten: list[str] = []  # outputs written in place where no hook could see
 
     # -- hooks
@@ -100,14 +108,26 @@ class Diagnostics:
     def _enter_keeper(self, module, _inputs) -> None:
         if self._recording(module):
             if self._keeping == 0:
-                self._keeper.__enter__()
+                # a traced pass (make_fx) is always watched: its copies become part of a graph
+                self._watching = self.model not in _WRITTEN_IN_PLACE or get_proxy_mode() is not None
+                if self._watching:
+                    self._keeper.__enter__()
             self._keeping += 1
 
     def _exit_keeper(self, _module, _inputs, _out) -> None:
         if self._keeping:
             self._keeping -= 1
-            if self._keeping == 0:
+            if self._keeping == 0 and self._watching:
                 self._keeper.__exit__(None, None, None)
+                written = _WRITTEN_IN_PLACE.setdefault(self.model, set())
+                labels = {id(self._outputs): "outputs", id(self._batchnorm_inputs): "batchnorm"}
+                written.update((labels[id(store)], key) for store, key in self._keeper.copied)
+
+    def _keep(self, store: dict, label: str, name: str, tensor: Tensor) -> None:
+        """Keep ``tensor`` in ``store``: copied now where the model is known to write it in
+        place, else watched (or not needed)."""
+        copy = not self._watching and (label, name) in _WRITTEN_IN_PLACE.get(self.model, ())
+        self._keeper.keep(store, name, tensor, copy=copy)
 
     def detach(self) -> None:
         """Remove every hook; an armed recording is dropped."""
@@ -138,7 +158,7 @@ class Diagnostics:
             out = first_tensor(out)
             if not self._recording(module) or name in self._outputs or out is None:
                 return
-            self._keeper.keep(self._outputs, name, out.detach())  # measured in collect()
+            self._keep(self._outputs, "outputs", name, out.detach())  # measured in collect()
             if out.requires_grad:
                 self._awaits_backward = True
 
@@ -161,7 +181,7 @@ class Diagnostics:
                 x = inputs[0].detach()
                 if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
                     x = x.movedim(-1, 1)
-                self._keeper.keep(self._batchnorm_inputs, name, x)
+                self._keep(self._batchnorm_inputs, "batchnorm", name, x)
                 self._batchnorm[name] = BatchNormCapture(
                     module.running_mean.clone(),
                     module.running_var.clone(),
@@ -177,7 +197,10 @@ class Diagnostics:
         """Record the next training-mode forward and backward pass and the optimizer step."""
         self._attach()
         self._clear()
-        self._before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._params = dict(self.model.named_parameters())
+        # a copy each: one buffer for all would be a fresh mapping every time, faulted in page
+        # by page, where the allocator reuses blocks of a parameter's size
+        self._before = {n: p.detach().clone() for n, p in self._params.items()}
         self._armed, self._awaits_backward = True, False
 
     def captures(self) -> dict:
@@ -211,29 +234,24 @@ class Diagnostics:
             )
         self._drop_overwritten()
         kinds = {name: kind for name, _, kind in self.layers}
-        params = dict(self.model.named_parameters())
         measured = (
-            (
-                "out",
-                self._outputs,
-                lambda names, ts: stats.output_stats([kinds[n] for n in names], ts),
-            ),
+            ("out", self._outputs, lambda ns, ts: stats.output_stats([kinds[n] for n in ns], ts)),
             ("grad", self._grads, lambda _, ts: stats.spread_stats(ts)),
             (
                 "bn",
                 self._batchnorm_inputs,
-                lambda names, xs: stats.batchnorm_stats(xs, [self._batchnorm[n] for n in names]),
+                lambda ns, xs: stats.batchnorm_stats(xs, [self._batchnorm[n] for n in ns]),
             ),
             (
                 "param",
-                params,
-                lambda names, ps: stats.param_stats([self._before[n] for n in names], ps),
+                self._params,
+                lambda ns, ps: stats.param_stats([self._before[n] for n in ns], ps),
             ),
         )
         groups = [
-            (what, names, columns)
+            (what, list(named), measure(list(named), list(named.values())))
             for what, named, measure in measured
-            for names, columns in stats.grouped(named, measure)
+            if named
         ]
         snapshot = self._snapshot(stats.to_host(groups), step, loss, eval_loss)
         self._clear()  # after _snapshot, which reads the outputs' shapes
@@ -249,9 +267,15 @@ class Diagnostics:
             for key in overwritten:
                 store.pop(key, None)
         if overwritten:
+            where = "after the model's forward pass"
+            if not self._watching:  # or in it, unwatched: copied at the hook from now on
+                where = "in a forward pass that was not watched, or " + where
+                known = _WRITTEN_IN_PLACE.setdefault(self.model, set())
+                known.update(
+                    (label, key) for label in ("outputs", "batchnorm") for key in overwritten
+                )
             warnings.warn(
-                "Diagnostics: not recorded, as written in place after the model's forward "
-                f"pass: {', '.join(overwritten)}",
+                f"Diagnostics: not recorded, as written in place {where}: {', '.join(overwritten)}",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -284,7 +308,7 @@ class Diagnostics:
                 )
         params = [
             _param_stats(name, list(p.shape), host[("param", name)])
-            for name, p in self.model.named_parameters()
+            for name, p in self._params.items()
         ]
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
 
@@ -316,11 +340,11 @@ def _layer_stats(name: str, kind: Kind, out: dict, grad: dict | None) -> LayerSt
         saturated=out["saturated"] if kind.family == "saturating" else None,
         dead=out["dead"] if kind.family == "rectifying" else None,
         hist_range=out["hist_range"],
-        hist=_counts(out["hist"]),
+        hist=out["hist"],
     )
     if grad is not None:
         layer.grad_mean, layer.grad_std = grad["mean"], grad["std"]
-        layer.grad_hist_range, layer.grad_hist = grad["range"], _counts(grad["hist"])
+        layer.grad_hist_range, layer.grad_hist = grad["range"], grad["hist"]
     return layer
 
 
@@ -338,13 +362,8 @@ def _param_stats(name: str, shape: list[int], columns: dict) -> ParamStats:
         grad_to_data=grad_std / data_std if spread and grad_std is not None else None,
         update_to_data=update_std / data_std if spread and update_std is not None else None,
         grad_hist_range=_none_if_nan(columns["grad_range"]),
-        grad_hist=_counts(columns["grad_hist"]) if grad_std is not None else None,
+        grad_hist=columns["grad_hist"] if grad_std is not None else None,
     )
-
-
-def _counts(values: list[float]) -> list[int]:
-    """Histogram counts as ints: exact, and half the size in diagnostics.jsonl."""
-    return [int(c) for c in values]
 
 
 def _none_if_nan(x: float) -> float | None:

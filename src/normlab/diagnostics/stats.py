@@ -1,11 +1,15 @@
-"""The statistics of one recording, computed on the device for groups of same-shaped tensors.
+"""The statistics of one recording: for every tensor of a list, named columns.
 
-A model's hidden layers mostly share one shape, so each statistic is computed
-for a whole group at once: a few dozen operations per recording instead of a
-few dozen per layer, which is what keeps a recording cheap on the CPU. Every
-function returns named columns, ``{column: (G,) or (G, k) tensor}``, one row
-per tensor of the group; ``to_host`` brings all of them to the host in one
-transfer and hands them back by name.
+Every function takes all the tensors of one kind (the layers' outputs, their gradients, the
+parameters, BatchNorm's inputs) and returns ``{column: (G,) or (G, k) tensor}``, one row per
+tensor; ``to_host`` brings all of them to the host in one transfer and hands them back by name.
+
+On the CPU, in float32 or float64, the C++ operators of ``normlab.nn.kernel.stats_ops``
+compute each statistic for the whole list in one call: one pass over each tensor's values, and
+no per-operator cost per layer, which on a model of many small layers in many shapes is most of
+a recording. Elsewhere (another device or dtype, or no kernel) the ATen operators below compute
+them a group of same-shaped tensors at a time: a few dozen operations per group instead of per
+tensor. The two agree to float rounding, and their histograms and fractions exactly.
 """
 
 import math
@@ -16,12 +20,15 @@ from torch import Tensor
 
 from normlab.diagnostics.snapshot import PERCENTILES
 from normlab.nn import SATURATION, Kind
+from normlab.nn.kernel import stats_ops
 
 BINS = 50  # histogram bins kept per layer
 FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
 HIST_SAMPLE = 16_384  # histograms and percentiles use at most about 2× this many values a row
 GROUP_NUMEL = 1 << 22  # values measured at once, at most (or one tensor): bounds the temporaries
 ALONE_NUMEL = 1 << 16  # a tensor this big is measured alone: stacking it would only copy it
+KERNEL_DTYPES = (torch.float32, torch.float64)
+COUNTS = ("hist", "grad_hist")  # the columns of histogram counts: whole numbers, as ints
 
 Columns = dict[str, Tensor]
 
@@ -77,33 +84,77 @@ def row_absmax(rows: Tensor) -> Tensor:
 
 def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     """Per layer: mean, std, percentiles, the saturated fraction (saturating kinds), the dead
-    fraction (rectifying kinds), histogram range and histogram. ``outputs`` all have one
-    shape ``(B, ...)``.
+    fraction (rectifying kinds), histogram range and histogram. ``outputs`` are ``(B, ...)``.
 
     A saturating layer's output is saturated beyond ``SATURATION`` of its half range from the
     middle (``|t| > 0.97`` for tanh). A rectifying layer's unit is dead when it never rises
     above the activation's value at 0 over the batch; a unit is an output element of an
     example, or for outputs of 4 dimensions or more (convolutions) a channel at every position.
     """
+    ops = _kernel(outputs)
+    if ops is None:
+        return _in_groups(
+            outputs, lambda i: _output_stats_aten([kinds[k] for k in i], _at(outputs, i))
+        )
+    xs = [o.detach().contiguous() for o in outputs]
+    device = xs[0].device
+    moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
+    saturating = [k.family == "saturating" for k in kinds]
+    mid, half, ends = _ranges(kinds, saturating, device)
+    largest = torch.maximum(moments[:, 2].neg(), moments[:, 3]).float().clamp_min(1e-12)
+    r = torch.where(torch.tensor(saturating, device=device), ends, largest)  # (G,)
+    fine = ops.histograms(xs, r, FINE_BINS, HIST_SAMPLE)  # (G, FINE_BINS)
+    nan = torch.full((len(xs),), math.nan, dtype=torch.float64)
+    saturated, dead = nan, nan.clone()
+    these = [i for i, s in enumerate(saturating) if s]
+    if these:
+        rows = torch.tensor(these)
+        saturated[rows] = ops.saturated(_at(xs, these), mid[rows], half[rows], SATURATION)
+    these = [i for i, k in enumerate(kinds) if k.family == "rectifying"]
+    if these:
+        floor = torch.tensor([kinds[i].floor or 0.0 for i in these])
+        units, positions = zip(*(_units(xs[i]) for i in these), strict=True)
+        dead[torch.tensor(these)] = ops.dead(_at(xs, these), floor, list(units), list(positions))
+    return {
+        "mean": moments[:, 0],
+        "std": moments[:, 1],
+        **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
+        "saturated": saturated,
+        "dead": dead,
+        "hist_range": r,
+        "hist": fine.view(-1, BINS, FINE_BINS // BINS).sum(2),  # (G, BINS)
+    }
+
+
+def _ranges(kinds: list[Kind], saturating: list[bool], device) -> tuple[Tensor, Tensor, Tensor]:
+    """Each layer's middle, half range and largest end (saturating kinds; 0, 1, 0 others)."""
+    mid, half, ends = torch.tensor(
+        [
+            ((k.low + k.high) / 2, (k.high - k.low) / 2, max(abs(k.low), abs(k.high)))
+            if s
+            else (0.0, 1.0, 0.0)
+            for k, s in zip(kinds, saturating, strict=True)
+        ],
+        device=device,
+    ).T
+    return mid, half, ends
+
+
+def _units(x: Tensor) -> tuple[int, int]:
+    """An output's ``(units, positions)`` per example: a conv's channels at each position,
+    otherwise each element."""
+    if x.dim() >= 4:
+        return x.shape[1], math.prod(x.shape[2:])
+    return x[0].numel(), 1
+
+
+def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
+    """``output_stats`` of same-shaped outputs, on ATen operators."""
     x = _stack([o.float().reshape(o.shape[0], -1) for o in outputs])  # (G, B, units)
     flat = x.flatten(1)  # (G, N)
     device = x.device
     saturating = [k.family == "saturating" for k in kinds]
-    mid = torch.tensor(
-        [(k.low + k.high) / 2 if s else 0.0 for k, s in zip(kinds, saturating, strict=True)],
-        device=device,
-    )
-    half = torch.tensor(
-        [(k.high - k.low) / 2 if s else 1.0 for k, s in zip(kinds, saturating, strict=True)],
-        device=device,
-    )
-    ends = torch.tensor(
-        [
-            max(abs(k.low), abs(k.high)) if s else 0.0
-            for k, s in zip(kinds, saturating, strict=True)
-        ],
-        device=device,
-    )
+    mid, half, ends = _ranges(kinds, saturating, device)
     # a saturating layer's histogram spans its whole range, so that plots compare; others span
     # their largest value
     largest = row_absmax(flat).clamp_min(1e-12)
@@ -133,8 +184,28 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     }
 
 
-def spread_stats(tensors: list[Tensor]) -> Columns:
-    """Per tensor: mean, std, range (max |x|) and histogram. One shape for all."""
+def spread_stats(tensors: list[Tensor | None]) -> Columns:
+    """Per tensor: mean, std, range (max |x|) and histogram; NaN for an absent tensor."""
+    ops = _kernel(tensors)
+    if ops is None:
+        present = [t if t is not None else torch.full((1,), math.nan) for t in tensors]
+        return _in_groups(present, lambda i: _spread_stats_aten(_at(present, i)))
+    if all(t is None for t in tensors):  # no tensor to dispatch the operators on
+        nan = torch.full((len(tensors),), math.nan, dtype=torch.float64)
+        return {"mean": nan, "std": nan, "range": nan, "hist": torch.zeros(len(tensors), BINS)}
+    xs = [t.detach().contiguous() if t is not None else None for t in tensors]
+    moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
+    r = torch.maximum(moments[:, 2].neg(), moments[:, 3]).float().clamp_min(1e-30)
+    return {
+        "mean": moments[:, 0],
+        "std": moments[:, 1],
+        "range": r,
+        "hist": ops.histograms(xs, r, BINS, HIST_SAMPLE),
+    }
+
+
+def _spread_stats_aten(tensors: list[Tensor]) -> Columns:
+    """``spread_stats`` of same-shaped tensors, on ATen operators."""
     rows = _stack([t.detach().float().flatten() for t in tensors])  # (G, N)
     r = row_absmax(rows).clamp_min(1e-30)
     return {
@@ -148,14 +219,33 @@ def spread_stats(tensors: list[Tensor]) -> Columns:
 def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
     """Per parameter: data std, update std, gradient std, range and histogram.
 
-    One shape for all; a parameter without a gradient has NaN gradient columns. ``before``
-    are the recorder's own copies, taken at ``arm()``: the update is written into them, which
-    saves allocating (and on the CPU, faulting in) one more copy of the weights.
+    A parameter without a gradient has NaN gradient columns. ``before`` are the recorder's own
+    copies, taken at ``arm()``; on ATen operators the update is written into them, which saves
+    allocating (and on the CPU, faulting in) one more copy of the weights.
     """
+    grads = [p.grad for p in params]
+    ops = _kernel([*before, *params, *grads])
+    if ops is None:
+        return _in_groups(params, lambda i: _param_stats_aten(_at(before, i), _at(params, i)))
+    b = [t.contiguous() for t in before]
+    data = ops.moments(b, [])
+    update = ops.moments([p.detach().contiguous() for p in params], b)
+    spread = spread_stats(grads)
+    return {
+        "data_std": data[:, 1],
+        "update_std": update[:, 1],
+        "grad_std": spread["std"],
+        "grad_range": spread["range"],
+        "grad_hist": spread["hist"],
+    }
+
+
+def _param_stats_aten(before: list[Tensor], params: list[Tensor]) -> Columns:
+    """``param_stats`` of same-shaped parameters, on ATen operators."""
     b = _stack([t.float().reshape(-1) for t in before])  # (G, N)
     a = _stack([t.detach().float().reshape(-1) for t in params])
     grads = [p.grad if p.grad is not None else torch.full_like(p, math.nan) for p in params]
-    spread = spread_stats(grads)
+    spread = _spread_stats_aten(grads)
     data_std = row_std(b)
     update = torch.sub(a, b, out=b)  # b is a stack of, or a view of, the copies
     return {
@@ -168,11 +258,16 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
 
 
 def batchnorm_stats(inputs: list[Tensor], captured: list) -> Columns:
-    """Per BatchNorm: mean drift, variance ratio and time constants; one input shape for all.
+    """Per BatchNorm: mean drift, variance ratio and time constants.
 
     ``inputs`` are the BatchNorms' inputs ``(B, C, *spatial)``; ``captured`` their
     ``BatchNormCapture``: the running statistics as they were before this batch updated them.
     """
+    return _in_groups(inputs, lambda i: _batchnorm_stats_aten(_at(inputs, i), _at(captured, i)))
+
+
+def _batchnorm_stats_aten(inputs: list[Tensor], captured: list) -> Columns:
+    """``batchnorm_stats`` of same-shaped inputs."""
     x = _stack([t.float() for t in inputs])  # (G, B, C, *spatial)
     dims = (1, *range(3, x.dim()))  # every axis but the layer and the feature (BatchNorm1d/2d/3d)
     mean = x.mean(dims, keepdim=True)
@@ -197,44 +292,72 @@ def _stack(tensors: list[Tensor]) -> Tensor:
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def grouped(
-    named: dict[str, Tensor], stats: Callable[[list[str], list[Tensor]], Columns]
-) -> list[tuple[list[str], Columns]]:
-    """Apply ``stats(names, tensors)`` to each group of same-shaped tensors of ``named``, of
-    at most ``GROUP_NUMEL`` values (or one tensor) each.
+def _at(items: list, indices: list[int]) -> list:
+    return [items[i] for i in indices]
 
-    Returns each group's names and its columns, one row per name.
-    """
-    groups: dict[tuple, list[str]] = {}
-    for name, t in named.items():
+
+def _kernel(tensors: list[Tensor | None]):
+    """The statistics' C++ operators, where they compute every one of ``tensors`` (absent
+    ones aside): on the CPU, in float32 or float64."""
+    ops = stats_ops()
+    if ops is None:
+        return None
+    for t in tensors:
+        if t is not None and not (t.is_cpu and t.dtype in KERNEL_DTYPES):
+            return None
+    return ops
+
+
+def _groups(tensors: list[Tensor]) -> list[list[int]]:
+    """The indices of ``tensors`` in groups of one shape and device, of at most
+    ``GROUP_NUMEL`` values (or one tensor) each; a tensor of ``ALONE_NUMEL`` values or more
+    is a group of its own: stacking it would only copy it."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
         key = (tuple(t.shape), t.device)
         if t.numel() >= ALONE_NUMEL:
-            key = (*key, name)  # its own group
+            key = (*key, i)
         chunk = 0
         while len(groups.get((*key, chunk), ())) * t.numel() + t.numel() > GROUP_NUMEL:
             if not groups.get((*key, chunk)):
                 break  # one tensor alone, whatever its size
             chunk += 1
-        groups.setdefault((*key, chunk), []).append(name)
-    return [(names, stats(names, [named[n] for n in names])) for names in groups.values()]
+        groups.setdefault((*key, chunk), []).append(i)
+    return list(groups.values())
+
+
+def _in_groups(tensors: list[Tensor], measure: Callable[[list[int]], Columns]) -> Columns:
+    """``measure(indices)`` for each group of ``_groups(tensors)``, its rows put back in the
+    order of ``tensors``."""
+    groups = _groups(tensors)
+    parts = [measure(indices) for indices in groups]
+    if len(parts) == 1:
+        return parts[0]
+    order = [i for indices in groups for i in indices]
+    where = torch.empty(len(order), dtype=torch.long)
+    where[torch.tensor(order)] = torch.arange(len(order))  # row i of the result: row where[i]
+    return {c: torch.cat([p[c] for p in parts])[where.to(parts[0][c].device)] for c in parts[0]}
 
 
 def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[tuple, dict]:
     """Every group's columns as Python numbers, in one transfer from the device:
     ``{(what, name): {column: its row}}`` for the groups ``(what, names, columns)``.
 
-    A row of a (G,) column becomes a float, of a (G, k) column a list.
+    A row of a (G,) column becomes a float, of a (G, k) column a list; a histogram's counts
+    (``COUNTS``) become ints.
     """
-    parts = [(what, names, c, t) for what, names, columns in groups for c, t in columns.items()]
+    parts = [t.reshape(-1) for _, _, columns in groups for t in columns.values()]
     if not parts:
         return {}
-    values = torch.cat([t.reshape(-1) for *_, t in parts]).cpu().tolist()
+    values = torch.cat(parts).cpu()  # promoted to the widest dtype
     host: dict[tuple, dict] = {}
     offset = 0
-    for what, names, column, t in parts:
-        width = t.numel() // len(names)
+    for what, names, columns in groups:
+        rows = {}
+        for column, t in columns.items():
+            block = values[offset : offset + t.numel()].view(t.shape)
+            rows[column] = (block.long() if column in COUNTS else block).tolist()
+            offset += t.numel()
         for i, name in enumerate(names):
-            row = values[offset + i * width : offset + (i + 1) * width]
-            host.setdefault((what, name), {})[column] = row[0] if t.dim() == 1 else row
-        offset += t.numel()
+            host[(what, name)] = {column: row[i] for column, row in rows.items()}
     return host

@@ -201,19 +201,28 @@ def _add_scaling_commands(sub) -> None:
     p = sub.add_parser(
         "coordcheck",
         help="the coord check: each layer's activation size against the width, first steps",
-        description="Build the model at each of --widths hidden units, train each for "
-        "--check-steps steps on the same batches (once per seed), and fit each layer's mean "
-        "|activation| against the width: a slope near 0 means the layer's size does not "
-        "depend on the width. --param mup should keep every layer flat; the standard "
-        "parametrization lets them drift once training moves them.",
+        description="Build the model at each of --widths hidden units (or --depths hidden "
+        "blocks), train each for --check-steps steps on the same batches (once per seed), and "
+        "fit each layer's mean |activation| against the width: a slope near 0 means the "
+        "layer's size does not depend on the width. --param mup should keep every layer flat; "
+        "the standard parametrization lets them drift once training moves them. Along the "
+        "depth, --residual --residual-scale depth keeps the logits flat.",
     )
     _add_config_flags(p)
-    p.add_argument(
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument(
         "--widths",
         type=_shape,
         default=[64, 128, 256, 512, 1024],
         metavar="W,...",
         help="hidden widths (default: 64,128,256,512,1024)",
+    )
+    sizes.add_argument(
+        "--depths",
+        type=_shape,
+        metavar="L,...",
+        help="check along the depth instead: these numbers of hidden blocks, at the preset's "
+        "width; the layers every depth has are compared",
     )
     p.add_argument("--check-steps", type=int, default=4, metavar="N", help="default: 4")
     p.add_argument("--seeds", type=int, default=2, metavar="N", help="default: 2")
@@ -518,28 +527,31 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_coordcheck(args) -> int:
-    from normlab.lm.coordcheck import coord_check_widths
+    from normlab.lm.coordcheck import FIELDS, coord_check_model
 
-    if len(set(args.widths)) < 2 or args.check_steps < 1 or args.seeds < 1:
-        raise NormlabError("need two widths or more, --check-steps ≥ 1 and --seeds ≥ 1")
-    if args.n_hidden is not None:
-        raise NormlabError("--widths sets the hidden width; drop --n-hidden")
-    if args.base_width is not None and args.base_width > min(args.widths):
+    along = "depth" if args.depths is not None else "width"
+    sizes = args.depths if along == "depth" else args.widths
+    flag = {"width": "--n-hidden", "depth": "--n-layer"}[along]
+    if len(set(sizes)) < 2 or args.check_steps < 1 or args.seeds < 1:
+        raise NormlabError(f"need two {along}s or more, --check-steps ≥ 1 and --seeds ≥ 1")
+    if getattr(args, FIELDS[along]) is not None:
+        raise NormlabError(f"--{along}s sets the {along}; drop {flag}")
+    if along == "width" and args.base_width is not None and args.base_width > min(sizes):
         raise NormlabError(
             f"--base-width ({args.base_width}) is larger than the narrowest width "
-            f"({min(args.widths)}); μP scales up from its base width"
+            f"({min(sizes)}); μP scales up from its base width"
         )
-    args.n_hidden = max(args.widths)
+    setattr(args, FIELDS[along], max(sizes))
     model_config, train_config, data = configs_and_data_from_args(args)
-    for width in args.widths:  # each width is a model of its own: check each one's config
-        check_configs(replace(model_config, n_hidden=width), train_config)
-    check = coord_check_widths(
-        model_config, train_config, data, args.widths, args.check_steps, args.seeds
+    for size in sizes:  # each size is a model of its own: check each one's config
+        check_configs(replace(model_config, **{FIELDS[along]: size}), train_config)
+    check = coord_check_model(
+        model_config, train_config, data, sizes, along, args.check_steps, args.seeds
     )
     if args.plot is not None:
         check.plot(args.plot)
     if args.json:
-        out = {"widths": check.widths, "slopes": check.slopes, "flagged": check.flagged}
+        out = {f"{along}s": check.widths, "slopes": check.slopes, "flagged": check.flagged}
         print(json.dumps(out))
     else:
         print(check.table())

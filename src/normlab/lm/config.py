@@ -19,6 +19,7 @@ NORMS = ("batch", "layer", "group", "none")
 BLOCK_NONLINEARITIES = ("tanh", "relu")  # what a hidden block of the model can apply
 INITS = ("naive", "lecture", "kaiming", "lsuv")
 PARAMS = ("standard", "mup")
+RESIDUAL_SCALES = ("one", "depth")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
@@ -119,6 +120,12 @@ class ModelConfig(_Config):
         "tanh", "the hidden blocks' nonlinearity", choices=BLOCK_NONLINEARITIES
     )
     residual: bool = option(False, "skip connections around hidden blocks of equal width")
+    residual_scale: str = option(
+        "one",
+        "--residual: what each block's output is multiplied by before its input is added: one, "
+        "or depth: 1/sqrt(2 n_layer), so that the sum's size does not grow with the depth",
+        choices=RESIDUAL_SCALES,
+    )
     init: str = option(
         "kaiming",
         "weight initialization: naive (plain randn), lecture (hand-tuned scales), kaiming, lsuv",
@@ -171,6 +178,11 @@ class ModelConfig(_Config):
             raise ConfigError(
                 f"gain scales the weights of init kaiming (and lsuv's start); init {self.init} "
                 "has its own scales: choose --init kaiming or lsuv, or a preset without a gain"
+            )
+        if self.residual_scale != "one" and not self.residual:
+            raise ConfigError(
+                f"--residual-scale {self.residual_scale} scales the skip connections' blocks; "
+                "add --residual, or drop --residual-scale"
             )
         if self.arch == "wavenet":
             self._validate_wavenet()

@@ -11,6 +11,8 @@ blocks, each starting by fusing pairs of consecutive positions, so a context of
 positions.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,15 +24,29 @@ from normlab.lm.mup import output_multiplier
 
 
 class Block(nn.Sequential):
-    """``Linear → norm → nonlinearity [→ dropout]``, with an optional skip ``x + block(x)``."""
+    r"""``Linear → norm → nonlinearity [→ dropout]``, with an optional skip
+    :math:`x + \alpha \cdot \text{block}(x)`.
 
-    def __init__(self, *layers: nn.Module, residual: bool = False) -> None:
+    ``branch_scale`` :math:`\alpha` is 1, or :math:`1/\sqrt{2 L}` for ``L`` blocks
+    (``--residual-scale depth``, as GPT-2 scales its residual projections): with roughly
+    independent branches of variance :math:`v`, the sum's variance is :math:`v (1 + (L - 1)/(2L))
+    < 1.5 v` at any depth, against :math:`L v` unscaled.
+    """
+
+    def __init__(self, *layers: nn.Module, residual: bool = False, branch_scale: float = 1.0):
         super().__init__(*layers)
         self.residual = residual
+        self.branch_scale = branch_scale
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        return x + out if self.residual else out
+        if not self.residual:
+            return out
+        return x + out if self.branch_scale == 1.0 else x + self.branch_scale * out
+
+    def extra_repr(self) -> str:
+        scaled = f", branch_scale={self.branch_scale:.4g}" if self.branch_scale != 1.0 else ""
+        return f"residual=True{scaled}" if self.residual else ""
 
 
 class Readout(nl.Linear):
@@ -102,6 +118,7 @@ class LanguageModel(nn.Module):
         self.embed_dropout = nn.Dropout(c.embed_dropout) if c.embed_dropout > 0 else nn.Identity()
         hidden_bias = c.norm != "batch" if c.bias is None else c.bias
         blocks, positions = [], c.block_size
+        branch_scale = 1 / math.sqrt(2 * c.n_layer) if c.residual_scale == "depth" else 1.0
         fan_in = c.n_embd if hierarchical else c.block_size * c.n_embd
         for _ in range(c.n_layer):
             layers = []
@@ -112,7 +129,8 @@ class LanguageModel(nn.Module):
             layers += [linear, self._norm(c.n_hidden, positions), self._activation()]
             if c.dropout > 0:
                 layers.append(nn.Dropout(c.dropout))
-            blocks.append(Block(*layers, residual=c.residual and fan_in == c.n_hidden))
+            residual = c.residual and fan_in == c.n_hidden
+            blocks.append(Block(*layers, residual=residual, branch_scale=branch_scale))
             fan_in = c.n_hidden
         self.blocks = nn.Sequential(*blocks)
         readout = dict(bias=not c.output_bn, init=nn.init.zeros_)

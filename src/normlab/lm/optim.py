@@ -49,10 +49,12 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class FunctionalUpdate:
     """``update(grads)``: ``optimizer``'s own update of ``params`` from gradients given in a
     list (None where a parameter has none, which it then leaves alone, as torch.optim does),
-    through torch.optim's functional form: ``torch.optim.sgd.sgd`` and ``torch.optim.adam.adam``
-    with decoupled weight decay, fused, group by group with each group's settings as they are
-    at the call. ``optimizer.step()`` computes the same, bit for bit, from ``.grad``; this form
-    spares the per-step cost of setting and clearing the ``.grad`` of every parameter.
+    group by group with each group's settings as they are at the call: by the fused kernel that
+    torch.optim's fused form calls for a group of one device and dtype (``torch._fused_sgd_``,
+    ``torch._fused_adamw_``), else through its functional form (``torch.optim.sgd.sgd`` and
+    ``torch.optim.adam.adam`` with decoupled weight decay, fused). ``optimizer.step()``
+    computes the same, bit for bit, from ``.grad``; this form spares the per-step cost of
+    setting and clearing the ``.grad`` of every parameter.
 
     It covers what ``make_optimizer`` builds: ``torch.optim.SGD`` without momentum and
     ``torch.optim.AdamW`` without amsgrad. AdamW's state is the optimizer's own, created at a
@@ -71,15 +73,25 @@ class FunctionalUpdate:
         self.optimizer = optimizer
         self.params = params
         self.places = [[place[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        # a group of one device and dtype calls the fused kernel that torch.optim's fused form
+        # calls, directly: the functional form would sort its tensors by device and dtype on
+        # every step, a tenth of a small step's time (docs/PERFORMANCE.md, section 1b)
+        self.direct = [
+            len({(p.device, p.dtype) for p in g["params"]}) == 1 for g in optimizer.param_groups
+        ]
 
     @torch.no_grad()
     def __call__(self, grads: list[torch.Tensor | None]) -> None:
-        for group, places in zip(self.optimizer.param_groups, self.places, strict=True):
+        groups = zip(self.optimizer.param_groups, self.places, self.direct, strict=True)
+        for group, places, direct in groups:
             present = [i for i in places if grads[i] is not None]
             if not present:
                 continue
             params = [self.params[i] for i in present]
             group_grads = [grads[i] for i in present]
+            if direct:
+                self._fused(group, params, group_grads)
+                continue
             if not self.adamw:
                 sgd(
                     params,
@@ -113,6 +125,43 @@ class FunctionalUpdate:
                 eps=group["eps"],
                 maximize=group["maximize"],
             )
+
+    def _fused(self, group: dict, params: list, grads: list) -> None:
+        """The group's update by torch.optim's fused kernel, as ``torch.optim.sgd._fused_sgd``
+        and ``torch.optim.adam._fused_adam`` call it for one device and dtype."""
+        if not self.adamw:
+            torch._fused_sgd_(
+                params,
+                grads,
+                [],  # no momentum: no buffers
+                weight_decay=group["weight_decay"],
+                momentum=0.0,
+                lr=group["lr"],
+                dampening=group["dampening"],
+                nesterov=group["nesterov"],
+                maximize=group["maximize"],
+                is_first_step=False,
+            )
+            return
+        states = [self._adamw_state(p) for p in params]
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            params,
+            grads,
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [],  # no amsgrad
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
 
     def _adamw_state(self, p: torch.Tensor) -> dict:
         state = self.optimizer.state[p]

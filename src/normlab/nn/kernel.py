@@ -1,4 +1,5 @@
-"""BatchNorm's C++ kernel for the CPU (``csrc/batchnorm.cpp``), where it was built.
+"""normlab's C++ kernels for the CPU (``csrc/``), where they were built: BatchNorm, and the
+diagnostics' statistics.
 
 ``torch.ops.normlab.batch_norm`` is ``BatchNormFunction``'s training-mode math
 (the batch's statistics, the running statistics and the batch count, the
@@ -8,13 +9,17 @@ which dominates at the sizes these networks have, becomes one call each way.
 Its sums run over blocks of values in the input's dtype and in float64 across
 blocks, in one fixed order per channel whatever the thread count.
 
-``pip install --no-build-isolation`` builds it against the installed torch
-(``setup.py``; the Makefile does so). An install without it, a kernel that does
-not load against this torch or was built from other sources (with one line
-that says so), or
-``NORMLAB_BATCHNORM_KERNEL=0`` in the environment leave BatchNorm on the ATen
-operators, which also serve every other device and dtype, SyncBatchNorm, and
-whatever traces the model (``torch.compile``, ``make_fx``, export).
+``torch.ops.normlab.moments``, ``histograms``, ``saturated`` and ``dead``
+(``csrc/stats.cpp``) compute a recording's per-tensor statistics for a whole
+list of tensors in one call each (``normlab.diagnostics.stats``).
+
+``pip install --no-build-isolation`` builds them against the installed torch
+(``setup.py``; the Makefile does so). An install without them, a library that does
+not load against this torch or a BatchNorm operator built from other sources (with one
+line that says so), or ``NORMLAB_BATCHNORM_KERNEL=0`` (``NORMLAB_STATS_KERNEL=0``) in the
+environment leave BatchNorm (the statistics) on the ATen operators, which also serve every
+other device and dtype, SyncBatchNorm, and whatever traces the model (``torch.compile``,
+``make_fx``, export).
 """
 
 import functools
@@ -40,17 +45,24 @@ ARGUMENTS = [
 
 
 @functools.cache
-def ops():
-    """The kernel's operators (``torch.ops.normlab``), or None where there is no kernel."""
-    if os.environ.get("NORMLAB_BATCHNORM_KERNEL", "1") == "0":
-        return None
-    spec = importlib.util.find_spec("normlab.nn._batchnorm_cpu")
+def library() -> bool:
+    """Load the kernels' library (``torch.ops.normlab``) once: False where there is none, or
+    it does not load against this torch (one line says so)."""
+    spec = importlib.util.find_spec("normlab.nn._kernels_cpu")
     if spec is None or spec.origin is None:
-        return None
+        return False
     try:
         torch.ops.load_library(spec.origin)
     except OSError as e:  # built against another torch: dlopen's one line says why
-        print(f"normlab: BatchNorm's C++ kernel did not load ({e}); it runs on ATen operators")
+        print(f"normlab: the C++ kernels did not load ({e}); everything runs on ATen operators")
+        return False
+    return True
+
+
+@functools.cache
+def ops():
+    """BatchNorm's operator (``torch.ops.normlab``), or None where there is no kernel."""
+    if os.environ.get("NORMLAB_BATCHNORM_KERNEL", "1") == "0" or not library():
         return None
     arguments = [a.name for a in torch.ops.normlab.batch_norm.default._schema.arguments]
     if arguments != ARGUMENTS:  # a build left from other sources (setup.py build_ext --inplace)
@@ -58,6 +70,16 @@ def ops():
             "normlab: BatchNorm's C++ kernel is out of date (rebuild it: pip install "
             "--no-build-isolation -e .); it runs on ATen operators"
         )
+        return None
+    return torch.ops.normlab
+
+
+@functools.cache
+def stats_ops():
+    """The statistics' operators (``torch.ops.normlab``), or None where there is no kernel."""
+    if os.environ.get("NORMLAB_STATS_KERNEL", "1") == "0" or not library():
+        return None
+    if not hasattr(torch.ops.normlab, "dead"):  # a library built before them
         return None
     return torch.ops.normlab
 

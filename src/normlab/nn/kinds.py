@@ -24,6 +24,7 @@ recognized by name: a module with parameters whose class name ends in
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -119,6 +120,7 @@ def register_kind(types: type[nn.Module] | tuple[type[nn.Module], ...], kind: Ki
     """
     types = types if isinstance(types, tuple) else (types,)
     _REGISTRY.insert(0, (types, kind))
+    _KNOWN.clear()  # a module's kind may be this one now
 
 
 def _with_range(module: nn.Module, kind: Kind) -> Kind:
@@ -139,8 +141,24 @@ def layer_kind(module: nn.Module) -> Kind | None:
         >>> layer_kind(torch.nn.Flatten()) is None
         True
     """
+    try:
+        return _KNOWN[module]
+    except KeyError:
+        pass
+    except TypeError:  # a module that cannot be a key (its class defines __eq__, not __hash__)
+        return _work_out_kind(module)
+    kind = _KNOWN[module] = _work_out_kind(module)
+    return kind
+
+
+def _work_out_kind(module: nn.Module) -> Kind | None:
     kind = _declared_kind(module)
     return kind if kind is not None else _probe(module)
+
+
+# module → its kind, worked out once per module (a recording asks for every module's kind, and
+# a model's modules keep theirs); register_kind clears it
+_KNOWN: "weakref.WeakKeyDictionary[nn.Module, Kind | None]" = weakref.WeakKeyDictionary()
 
 
 def _declared_kind(module: nn.Module) -> Kind | None:

@@ -32,6 +32,13 @@ VARIANTS: dict[str, dict] = {
     "kaiming 5/3 + BN": dict(init="kaiming", norm="batch"),
     "kaiming + LN": dict(init="kaiming", norm="layer"),
     "kaiming + BN + residual": dict(init="kaiming", norm="batch", residual=True),
+    "kaiming + BN + residual/√2L": dict(
+        init="kaiming", norm="batch", residual=True, residual_scale="depth"
+    ),
+    "kaiming 5/3 + residual": dict(init="kaiming", norm="none", residual=True),
+    "kaiming 5/3 + residual/√2L": dict(
+        init="kaiming", norm="none", residual=True, residual_scale="depth"
+    ),
     "lsuv": dict(init="lsuv", norm="none"),
 }
 DEPTHS = (2, 5, 10, 20, 50)
@@ -64,7 +71,7 @@ def run(ctx: Context) -> dict:
     table = Table(
         "per cell: val loss at the end; loss, last activation std and grad ratio at step 0",
         [
-            ("variant", 24),
+            ("variant", 28),
             ("depth", 5),
             ("seed", 4),
             ("val", 7),

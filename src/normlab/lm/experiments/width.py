@@ -13,7 +13,7 @@ import statistics
 from dataclasses import replace
 
 from normlab.lm.config import preset_configs
-from normlab.lm.coordcheck import coord_check_widths
+from normlab.lm.coordcheck import coord_check_model
 from normlab.lm.data import load_dataset
 from normlab.lm.experiments.common import Context, Table, fit, new_model
 
@@ -85,7 +85,7 @@ def run(ctx: Context) -> dict:
     coord = {}
     for param in PARAMS:
         middle = replace(train_config, lr=lrs[len(lrs) // 2])
-        check = coord_check_widths(
+        check = coord_check_model(
             replace(model_config, param=param, base_width=widths[0]), middle, data, list(widths)
         )
         check.plot(ctx.out / f"coordcheck-{param}.png")

@@ -1,0 +1,74 @@
+"""Where one compiled step of lecture-deep at batch 32 spends its time.
+
+Runs ``TrainStep(compile=True)`` (SGD, lr 0.1) warm, then:
+
+- times its parts over the same steps: the compiled graph (forward, backward, the gradients
+  into one buffer), the update (``FunctionalUpdate``: torch.optim's fused SGD, group by group,
+  on views of that buffer), and the rest of the call (the learning rate, the bookkeeping);
+- profiles the whole step with ``torch.profiler``: the operators by their own CPU time.
+
+    .venv/bin/python benchmarks/profile_step.py [--rounds 3] [--threads 1]
+"""
+
+import statistics
+import time
+
+import torch
+from bench_train import LR, lecture_deep, rounds_and_threads
+from torch.profiler import ProfilerActivity, profile
+
+from normlab.lm.config import TrainConfig
+from normlab.lm.data import load_dataset
+from normlab.lm.optim import make_optimizer, set_learning_rate
+from normlab.lm.presets import PRESETS
+from normlab.lm.step import TrainStep
+
+BATCH, STEPS = 32, 2000
+
+
+def main():
+    args = rounds_and_threads(__doc__)
+    data = load_dataset(None, PRESETS["lecture-deep"]["model"]["block_size"])
+    X, Y = data.splits["train"]
+    g = torch.Generator().manual_seed(0)
+    batches = [(X[ix], Y[ix]) for ix in torch.randint(0, len(X), (STEPS, BATCH), generator=g)]
+    model = lecture_deep(data.vocab.size)
+    optimizer = make_optimizer(model, TrainConfig(optimizer="sgd", lr=LR, weight_decay=0.0))
+    step = TrainStep(model, optimizer, BATCH, compile=True)
+    for x, y in batches[:20]:  # the compile, and the graph proven
+        step(x, y, LR)
+    core = step.core
+    x, y = batches[0]
+    key = core._key(x, y, None)
+    graph, places = core._compiled[key], core._places[key]
+
+    parts = {"whole step": [], "compiled graph": [], "update": [], "learning rate": []}
+    for _ in range(args.rounds):
+        totals = dict.fromkeys(parts, 0.0)
+        for x, y in batches:
+            t0 = time.perf_counter()
+            step(x, y, LR)
+            t1 = time.perf_counter()
+            graph(core.tensors, x, y)
+            t2 = time.perf_counter()
+            grads = core._grads_at(places)
+            set_learning_rate(core.optimizer, LR)
+            t3 = time.perf_counter()
+            core.update(grads)
+            t4 = time.perf_counter()
+            for name, seconds in zip(parts, (t1 - t0, t2 - t1, t4 - t3, t3 - t2), strict=True):
+                totals[name] += seconds
+        for name in parts:
+            parts[name].append(totals[name] / len(batches) * 1e6)
+    print(f"lecture-deep, batch {BATCH}, {args.threads} thread(s), µs per step (median of "
+          f"{args.rounds} rounds of {STEPS:,} steps):")  # fmt: skip
+    for name, values in parts.items():
+        print(f"  {name:<16} {statistics.median(values):8.1f}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in batches[:200]:
+            step(x, y, LR)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

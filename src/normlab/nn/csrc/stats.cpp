@@ -1,0 +1,271 @@
+// Per-tensor statistics for normlab.diagnostics on the CPU: the moments, histograms and
+// fractions of a whole recording's tensors, each one call over the list.
+//
+// A recording measures every layer's output, gradient and parameter. As ATen operators, each
+// statistic costs a dozen operators per group of same-shaped tensors, and a model of many small
+// layers in many shapes spends most of a recording on their fixed cost. Here each statistic is
+// one pass over each tensor's values, the tensors split among the threads whole, so that every
+// tensor's numbers come from one fixed order of operations whatever the thread count. Sums run
+// in double. The histograms and
+// fractions compute in float as the ATen version (normlab/diagnostics/stats.py) does, so their
+// counts are the same.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 64;
+const double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+void check_input(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cpu() && t.is_contiguous() &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              "normlab::", op, ": every tensor must be a contiguous float32 or float64 CPU tensor");
+}
+
+// Each tensor's statistics on its own thread: the list split among the threads whole.
+template <typename Body>
+void per_tensor(int64_t count, const Body& body) {
+  at::parallel_for(0, count, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) body(g);
+  });
+}
+
+// mean, sample std, min and max of x - minus (Minus: x itself without it); a NaN anywhere makes
+// them all NaN, as the ATen reductions do. Sums run in double, blocks of kBlock values in SIMD
+// registers: a constant tensor's mean is its value, and its std exactly 0.
+template <typename scalar_t, bool Minus>
+void moments_of(const scalar_t* __restrict x, const scalar_t* __restrict minus, int64_t n,
+                double* out) {
+  auto value = [&](int64_t i) {
+    if constexpr (Minus) {
+      return scalar_t(x[i] - minus[i]);
+    } else {
+      return x[i];
+    }
+  };
+  double sum = 0;
+  scalar_t lo = std::numeric_limits<scalar_t>::infinity(), hi = -lo;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(i0 + kBlock, n);
+    double s = 0;
+    scalar_t block_lo = lo, block_hi = hi;
+#pragma omp simd reduction(+ : s) reduction(min : block_lo) reduction(max : block_hi)
+    for (int64_t i = i0; i < i1; ++i) {
+      const scalar_t v = value(i);
+      s += double(v);
+      block_lo = std::min(block_lo, v);
+      block_hi = std::max(block_hi, v);
+    }
+    sum += s;
+    lo = block_lo;
+    hi = block_hi;
+  }
+  const scalar_t mean = scalar_t(sum / double(n));
+  double squares = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = std::min(i0 + kBlock, n);
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < i1; ++i) {
+      const double d = double(scalar_t(value(i) - mean));  // the deviation as ATen's
+      s += d * d;
+    }
+    squares += s;
+  }
+  // a NaN reaches the sum (min and max may skip it); so does inf - inf, where ATen's mean is
+  // NaN as well
+  const bool undefined = n == 0 || std::isnan(sum);
+  out[0] = undefined ? kNaN : double(mean);
+  out[1] = undefined ? kNaN : std::sqrt(squares / double(std::max<int64_t>(n - 1, 1)));
+  out[2] = undefined ? kNaN : double(lo);
+  out[3] = undefined ? kNaN : double(hi);
+}
+
+// (G, 4) float64: each tensor's mean, sample std, min and max, of xs[g] - subtract[g] where
+// subtract is given; an absent tensor's row is NaN.
+at::Tensor moments(const c10::List<std::optional<at::Tensor>>& xs,
+                   const c10::List<std::optional<at::Tensor>>& subtract) {
+  const int64_t G = xs.size();
+  TORCH_CHECK(subtract.size() == 0 || subtract.size() == xs.size(),
+              "normlab::moments: subtract must be empty or one tensor per tensor");
+  std::vector<at::Tensor> x(G), minus(G);
+  for (int64_t g = 0; g < G; ++g) {
+    std::optional<at::Tensor> t = xs.get(g);
+    if (t.has_value() && t->defined()) {
+      check_input(*t, "moments");
+      x[g] = *t;
+    }
+    if (subtract.size() > 0) {
+      std::optional<at::Tensor> m = subtract.get(g);
+      TORCH_CHECK(m.has_value() && m->defined(), "normlab::moments: a tensor to subtract is absent");
+      check_input(*m, "moments");
+      TORCH_CHECK(x[g].defined() && m->sizes() == x[g].sizes() &&
+                      m->scalar_type() == x[g].scalar_type(),
+                  "normlab::moments: a tensor to subtract differs in shape or dtype");
+      minus[g] = *m;
+    }
+  }
+  at::Tensor out = at::empty({G, 4}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    if (!x[g].defined()) {
+      std::fill(o + 4 * g, o + 4 * g + 4, kNaN);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES(x[g].scalar_type(), "normlab::moments", [&] {
+      const scalar_t* v = x[g].const_data_ptr<scalar_t>();
+      if (minus[g].defined()) {
+        moments_of<scalar_t, true>(v, minus[g].const_data_ptr<scalar_t>(), x[g].numel(),
+                                   o + 4 * g);
+      } else {
+        moments_of<scalar_t, false>(v, nullptr, x[g].numel(), o + 4 * g);
+      }
+    });
+  });
+  return out;
+}
+
+// Adds to counts (bins of them) every stride-th of the n values v, binned over [-r, r] as
+// stats.histograms does: (x / r + 1) · bins / 2, NaN → 0, floored, clamped. For the clamped
+// value, in [0, bins - 1], truncation is the floor, which lets the binning run in SIMD.
+template <typename scalar_t>
+void count_bins(const scalar_t* v, int64_t n, int64_t stride, float r, int64_t bins,
+                std::vector<int64_t>& counts) {
+  const int64_t m = (n + stride - 1) / stride;  // the values sampled
+  const float half_bins = float(bins) / 2, last = float(bins - 1);
+  int32_t bin[kBlock];
+  for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
+    const int64_t j1 = std::min(j0 + kBlock, m);
+#pragma omp simd
+    for (int64_t j = j0; j < j1; ++j) {
+      float position = (float(v[j * stride]) / r + 1.0f) * half_bins;
+      position = position == position ? position : 0.0f;
+      position = position < 0.0f ? 0.0f : (position > last ? last : position);
+      bin[j - j0] = int32_t(position);
+    }
+    for (int64_t j = j0; j < j1; ++j) ++counts[bin[j - j0]];
+  }
+}
+
+// (G, bins) float32: the counts of each tensor's values in bins equal bins over [-r, r], of
+// every stride-th value (stride = max(1, numel / sample)); NaN in bin 0, values beyond ±r in
+// the end bins; an absent tensor's row is zero.
+at::Tensor histograms(const c10::List<std::optional<at::Tensor>>& xs, const at::Tensor& r,
+                      int64_t bins, int64_t sample) {
+  const int64_t G = xs.size();
+  TORCH_CHECK(r.is_cpu() && r.scalar_type() == at::kFloat && r.numel() == G,
+              "normlab::histograms: r must be one float32 per tensor");
+  TORCH_CHECK(bins > 0 && sample > 0, "normlab::histograms: bins and sample must be positive");
+  std::vector<at::Tensor> x(G);
+  for (int64_t g = 0; g < G; ++g) {
+    std::optional<at::Tensor> t = xs.get(g);
+    if (t.has_value() && t->defined()) {
+      check_input(*t, "histograms");
+      x[g] = *t;
+    }
+  }
+  const at::Tensor ranges = r.contiguous();
+  const float* rr = ranges.const_data_ptr<float>();
+  at::Tensor out = at::zeros({G, bins}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  per_tensor(G, [&](int64_t g) {
+    if (!x[g].defined()) return;
+    const int64_t n = x[g].numel(), stride = std::max<int64_t>(1, n / sample);
+    std::vector<int64_t> counts(bins, 0);
+    AT_DISPATCH_FLOATING_TYPES(x[g].scalar_type(), "normlab::histograms", [&] {
+      count_bins<scalar_t>(x[g].const_data_ptr<scalar_t>(), n, stride, rr[g], bins, counts);
+    });
+    for (int64_t b = 0; b < bins; ++b) o[g * bins + b] = float(counts[b]);
+  });
+  return out;
+}
+
+// (G,) float64: each tensor's share of values v with |v - mid| > saturation · half, in float.
+at::Tensor saturated(at::TensorList xs, const at::Tensor& mid, const at::Tensor& half,
+                     double saturation) {
+  const int64_t G = xs.size();
+  TORCH_CHECK(mid.is_cpu() && half.is_cpu() && mid.scalar_type() == at::kFloat &&
+                  half.scalar_type() == at::kFloat && mid.numel() == G && half.numel() == G,
+              "normlab::saturated: mid and half must be one float32 per tensor");
+  for (const at::Tensor& t : xs) check_input(t, "saturated");
+  const at::Tensor m = mid.contiguous(), h = half.contiguous();
+  const float* mm = m.const_data_ptr<float>();
+  const float* hh = h.const_data_ptr<float>();
+  at::Tensor out = at::empty({G}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    const int64_t n = xs[g].numel();
+    const float limit = hh[g] * float(saturation);
+    int64_t beyond = 0;
+    AT_DISPATCH_FLOATING_TYPES(xs[g].scalar_type(), "normlab::saturated", [&] {
+      const scalar_t* v = xs[g].const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) beyond += std::fabs(float(v[i]) - mm[g]) > limit;
+    });
+    o[g] = n ? double(beyond) / double(n) : kNaN;
+  });
+  return out;
+}
+
+// (G,) float64: each tensor's share of units that never rise above floor, the tensor read as
+// (batch, units[g], positions[g]): a unit is dead when none of its batch × positions values is
+// above it.
+at::Tensor dead(at::TensorList xs, const at::Tensor& floor, at::IntArrayRef units,
+                at::IntArrayRef positions) {
+  const int64_t G = xs.size();
+  TORCH_CHECK(floor.is_cpu() && floor.scalar_type() == at::kFloat && floor.numel() == G &&
+                  int64_t(units.size()) == G && int64_t(positions.size()) == G,
+              "normlab::dead: floor, units and positions must be one per tensor");
+  for (int64_t g = 0; g < G; ++g) {
+    check_input(xs[g], "dead");
+    TORCH_CHECK(units[g] > 0 && positions[g] > 0 && xs[g].numel() % (units[g] * positions[g]) == 0,
+                "normlab::dead: a tensor's values are not batch × units × positions");
+  }
+  const at::Tensor f = floor.contiguous();
+  const float* ff = f.const_data_ptr<float>();
+  at::Tensor out = at::empty({G}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    const int64_t U = units[g], P = positions[g], B = xs[g].numel() / (U * P);
+    std::vector<char> alive(U, 0);
+    AT_DISPATCH_FLOATING_TYPES(xs[g].scalar_type(), "normlab::dead", [&] {
+      const scalar_t* v = xs[g].const_data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t u = 0; u < U; ++u) {
+          const scalar_t* run = v + (b * U + u) * P;
+          bool above = false;
+          for (int64_t p = 0; p < P; ++p) above |= float(run[p]) > ff[g];
+          alive[u] |= above;
+        }
+      }
+    });
+    int64_t living = 0;
+    for (char a : alive) living += a;
+    o[g] = B ? 1.0 - double(living) / double(U) : kNaN;
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(normlab, m) {
+  m.def("moments(Tensor?[] xs, Tensor?[] subtract) -> Tensor");
+  m.def("histograms(Tensor?[] xs, Tensor r, int bins, int sample) -> Tensor");
+  m.def("saturated(Tensor[] xs, Tensor mid, Tensor half, float saturation) -> Tensor");
+  m.def("dead(Tensor[] xs, Tensor floor, int[] units, int[] positions) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(normlab, CPU, m) {
+  m.impl("moments", moments);
+  m.impl("histograms", histograms);
+  m.impl("saturated", saturated);
+  m.impl("dead", dead);
+}
