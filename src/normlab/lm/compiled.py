@@ -96,7 +96,7 @@ class CompiledStep:
     The step is one function, ``_gradients``, and then the optimizer's own update:
     ``_gradients`` runs the forward pass (which moves BatchNorm's running
     statistics), the loss and autograd's backward, and returns the gradients,
-    which torch.optim's functional form applies (``FunctionalUpdate``: SGD
+    which torch.optim's fused kernels apply (``FunctionalUpdate``: SGD
     without momentum, AdamW without amsgrad) with every param group's settings;
     ``lr`` is the schedule's rate, which each group scales by its ``lr_scale``
     (``normlab.lm.optim.set_learning_rate``).

@@ -4,8 +4,6 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.adam import adam
-from torch.optim.sgd import sgd
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from normlab.lm.config import TrainConfig
@@ -49,12 +47,11 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 class FunctionalUpdate:
     """``update(grads)``: ``optimizer``'s own update of ``params`` from gradients given in a
     list (None where a parameter has none, which it then leaves alone, as torch.optim does),
-    group by group with each group's settings as they are at the call: by the fused kernel that
-    torch.optim's fused form calls for a group of one device and dtype (``torch._fused_sgd_``,
-    ``torch._fused_adamw_``), else through its functional form (``torch.optim.sgd.sgd`` and
-    ``torch.optim.adam.adam`` with decoupled weight decay, fused). ``optimizer.step()``
-    computes the same, bit for bit, from ``.grad``; this form spares the per-step cost of
-    setting and clearing the ``.grad`` of every parameter.
+    group by group with each group's settings as they are at the call, by the fused kernels of
+    torch.optim's fused SGD and AdamW (``torch._fused_sgd_``, ``torch._fused_adamw_``), called
+    as torch.optim calls them for each device and dtype. ``optimizer.step()`` computes the
+    same, bit for bit, from ``.grad``; this form spares the per-step cost of setting and
+    clearing the ``.grad`` of every parameter, and of sorting the tensors by device and dtype.
 
     It covers what ``make_optimizer`` builds: ``torch.optim.SGD`` without momentum and
     ``torch.optim.AdamW`` without amsgrad. AdamW's state is the optimizer's own, created at a
@@ -73,62 +70,23 @@ class FunctionalUpdate:
         self.optimizer = optimizer
         self.params = params
         self.places = [[place[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-        # a group of one device and dtype calls the fused kernel that torch.optim's fused form
-        # calls, directly: the functional form would sort its tensors by device and dtype on
-        # every step, a tenth of a small step's time (docs/PERFORMANCE.md, section 1b)
-        self.direct = [
-            len({(p.device, p.dtype) for p in g["params"]}) == 1 for g in optimizer.param_groups
-        ]
+        # each group's places by device and dtype, as torch.optim's fused form sorts them on
+        # every step (a tenth of a small step's time: docs/PERFORMANCE.md, section 1b), once
+        self.kinds = [_by_kind(params, places) for places in self.places]
 
     @torch.no_grad()
     def __call__(self, grads: list[torch.Tensor | None]) -> None:
-        groups = zip(self.optimizer.param_groups, self.places, self.direct, strict=True)
-        for group, places, direct in groups:
-            present = [i for i in places if grads[i] is not None]
-            if not present:
-                continue
-            params = [self.params[i] for i in present]
-            group_grads = [grads[i] for i in present]
-            if direct:
-                self._fused(group, params, group_grads)
-                continue
-            if not self.adamw:
-                sgd(
-                    params,
-                    group_grads,
-                    [None] * len(params),
-                    fused=True,
-                    weight_decay=group["weight_decay"],
-                    momentum=0.0,
-                    lr=group["lr"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                )
-                continue
-            states = [self._adamw_state(p) for p in params]
-            beta1, beta2 = group["betas"]
-            adam(
-                params,
-                group_grads,
-                [state["exp_avg"] for state in states],
-                [state["exp_avg_sq"] for state in states],
-                [],
-                [state["step"] for state in states],
-                fused=True,
-                decoupled_weight_decay=True,
-                amsgrad=False,
-                beta1=beta1,
-                beta2=beta2,
-                lr=group["lr"],
-                weight_decay=group["weight_decay"],
-                eps=group["eps"],
-                maximize=group["maximize"],
-            )
+        for group, kinds in zip(self.optimizer.param_groups, self.kinds, strict=True):
+            for places in kinds:
+                present = [i for i in places if grads[i] is not None]
+                if present:
+                    params = [self.params[i] for i in present]
+                    self._fused(group, params, [grads[i] for i in present])
 
     def _fused(self, group: dict, params: list, grads: list) -> None:
-        """The group's update by torch.optim's fused kernel, as ``torch.optim.sgd._fused_sgd``
-        and ``torch.optim.adam._fused_adam`` call it for one device and dtype."""
+        """The update of a group's parameters of one device and dtype by torch.optim's fused
+        kernel, called as ``torch.optim.sgd._fused_sgd`` and ``torch.optim.adam._fused_adam``
+        call it."""
         if not self.adamw:
             torch._fused_sgd_(
                 params,
@@ -170,6 +128,15 @@ class FunctionalUpdate:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
+
+
+def _by_kind(params: list[torch.Tensor], places: list[int]) -> list[list[int]]:
+    """``places`` (indices into ``params``) split by their parameter's device and dtype, in
+    order."""
+    split: dict[tuple, list[int]] = {}
+    for i in places:
+        split.setdefault((params[i].device, params[i].dtype), []).append(i)
+    return list(split.values())
 
 
 def _mup_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
