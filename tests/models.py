@@ -101,3 +101,26 @@ def trained_statistics(model: nn.Module, shape, steps: int = 5) -> nn.Module:
         for _ in range(steps):
             model.train()(torch.randn(*shape, dtype=next(model.parameters()).dtype) * 2 + 1)
     return model.eval()
+
+
+class OnceDifferentiableSquare(torch.autograd.Function):
+    """x², whose backward has no derivative of its own (``once_differentiable``): what the
+    second-order instruments must name, not differentiate through."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.square()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class SquareOnce(nn.Module):
+    """A layer of ``OnceDifferentiableSquare``."""
+
+    def forward(self, x):
+        return OnceDifferentiableSquare.apply(x)

@@ -4,8 +4,8 @@ full Hessian that torch computes densely for the same model built of torch's own
 import pytest
 import torch
 import torch.nn.functional as F
+from models import SquareOnce
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 import normlab.nn as nl
 from normlab.curvature import (
@@ -158,29 +158,11 @@ def test_an_optimizer_without_second_moments_has_no_preconditioner():
         adam_preconditioner(torch.optim.SGD(ours.parameters(), lr=0.1), list(ours.parameters()))
 
 
-class _OnceDifferentiable(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.square()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
-class _Custom(nn.Module):
-    def forward(self, x):
-        return _OnceDifferentiable.apply(x)
-
-
 def test_a_loss_without_a_second_derivative_is_one_line_naming_the_layer():
-    model = nn.Sequential(nn.Linear(4, 4), _Custom(), nn.Linear(4, 1))
+    model = nn.Sequential(nn.Linear(4, 4), SquareOnce(), nn.Linear(4, 1))
     x = torch.randn(8, 4)
     with pytest.raises(NotTwiceDifferentiable) as raised:
         Hessian(model, lambda m: m(x).mean())
     message = str(raised.value)
     assert "\n" not in message
-    assert "autograd Function _OnceDifferentiable in layer '1'" in message
+    assert "autograd Function OnceDifferentiableSquare in layer '1'" in message

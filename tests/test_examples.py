@@ -9,17 +9,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_digits_trains_four_ways_and_folds_the_batchnorm_model():
-    pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn")
+def _run_example(script: str) -> str:
+    """Run ``examples/SCRIPT`` as a user does (it needs scikit-learn); its stdout, once it has
+    exited with 0."""
+    pytest.importorskip("sklearn", reason=f"examples/{script} needs scikit-learn")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "digits.py")],
+        [sys.executable, str(ROOT / "examples" / script)],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=ROOT / "examples",
     )
     assert result.returncode == 0, result.stderr
-    out = result.stdout
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_digits_trains_four_ways_and_folds_the_batchnorm_model():
+    out = _run_example("digits.py")
     for way in ("naive", "kaiming", "kaiming + batchnorm", "residual"):
         assert f"\n{way}\n" in out
     sections = {s.split("\n")[0]: s for s in out.split("\n\n")}
@@ -36,16 +43,7 @@ DEPTH_BATCHNORMS = 9  # examples/digits.py: a BatchNorm in each of its 9 blocks
 
 @pytest.mark.slow
 def test_digits_lr_find_compares_the_suggestion_with_a_grid():
-    pytest.importorskip("sklearn", reason="examples/digits_lr_find.py needs scikit-learn")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "digits_lr_find.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT / "examples",
-    )
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    out = _run_example("digits_lr_find.py")
     assert (
         "find_lr suggests" in out and out.count("test loss") == 9
     )  # 7 rates, the suggestion, best

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from models import SquareOnce
 from torch import nn
 
 import normlab.nn as nl
@@ -135,31 +136,13 @@ def test_audit_with_adamw_after_its_first_step_measures_the_preconditioned_sharp
     assert second.preconditioned_sharpness is not None and second.preconditioned_sharpness > 0
 
 
-class _Square(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return 2 * x * grad
-
-
-class _Custom(nn.Module):
-    def forward(self, x):
-        return _Square.apply(x)
-
-
 def test_a_model_without_a_second_derivative_keeps_its_first_order_diagnostics():
-    model = nn.Sequential(nn.Linear(8, 8), _Custom(), nn.Tanh())
+    model = nn.Sequential(nn.Linear(8, 8), SquareOnce(), nn.Tanh())
     result = audit(
         model, torch.randn(64, 8, generator=torch.Generator().manual_seed(0)), second_order=True
     )
     assert result.sharpness is None and result.hessian_trace is None
-    assert "autograd Function _Square in layer '1'" in result.second_order.note
+    assert "autograd Function OnceDifferentiableSquare in layer '1'" in result.second_order.note
     assert result.noise_scale is not None  # the gradient noise needs only first derivatives
     assert result.report.snapshot.layers  # the first-order recording ran
 

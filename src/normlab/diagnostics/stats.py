@@ -101,8 +101,7 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
     saturating = [k.family == "saturating" for k in kinds]
     mid, half, ends = _ranges(kinds, saturating, device)
-    largest = torch.maximum(moments[:, 2].neg(), moments[:, 3]).float().clamp_min(1e-12)
-    r = torch.where(torch.tensor(saturating, device=device), ends, largest)  # (G,)
+    r = _histogram_range(saturating, ends, _absmax(moments))  # (G,)
     fine = ops.histograms(xs, r, FINE_BINS, HIST_SAMPLE)  # (G, FINE_BINS)
     nan = torch.full((len(xs),), math.nan, dtype=torch.float64)
     saturated, dead = nan, nan.clone()
@@ -115,9 +114,27 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         floor = torch.tensor([kinds[i].floor or 0.0 for i in these])
         units, positions = zip(*(_units(xs[i]) for i in these), strict=True)
         dead[torch.tensor(these)] = ops.dead(_at(xs, these), floor, list(units), list(positions))
+    return _output_columns(moments[:, 0], moments[:, 1], r, fine, saturated, dead)
+
+
+def _absmax(moments: Tensor) -> Tensor:
+    """Each tensor's largest magnitude (float32), from the (G, 4) moments' min and max."""
+    return torch.maximum(moments[:, 2].neg(), moments[:, 3]).float()
+
+
+def _histogram_range(saturating: list[bool], ends: Tensor, largest: Tensor) -> Tensor:
+    """Each layer's histogram range: a saturating layer's spans its whole range, so that plots
+    compare; others span their largest value."""
+    saturating = torch.tensor(saturating, device=largest.device)
+    return torch.where(saturating, ends, largest.clamp_min(1e-12))
+
+
+def _output_columns(mean, std, r, fine: Tensor, saturated, dead) -> Columns:
+    """``output_stats``'s columns, the percentiles and the kept histogram read off ``fine``
+    (G, FINE_BINS) over ``[-r, r]``."""
     return {
-        "mean": moments[:, 0],
-        "std": moments[:, 1],
+        "mean": mean,
+        "std": std,
         **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
         "saturated": saturated,
         "dead": dead,
@@ -155,10 +172,7 @@ def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     device = x.device
     saturating = [k.family == "saturating" for k in kinds]
     mid, half, ends = _ranges(kinds, saturating, device)
-    # a saturating layer's histogram spans its whole range, so that plots compare; others span
-    # their largest value
-    largest = row_absmax(flat).clamp_min(1e-12)
-    r = torch.where(torch.tensor(saturating, device=device), ends, largest)  # (G,)
+    r = _histogram_range(saturating, ends, row_absmax(flat))  # (G,)
     fine = histograms(flat, r, FINE_BINS).view(-1, FINE_BINS)  # (G, FINE_BINS)
     nan = torch.full_like(r, math.nan)  # each fraction is measured where some layer needs it
     saturated = nan
@@ -173,29 +187,24 @@ def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         above = units > floor.view(-1, *[1] * (units.dim() - 1))  # (G, B, units [, positions])
         alive = above.any(dim=1) if units.dim() == 3 else above.any(dim=3).any(dim=1)
         dead = 1 - alive.float().mean(1)
-    return {
-        "mean": flat.mean(1),
-        "std": row_std(flat),
-        **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
-        "saturated": saturated,
-        "dead": dead,
-        "hist_range": r,
-        "hist": fine.view(-1, BINS, FINE_BINS // BINS).sum(2),  # (G, BINS)
-    }
+    return _output_columns(flat.mean(1), row_std(flat), r, fine, saturated, dead)
 
 
 def spread_stats(tensors: list[Tensor | None]) -> Columns:
     """Per tensor: mean, std, range (max |x|) and histogram; NaN for an absent tensor."""
     ops = _kernel(tensors)
     if ops is None:
-        present = [t if t is not None else torch.full((1,), math.nan) for t in tensors]
+        device = next((t.device for t in tensors if t is not None), None)
+        present = [
+            t if t is not None else torch.full((1,), math.nan, device=device) for t in tensors
+        ]
         return _in_groups(present, lambda i: _spread_stats_aten(_at(present, i)))
     if all(t is None for t in tensors):  # no tensor to dispatch the operators on
         nan = torch.full((len(tensors),), math.nan, dtype=torch.float64)
         return {"mean": nan, "std": nan, "range": nan, "hist": torch.zeros(len(tensors), BINS)}
     xs = [t.detach().contiguous() if t is not None else None for t in tensors]
     moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
-    r = torch.maximum(moments[:, 2].neg(), moments[:, 3]).float().clamp_min(1e-30)
+    r = _absmax(moments).clamp_min(1e-30)
     return {
         "mean": moments[:, 0],
         "std": moments[:, 1],

@@ -50,8 +50,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _flag(field: Field) -> str:
-    return "--" + field.name.replace("_", "-")
+def _flag(name: str) -> str:
+    """The flag of the config field ``name``: ``--n-layer`` for ``n_layer``."""
+    return "--" + name.replace("_", "-")
 
 
 def _add_flag(parser, field: Field, default=None) -> None:
@@ -67,7 +68,7 @@ def _add_flag(parser, field: Field, default=None) -> None:
         kwargs["choices"] = [c for c in choices if c is not None]
     elif types[0] is not bool:
         kwargs["metavar"] = METAVARS[types[0]]
-    parser.add_argument(_flag(field), **kwargs)
+    parser.add_argument(_flag(field.name), **kwargs)
 
 
 def _config_fields(runtime: bool) -> list[Field]:
@@ -328,7 +329,7 @@ def _add_bench_diagnose_and_export(sub) -> None:
 def config_flags_given(args: argparse.Namespace) -> list[str]:
     """The model and training flags on the command line (for commands that must not take them)."""
     given = [f for f in fields(TrainConfig) if f.name == "preset"] + _config_fields(runtime=False)
-    return [_flag(f) for f in given if getattr(args, f.name) is not None]
+    return [_flag(f.name) for f in given if getattr(args, f.name) is not None]
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -531,7 +532,7 @@ def cmd_coordcheck(args) -> int:
 
     along = "depth" if args.depths is not None else "width"
     sizes = args.depths if along == "depth" else args.widths
-    flag = {"width": "--n-hidden", "depth": "--n-layer"}[along]
+    flag = _flag(FIELDS[along])
     if len(set(sizes)) < 2 or args.check_steps < 1 or args.seeds < 1:
         raise NormlabError(f"need two {along}s or more, --check-steps ≥ 1 and --seeds ≥ 1")
     if getattr(args, FIELDS[along]) is not None:
