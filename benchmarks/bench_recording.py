@@ -89,9 +89,9 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     def compiled_recording(x, y):  # CompiledStep.recorded, with the graph compiled
         traced_diag.arm()
         out = compiled_graph(recording.tensors, x, y)
-        grads = recording._grads_at(recording._places[key])
+        grads, update = recording._grads_at(recording._places[key])
         set_learning_rate(recording.optimizer, LR)
-        recording.update(grads)
+        update()
         for p, grad in zip(recording.params, grads, strict=True):
             p.grad = grad
         traced_diag.restore(out[2])

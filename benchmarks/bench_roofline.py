@@ -157,16 +157,20 @@ def gemm_rate(shapes: list[tuple[int, int, int]], threads: int, repeats: int) ->
     return statistics.median(rounds)
 
 
-def steps_per_second(run, batches, rounds: int) -> float:
-    for x, y in batches[:3]:  # warm-up: the compiles, the allocator
-        run(x, y)
-    rates = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for x, y in batches:
+def steps_per_second(runs: dict, batches, rounds: int) -> dict[str, float]:
+    """Steps per second of each run over ``batches`` (median of rounds), the runs' rounds
+    interleaved so that a slower minute of the machine slows each of them alike."""
+    for run in runs.values():
+        for x, y in batches[:3]:  # warm-up: the compiles, the allocator
             run(x, y)
-        rates.append(len(batches) / (time.perf_counter() - start))
-    return statistics.median(rates)
+    rates: dict[str, list[float]] = {kind: [] for kind in runs}
+    for _ in range(rounds):
+        for kind, run in runs.items():
+            start = time.perf_counter()
+            for x, y in batches:
+                run(x, y)
+            rates[kind].append(len(batches) / (time.perf_counter() - start))
+    return {kind: statistics.median(values) for kind, values in rates.items()}
 
 
 def main():
@@ -197,14 +201,12 @@ def main():
             repeats = max(1, 20_000_000 // flops)
             own = gemm_rate(shapes, threads, repeats)
             other = gemm_rate(shapes, 2 if threads == 1 else 1, repeats)
-            rates = {
-                kind: steps_per_second(make(new_model(model_config), train), batches, args.rounds)
-                for kind, make in (
-                    ("normlab", lambda m, t, batch=batch: normlab_step(m, t, batch)),
-                    ("eager", eager_peer),
-                    ("compiled", compiled_peer),
-                )
+            runs = {
+                "normlab": normlab_step(new_model(model_config), train, batch),
+                "eager": eager_peer(new_model(model_config), train),
+                "compiled": compiled_peer(new_model(model_config), train),
             }
+            rates = steps_per_second(runs, batches, args.rounds)
             achieved = flops * rates["normlab"] / 1e9
             one, two = (own, other) if threads == 1 else (other, own)
             eager, peer = (rates["normlab"] / rates[kind] for kind in ("eager", "compiled"))

@@ -268,14 +268,36 @@ def test_the_compile_cache_is_the_users_own(monkeypatch, tmp_path):
     assert compile_cache_dir() == tmp_path / "mine"
 
 
+def test_a_batch_of_other_strides_gets_its_own_graph(names):
+    """The step calls inductor without dynamo's guards, so its own key must tell apart what
+    they would: the same shape laid out differently runs a graph compiled for that layout."""
+    a, b = _models(names)
+    sgd = TrainConfig(optimizer="sgd")
+    step = CompiledStep(a, make_optimizer(a, sgd))
+    eager = CompiledStep(b, make_optimizer(b, sgd), compile=False)
+    for i, (x, y) in enumerate(_batches(names, 4)):
+        if i % 2:  # the same values, every other column of a wider tensor: strides (6, 2)
+            x = torch.stack([x, torch.zeros_like(x)], dim=2).flatten(1)[:, ::2]
+            assert x.stride() == (6, 2)
+        torch.testing.assert_close(step(x, y, 0.1), eager(x, y, 0.1), atol=1e-6, rtol=1e-6)
+    assert len(step._proven) == 2
+
+
+def test_importing_the_step_leaves_the_compiler_unloaded():
+    """inductor's entry imports dynamo (seconds): a command that never compiles skips it."""
+    code = "import sys, normlab.lm.cli; print('torch._dynamo' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
 def test_a_failed_compile_is_one_line_and_the_same_step_uncompiled(names, monkeypatch, capsys):
-    def broken_compile(fn, **kwargs):
+    def broken_compile(graph, inputs, options):
         def compiled(*args):
             raise RuntimeError("no C++ compiler found\nmore detail")
 
         return compiled
 
-    monkeypatch.setattr(compiled_module.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled_module, "inductor_compile", broken_compile)
     a, b = _models(names)
     sgd = TrainConfig(optimizer="sgd")
     broken = CompiledStep(a, make_optimizer(a, sgd))
@@ -284,7 +306,7 @@ def test_a_failed_compile_is_one_line_and_the_same_step_uncompiled(names, monkey
         assert torch.equal(broken(x, y, 0.1), eager(x, y, 0.1))
     out = capsys.readouterr().out.strip().splitlines()
     assert out == [
-        "normlab: torch.compile failed (no C++ compiler found); the step runs uncompiled"
+        "normlab: compiling the step failed (no C++ compiler found); the step runs uncompiled"
     ]
 
 
@@ -331,14 +353,14 @@ def test_the_step_is_compiled_unless_turned_off(flags, compiled, capsys):
 
 
 def test_a_new_batch_shape_that_fails_to_compile_falls_back_too(names, monkeypatch, capsys):
-    def compiles_once(fn, **kwargs):  # the first graph "compiles" (runs as traced), no other
+    def compiles_once(graph, inputs, options):  # the first graph "compiles" (runs as traced)
         if compiles_once.calls:
             raise RuntimeError("no C++ compiler found")
         compiles_once.calls += 1
-        return fn
+        return graph
 
     compiles_once.calls = 0
-    monkeypatch.setattr(compiled_module.torch, "compile", compiles_once)
+    monkeypatch.setattr(compiled_module, "inductor_compile", compiles_once)
     a, b = _models(names)
     sgd = TrainConfig(optimizer="sgd")
     step = CompiledStep(a, make_optimizer(a, sgd))
@@ -347,14 +369,14 @@ def test_a_new_batch_shape_that_fails_to_compile_falls_back_too(names, monkeypat
         x, y = next(_batches(names, 1, batch_size=batch_size))
         torch.testing.assert_close(step(x, y, 0.1), eager(x, y, 0.1), atol=1e-6, rtol=1e-6)
     assert capsys.readouterr().out.strip().splitlines() == [
-        "normlab: torch.compile failed (no C++ compiler found); the step runs uncompiled"
+        "normlab: compiling the step failed (no C++ compiler found); the step runs uncompiled"
     ]
 
 
 def test_a_recording_that_does_not_trace_runs_untraced_and_the_step_stays_compiled(
     names, monkeypatch, capsys
 ):
-    monkeypatch.setattr(compiled_module.torch, "compile", lambda fn, **kwargs: fn)  # as traced
+    monkeypatch.setattr(compiled_module, "inductor_compile", lambda graph, inputs, options: graph)
     failures = ["a layer that make_fx cannot trace"]
     captures = Diagnostics.captures
 
@@ -386,14 +408,14 @@ def test_a_recording_that_does_not_trace_runs_untraced_and_the_step_stays_compil
 
 
 def test_a_compiled_step_that_fails_after_updating_is_not_applied_twice(names, monkeypatch, capsys):
-    def updates_then_fails(fn, **kwargs):
+    def updates_then_fails(graph, inputs, options):
         def compiled(*args):
-            fn(*args)  # the whole step, its in-place updates included
+            graph(*args)  # the whole step, its in-place updates included
             raise RuntimeError("the compiled kernel failed at run time")
 
         return compiled
 
-    monkeypatch.setattr(compiled_module.torch, "compile", updates_then_fails)
+    monkeypatch.setattr(compiled_module, "inductor_compile", updates_then_fails)
     a, b = _models(names)
     adamw = TrainConfig(optimizer="adamw", lr=0.01)
     failing = CompiledStep(a, make_optimizer(a, adamw))
@@ -403,5 +425,6 @@ def test_a_compiled_step_that_fails_after_updating_is_not_applied_twice(names, m
     for name, value in b.state_dict().items():  # weights, running statistics, counts
         assert torch.equal(a.state_dict()[name], value), name
     assert (
-        "torch.compile failed (the compiled kernel failed at run time)" in capsys.readouterr().out
+        "compiling the step failed (the compiled kernel failed at run time)"
+        in capsys.readouterr().out
     )

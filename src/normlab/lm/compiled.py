@@ -6,11 +6,11 @@ per-operator overhead of a hundred small kernels and of the autograd engine,
 not on arithmetic. ``CompiledStep`` traces the step up to the update, written
 with the model's own forward and autograd, into one graph (``make_fx``): the
 forward pass, the running statistics, and the backward that autograd derives
-from it (BatchNorm's closed-form backward included). ``torch.compile`` turns
-that graph into fused kernels. Nothing in it is a second copy of the model: a
-change to a layer changes the graph, and with it the compiled step. The update
+from it (BatchNorm's closed-form backward included). Inductor, ``torch.compile``'s
+compiler, turns that graph into fused kernels. Nothing in it is a second copy of the
+model: a change to a layer changes the graph, and with it the compiled step. The update
 is torch.optim's own (``normlab.lm.optim.FunctionalUpdate``), fused as
-``make_optimizer`` builds it, on the gradients the graph returns: one kernel
+``make_optimizer`` builds it, on the gradients the graph writes: one kernel
 per param group, and the same update, bit for bit, as ``optimizer.step()``.
 
 On several processes the step all-reduces the gradients itself (summed, see
@@ -36,8 +36,10 @@ then says so and runs uncompiled.
 """
 
 import os
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -88,6 +90,59 @@ def _options() -> dict:
     if hasattr(torch._inductor.config.cpp, "use_decompose_tanh"):
         options["cpp.use_decompose_tanh"] = True
     return options
+
+
+def _flat(gradients: Callable) -> Callable:
+    """``gradients(tensors, x, y) -> loss`` as a function of its tensors one by one, returning
+    ``(loss,)``: what inductor compiles (a graph of plain inputs and outputs)."""
+
+    def flat(*tensors_x_y: Tensor) -> tuple[Tensor]:
+        *tensors, x, y = tensors_x_y
+        return (gradients(tensors, x, y),)
+
+    return flat
+
+
+def inductor_compile(graph: torch.fx.GraphModule, inputs: list[Tensor], options: dict) -> Callable:
+    """``graph`` compiled by inductor with ``options`` (its config's names), for ``inputs``:
+    a function of those inputs, one by one, that returns the graph's outputs."""
+    # imported at the first compile: it imports dynamo, seconds that a command which never
+    # compiles (--help, sample) would otherwise spend
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, inputs, config_patches=options)
+
+
+def _compile(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable:
+    """``graph``, traced from ``_flat(gradients)`` on ``inputs`` (the step's tensors, then the
+    batch), compiled by inductor: ``(tensors, x, y) -> loss``.
+
+    Inductor compiles it directly, not through ``torch.compile``: the graph is already traced,
+    and ``CompiledStep`` keys each compiled graph by all that dynamo's guards would check (the
+    batch's shapes, strides, dtype and device, the model's mode), so the guards and the frame
+    entry (about 25 µs of a 265 µs step at batch 32: docs/PERFORMANCE.md, section 1b) would
+    check it again on every step. On CPU the graph's wrapper is C++ (``cpp_wrapper``), which
+    calls the matrix products and fused kernels without a Python call each.
+    """
+    graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs, as inductor takes
+    graph.recompile()
+    device = inputs[-2].device
+    options = _options() | {"cpp_wrapper": device.type == "cpu"}
+    compiled = inductor_compile(graph, inputs, options)
+
+    def step(tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+        (loss,) = compiled(*tensors, x, y)
+        return loss
+
+    return step
+
+
+class Gradients(NamedTuple):
+    """The gradients that a compiled graph writes (views of the step's buffer; None for a
+    parameter it leaves out), and the optimizer's update from them (``FunctionalUpdate.on``)."""
+
+    grads: list[Tensor | None]
+    update: Callable[[], None]
 
 
 class CompiledStep:
@@ -149,7 +204,7 @@ class CompiledStep:
         self.compile = compile
         self._compiled: dict[tuple, object] = {}  # by the batch, the model's mode, the recording
         self._places: dict[tuple, tuple[int, ...]] = {}  # by the same: the parameters with a grad
-        self._grad_lists: dict[tuple, list] = {}  # by those places: the update's gradients
+        self._grad_lists: dict[tuple, Gradients] = {}  # by those places: their grads, the update
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
         self._record_eagerly = False  # a recording's trace failed: record without tracing
         self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
@@ -203,37 +258,48 @@ class CompiledStep:
             def gradients(tensors, x, y):  # make_fx traces a function, not a bound method
                 return self._gradients(tensors, x, y, recorder)
 
-            graph = make_fx(gradients, tracing_mode="fake")(self.tensors, x, y)
+            if recorder is not None:
+                graph = make_fx(gradients, tracing_mode="fake")(self.tensors, x, y)
+            else:
+                inputs = [*self.tensors, x, y]
+                graph = _compile(make_fx(_flat(gradients), tracing_mode="fake")(*inputs), inputs)
             self._places[key] = self._traced
-            if recorder is None:
-                graph = torch.compile(graph, dynamic=False, options=_options())
             self._compiled[key] = graph
         return self._compiled[key]
 
     def _key(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
         # a recording's graph returns what its recorder's layers capture
         layers = tuple(name for name, _, _ in recorder.layers) if recorder is not None else None
-        return (x.shape, y.shape, x.dtype, x.device, self.model.training, layers)
+        return (
+            x.shape,
+            x.stride(),
+            y.shape,
+            y.stride(),
+            x.dtype,
+            x.device,
+            self.model.training,
+            layers,
+        )
 
     def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None) -> tuple:
         """``_gradients``, compiled unless it cannot be, then the optimizer's update."""
         out, places = self._run_gradients(x, y, recorder)
-        grads = self._grads_at(places)
+        grads, update = self._grads_at(places)
         set_learning_rate(self.optimizer, lr)
-        self.update(grads)
+        update()
         if recorder is not None:  # as loss.backward() leaves them, for recorder.collect()
             for p, grad in zip(self.params, grads, strict=True):
                 p.grad = grad
         return out
 
-    def _grads_at(self, places: tuple[int, ...]) -> list[Tensor | None]:
+    def _grads_at(self, places: tuple[int, ...]) -> Gradients:
         """Each parameter's gradient, a view of the buffer, or None where ``places`` (the
-        parameters a graph differentiates) leaves it out: one list per set of places."""
+        parameters a graph differentiates) leaves it out, and the update from them: once per
+        set of places."""
         if places not in self._grad_lists:
             views = self._grad_views
-            self._grad_lists[places] = [
-                views.get(i) if i in places else None for i in range(len(self.params))
-            ]
+            grads = [views.get(i) if i in places else None for i in range(len(self.params))]
+            self._grad_lists[places] = Gradients(grads, self.update.on(grads))
         return self._grad_lists[places]
 
     def _run_gradients(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
@@ -252,7 +318,7 @@ class CompiledStep:
         except Exception as e:
             reason = first_line(e, 160)
             message = (
-                f"torch.compile failed ({reason}); the step runs uncompiled"
+                f"compiling the step failed ({reason}); the step runs uncompiled"
                 if recorder is None
                 else f"tracing a recording step failed ({reason}); recordings run untraced"
             )

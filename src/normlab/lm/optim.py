@@ -1,6 +1,7 @@
 """The optimizer, its learning-rate schedule, and the weights' moving average."""
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -74,14 +75,27 @@ class FunctionalUpdate:
         # every step (a tenth of a small step's time: docs/PERFORMANCE.md, section 1b), once
         self.kinds = [_by_kind(params, places) for places in self.places]
 
-    @torch.no_grad()
     def __call__(self, grads: list[torch.Tensor | None]) -> None:
+        self.on(grads)()
+
+    def on(self, grads: list[torch.Tensor | None]) -> Callable[[], None]:
+        """``update()``: the update from ``grads``, tensors that the caller rewrites in place
+        before each call (the compiled step's gradients' buffer: ``normlab.lm.compiled``), with
+        the kernels' lists of tensors built once."""
+        calls = []  # (group, params, grads): one fused kernel call each
         for group, kinds in zip(self.optimizer.param_groups, self.kinds, strict=True):
-            for places in kinds:
-                present = [i for i in places if grads[i] is not None]
+            for kind in kinds:
+                present = [i for i in kind if grads[i] is not None]
                 if present:
                     params = [self.params[i] for i in present]
-                    self._fused(group, params, [grads[i] for i in present])
+                    calls.append((group, params, [grads[i] for i in present]))
+
+        def update() -> None:
+            with torch.no_grad():
+                for group, params, group_grads in calls:
+                    self._fused(group, params, group_grads)
+
+        return update
 
     def _fused(self, group: dict, params: list, grads: list) -> None:
         """The update of a group's parameters of one device and dtype by torch.optim's fused
