@@ -22,6 +22,16 @@
 
 namespace {
 
+// The passes over every value run in the widest SIMD the processor has: GCC compiles them once
+// per instruction set and picks one at load time (the build's own target is plain x86-64,
+// SSE2). Which one runs changes the order of a sum's lanes, so a std's last bits, never a
+// count.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NORMLAB_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NORMLAB_SIMD_CLONES
+#endif
+
 constexpr int64_t kBlock = 64;
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
@@ -43,7 +53,7 @@ void per_tensor(int64_t count, const Body& body) {
 // them all NaN, as the ATen reductions do. Sums run in double, blocks of kBlock values in SIMD
 // registers: a constant tensor's mean is its value, and its std exactly 0.
 template <typename scalar_t, bool Minus>
-void moments_of(const scalar_t* __restrict x, const scalar_t* __restrict minus, int64_t n,
+NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x, const scalar_t* __restrict minus, int64_t n,
                 double* out) {
   auto value = [&](int64_t i) {
     if constexpr (Minus) {
@@ -189,6 +199,16 @@ at::Tensor histograms(const c10::List<std::optional<at::Tensor>>& xs, const at::
   return out;
 }
 
+// How many of the n values v lie beyond limit of mid, |v - mid| > limit, in float.
+template <typename scalar_t>
+NORMLAB_SIMD_CLONES int64_t count_beyond(const scalar_t* __restrict v, int64_t n, float mid,
+                                         float limit) {
+  int64_t beyond = 0;
+#pragma omp simd reduction(+ : beyond)
+  for (int64_t i = 0; i < n; ++i) beyond += std::fabs(float(v[i]) - mid) > limit;
+  return beyond;
+}
+
 // (G,) float64: each tensor's share of values v with |v - mid| > saturation · half, in float.
 at::Tensor saturated(at::TensorList xs, const at::Tensor& mid, const at::Tensor& half,
                      double saturation) {
@@ -207,8 +227,7 @@ at::Tensor saturated(at::TensorList xs, const at::Tensor& mid, const at::Tensor&
     const float limit = hh[g] * float(saturation);
     int64_t beyond = 0;
     AT_DISPATCH_FLOATING_TYPES(xs[g].scalar_type(), "normlab::saturated", [&] {
-      const scalar_t* v = xs[g].const_data_ptr<scalar_t>();
-      for (int64_t i = 0; i < n; ++i) beyond += std::fabs(float(v[i]) - mm[g]) > limit;
+      beyond = count_beyond(xs[g].const_data_ptr<scalar_t>(), n, mm[g], limit);
     });
     o[g] = n ? double(beyond) / double(n) : kNaN;
   });
