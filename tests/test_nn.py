@@ -436,3 +436,7 @@ def test_set_mode_restores_every_submodule_also_after_an_error():
         assert model[1].training
         raise RuntimeError
     assert [m.training for m in model.modules()] == [True, True, False, True]
+    model[1].train()
+    with nl.set_mode(model, training=True):  # already in the mode: what the block moves comes back
+        model[2].eval()
+    assert all(m.training for m in model.modules())
