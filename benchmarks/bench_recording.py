@@ -83,7 +83,7 @@ def one_case(vocab_size: int, batches: list, rounds: int) -> tuple[dict, float, 
     recording = traced.core
     key = recording._key(x, y, traced_diag)
     compiled_graph = torch.compile(
-        recording._compiled[key], dynamic=False, options=compiled_module._options()
+        recording._compiled[key], dynamic=False, options=compiled_module._options(x.device)
     )
 
     def compiled_recording(x, y):  # CompiledStep.recorded, with the graph compiled

@@ -72,8 +72,8 @@ def compile_cache_dir() -> Path:
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
 
 
-def _options() -> dict:
-    """Inductor options for the step.
+def _options(device: torch.device) -> dict:
+    """Inductor options for the step on ``device``.
 
     ``fallback_random``: dropout draws its masks with torch's own kernels, from
     the same generator and in the same order as the eager model, so the two
@@ -85,8 +85,11 @@ def _options() -> dict:
     absolute, not relative: up to 2e-7, large next to a tiny tanh(x) near 0 but
     float32 rounding for the activations of order 1 that normalization makes.
     Older torch has no such option.
+
+    ``cpp_wrapper`` (CPU): the compiled graph's wrapper is C++, which calls the matrix
+    products and fused kernels without a Python call each.
     """
-    options = {"fallback_random": True}
+    options = {"fallback_random": True, "cpp_wrapper": device.type == "cpu"}
     if hasattr(torch._inductor.config.cpp, "use_decompose_tanh"):
         options["cpp.use_decompose_tanh"] = True
     return options
@@ -121,14 +124,11 @@ def _compile(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable:
     and ``CompiledStep`` keys each compiled graph by all that dynamo's guards would check (the
     batch's shapes, strides, dtype and device, the model's mode), so the guards and the frame
     entry (about 25 µs of a 265 µs step at batch 32: docs/PERFORMANCE.md, section 1b) would
-    check it again on every step. On CPU the graph's wrapper is C++ (``cpp_wrapper``), which
-    calls the matrix products and fused kernels without a Python call each.
+    check it again on every step.
     """
     graph.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs, as inductor takes
     graph.recompile()
-    device = inputs[-2].device
-    options = _options() | {"cpp_wrapper": device.type == "cpu"}
-    compiled = inductor_compile(graph, inputs, options)
+    compiled = inductor_compile(graph, inputs, _options(inputs[-2].device))  # x: the batch
 
     def step(tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
         (loss,) = compiled(*tensors, x, y)

@@ -6,9 +6,8 @@
 // layers in many shapes spends most of a recording on their fixed cost. Here each statistic is
 // one pass over each tensor's values, the tensors split among the threads whole, so that every
 // tensor's numbers come from one fixed order of operations whatever the thread count. Sums run
-// in double. The histograms and
-// fractions compute in float as the ATen version (normlab/diagnostics/stats.py) does, so their
-// counts are the same.
+// in double. The histograms and fractions compute in float as the ATen version
+// (normlab/diagnostics/stats.py) does, so their counts are the same.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,8 +52,8 @@ void per_tensor(int64_t count, const Body& body) {
 // them all NaN, as the ATen reductions do. Sums run in double, blocks of kBlock values in SIMD
 // registers: a constant tensor's mean is its value, and its std exactly 0.
 template <typename scalar_t, bool Minus>
-NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x, const scalar_t* __restrict minus, int64_t n,
-                double* out) {
+NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
+                                    const scalar_t* __restrict minus, int64_t n, double* out) {
   auto value = [&](int64_t i) {
     if constexpr (Minus) {
       return scalar_t(x[i] - minus[i]);
