@@ -258,8 +258,8 @@ def one_process(one_process_run):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """The same on two processes, on the compiled step (step 0 records, on the step's traced
-    graph): the run folder."""
+    """The same on two processes, on the compiled step (step 0 records, every rank running that
+    step untraced): the run folder."""
     out = tmp_path_factory.mktemp("runs") / "two"
     result = _normlab("train", "--out", out, "--nproc", 2, *LECTURE_DEEP_50, "--compile")
     assert result.returncode == 0, result.stderr

@@ -280,12 +280,38 @@ def test_diagnostics_time_is_what_recorded_steps_add():
     assert Progress(recorded_steps=1, recorded_step_s=0.01).diagnostics_s() == 0.01
 
 
+def test_a_second_order_measurement_is_timed_apart_from_its_step(monkeypatch):
+    from normlab.lm import loop
+    from normlab.lm.state import Progress
+
+    now = [0.0]
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
+    progress = Progress()
+    clock = loop.Stopwatch(progress)
+    for recorded, seconds, aside in ((False, 9.0, 0.0), (False, 0.002, 0.0), (True, 0.5, 0.49)):
+        clock.step_started()
+        now[0] += seconds
+        clock.step_done(recorded, aside_s=aside)
+    # the first plain step (the compile) is left out; the recorded step's own time is 0.01 s
+    assert (progress.plain_steps, progress.plain_step_s) == (1, pytest.approx(0.002))
+    assert (progress.recorded_steps, progress.recorded_step_s) == (1, pytest.approx(0.01))
+    assert progress.step_s() == pytest.approx(0.012)
+
+
 def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
     out = tmp_path / "run"
-    run(capsys, "train", *tiny, "--steps", 50, "--diagnose-every", 10, "--out", out)
+    run(
+        capsys,
+        "train",
+        *tiny,
+        *("--steps", 50, "--diagnose-every", 10, "--second-order-every", 20, "--out", out),
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diagnostics_recordings"] == 5
+    assert summary["second_order_measurements"] == 3  # steps 0, 20 and 40
+    assert 0 < summary["second_order_s"] < summary["train_time_s"]
     assert 0 < summary["diagnostics_s"] < summary["train_time_s"]
+    assert summary["diagnostics_share"] < summary["diagnostics_step_share"] < 1
     # both seconds are rounded to the millisecond in summary.json, so the share they imply
     # lies in an interval that is wide when the run is short; the share itself has 4 decimals
     recorded, train, half_ms = summary["diagnostics_s"], summary["train_time_s"], 0.0005

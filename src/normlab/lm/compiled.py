@@ -18,14 +18,12 @@ On several processes the step all-reduces the gradients itself (summed, see
 collectives that are part of the graph. The model, its optimizer and its
 checkpoints are the same objects whichever path a step takes.
 
-A diagnostics recording (``CompiledStep.recorded``) traces the same function with the
-``Diagnostics`` hooks attached: they run while it is traced, so what they
-capture (the layers' outputs, their gradients, BatchNorm's inputs and running
-statistics) becomes the graph's outputs, with the parameters' gradients and
-the batch's eval-mode loss. That graph runs without inductor: a recording is
-one step in many (every 100 by default), measuring what it captured costs more
-than the step itself, and compiling a second graph would cost about as much as
-the first.
+A diagnostics recording (``CompiledStep.recorded``) runs the same function untraced,
+on the model's own tensors, with the ``Diagnostics`` hooks attached: autograd's
+step, then the same update. A recording is one step in many (every 100 by
+default), and tracing it costs more than it saves: at lecture-deep's batch 32 a
+trace takes about 0.2 s, the traced graph run op by op saves nothing against
+autograd, and compiling it as well takes seconds (``benchmarks/bench_recording.py``).
 
 Other module hooks run while the step is traced, not in the compiled step, and
 hooks on the parameters or their gradients never run in it (the graph
@@ -202,21 +200,18 @@ class CompiledStep:
         self._leaves: list[Tensor] = [*named.values(), grad_buffer]  # what runs untraced
         self.update = FunctionalUpdate(optimizer, self.params)
         self.compile = compile
-        self._compiled: dict[tuple, object] = {}  # by the batch, the model's mode, the recording
+        self._compiled: dict[tuple, object] = {}  # by the batch and the model's mode
         self._places: dict[tuple, tuple[int, ...]] = {}  # by the same: the parameters with a grad
         self._grad_lists: dict[tuple, Gradients] = {}  # by those places: their grads, the update
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
-        self._record_eagerly = False  # a recording's trace failed: record without tracing
         self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
 
-    def _gradients(self, tensors: list[Tensor], x: Tensor, y: Tensor, recorder=None):
+    def _gradients(self, tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
         """The step up to the update, from the model's forward and autograd; what is traced.
 
         Writes the trainable parameters' gradients into the gradients' buffer (the last of
-        ``tensors``), and notes in ``self._traced`` the places of those that the loss uses.
-        Returns the loss; with ``recorder`` (an armed ``Diagnostics``, whose hooks capture as
-        the forward and backward passes run) also the batch's eval-mode loss before the update
-        and what the hooks captured."""
+        ``tensors``), notes in ``self._traced`` the places of those that the loss uses, and
+        returns the loss."""
         n_params = len(self.params)
         # autograd's leaves: the parameters themselves untraced, else copies
         params = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors[:n_params]]
@@ -242,55 +237,28 @@ class CompiledStep:
         if self.group is not None:  # one all-reduce of them all
             flat = funcol.all_reduce(flat, "sum", self.group)
         tensors[-1].copy_(flat)
-        if recorder is None:
-            return loss.detach()
-        with torch.no_grad(), set_mode(self.model, training=False):
-            # with the running statistics this batch moved
-            eval_logits, _ = forward(x)
-        return loss.detach(), next_char_loss(eval_logits, y), recorder.captures()
+        return loss.detach()
 
-    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, recorder: Diagnostics | None):
+    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor):
         """The compiled ``_gradients`` for ``key`` (``_key``: this batch's shape, the model's
-        mode); with ``recorder``, the recording's (traced with its hooks attached, so that the
-        graph returns what they capture), run uncompiled."""
+        mode)."""
         if key not in self._compiled:
-
-            def gradients(tensors, x, y):  # make_fx traces a function, not a bound method
-                return self._gradients(tensors, x, y, recorder)
-
-            if recorder is not None:
-                graph = make_fx(gradients, tracing_mode="fake")(self.tensors, x, y)
-            else:
-                inputs = [*self.tensors, x, y]
-                graph = _compile(make_fx(_flat(gradients), tracing_mode="fake")(*inputs), inputs)
+            inputs = [*self.tensors, x, y]
+            traced = make_fx(_flat(self._gradients), tracing_mode="fake")(*inputs)
             self._places[key] = self._traced
-            self._compiled[key] = graph
+            self._compiled[key] = _compile(traced, inputs)
         return self._compiled[key]
 
-    def _key(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
-        # a recording's graph returns what its recorder's layers capture
-        layers = tuple(name for name, _, _ in recorder.layers) if recorder is not None else None
-        return (
-            x.shape,
-            x.stride(),
-            y.shape,
-            y.stride(),
-            x.dtype,
-            x.device,
-            self.model.training,
-            layers,
-        )
+    def _key(self, x: Tensor, y: Tensor) -> tuple:
+        return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device, self.model.training)
 
-    def _run(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics | None) -> tuple:
-        """``_gradients``, compiled unless it cannot be, then the optimizer's update."""
-        out, places = self._run_gradients(x, y, recorder)
+    def _update(self, places: tuple[int, ...], lr: float) -> list[Tensor | None]:
+        """The optimizer's update from the gradients at ``places``; returns every parameter's
+        gradient (None where it has none)."""
         grads, update = self._grads_at(places)
         set_learning_rate(self.optimizer, lr)
         update()
-        if recorder is not None:  # as loss.backward() leaves them, for recorder.collect()
-            for p, grad in zip(self.params, grads, strict=True):
-                p.grad = grad
-        return out
+        return grads
 
     def _grads_at(self, places: tuple[int, ...]) -> Gradients:
         """Each parameter's gradient, a view of the buffer, or None where ``places`` (the
@@ -302,10 +270,12 @@ class CompiledStep:
             self._grad_lists[places] = Gradients(grads, self.update.on(grads))
         return self._grad_lists[places]
 
-    def _run_gradients(self, x: Tensor, y: Tensor, recorder: Diagnostics | None) -> tuple:
-        if not self.compile or (recorder is not None and self._record_eagerly):
-            return self._gradients(self._leaves, x, y, recorder), self._traced
-        key = self._key(x, y, recorder)
+    def _run_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``_gradients``, compiled unless it cannot be: the loss, and the places of the
+        gradients it wrote."""
+        if not self.compile:
+            return self._gradients(self._leaves, x, y), self._traced
+        key = self._key(x, y)
         if key in self._proven:
             return self._compiled[key](self.tensors, x, y), self._places[key]
         # Until a graph has run once, keep what it updates in place (the running statistics):
@@ -314,40 +284,49 @@ class CompiledStep:
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            out = self._compiled_for(key, x, y, recorder)(self.tensors, x, y)
+            out = self._compiled_for(key, x, y)(self.tensors, x, y)
         except Exception as e:
-            reason = first_line(e, 160)
-            message = (
-                f"compiling the step failed ({reason}); the step runs uncompiled"
-                if recorder is None
-                else f"tracing a recording step failed ({reason}); recordings run untraced"
-            )
             if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
-                print(f"normlab: {message}")
+                print(
+                    f"normlab: compiling the step failed ({first_line(e, 160)}); "
+                    "the step runs uncompiled"
+                )
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
             torch.set_rng_state(rng)
-            if recorder is None:
-                self.compile = False
-            else:  # the plain steps keep their compiled graph
-                self._record_eagerly = True
-                recorder.arm()  # drop what the failed trace's hooks captured
-            return self._gradients(self._leaves, x, y, recorder), self._traced
+            self.compile = False
+            return self._gradients(self._leaves, x, y), self._traced
         self._proven.add(key)
         return out, self._places[key]
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        return self._run(x, y, lr, None)
+        loss, places = self._run_gradients(x, y)
+        self._update(places, lr)
+        return loss
+
+    def untraced(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
+        """The step run as it is, on the model's own tensors, whether or not it compiles: what
+        the processes that do not record run while one does, so that all run the same
+        collectives."""
+        loss = self._gradients(self._leaves, x, y)
+        self._update(self._traced, lr)
+        return loss
 
     def recorded(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> tuple:
-        """The step, recorded into ``recorder``, which must be armed: returns the loss and the
-        batch's eval-mode loss before the update (0-dim tensors), and leaves in ``recorder``
-        what its hooks capture in an autograd step, and in each parameter's ``.grad`` its
-        gradient (a view of the step's gradients' buffer, which the next step overwrites), for
+        """The step, untraced, recorded into ``recorder``, which must be armed: returns the loss
+        and the batch's eval-mode loss before the update (0-dim tensors), and leaves in
+        ``recorder`` what its hooks captured, and in each parameter's ``.grad`` its gradient (a
+        view of the step's gradients' buffer, which the next step overwrites), for
         ``recorder.collect()`` to measure."""
-        if not recorder.armed:  # its hooks would capture nothing, in the graph too
+        if not recorder.armed:  # its hooks would capture nothing
             raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
-        loss, eval_loss, captured = self._run(x, y, lr, recorder)
-        recorder.restore(captured)
+        loss = self._gradients(self._leaves, x, y)
+        with torch.no_grad(), set_mode(self.model, training=False):
+            # with the running statistics this batch moved, before the update
+            eval_logits, _ = self.model(x)
+        eval_loss = next_char_loss(eval_logits, y)
+        grads = self._update(self._traced, lr)
+        for p, grad in zip(self.params, grads, strict=True):  # as loss.backward() leaves them
+            p.grad = grad
         return loss, eval_loss

@@ -69,9 +69,12 @@ class Stopwatch:
     def step_started(self) -> None:
         self._step_start = time.perf_counter()
 
-    def step_done(self, recorded: bool) -> None:
+    def step_done(self, recorded: bool, aside_s: float = 0.0) -> None:
+        """The step ended; ``aside_s`` of its seconds (a second-order measurement) are not the
+        step's own."""
         if recorded or not self._warming_up:
-            self.progress.add_step_time(time.perf_counter() - self._step_start, recorded)
+            seconds = time.perf_counter() - self._step_start - aside_s
+            self.progress.add_step_time(seconds, recorded)
         self._warming_up = self._warming_up and recorded
 
     def lap(self) -> None:
@@ -91,14 +94,18 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             xb, yb = t.batches.next()
             recording = t.records_at(progress.step)
             recorder = t.diagnostics if recording else None  # None on ranks other than 0
-            second_order = None
+            second_order, second_order_s = None, 0.0
             if t.measures_second_order_at(progress.step):  # on the weights the step starts from
+                started = time.perf_counter()
                 second_order = t.second_order(xb, yb, lr, progress.step)
+                second_order_s = time.perf_counter() - started
+                progress.second_order_measurements += 1
+                progress.second_order_s += second_order_s
             result = t.step(xb, yb, lr, recorder, progress.step, recording_step=recording)
             if second_order is not None:
                 result.snapshot.second_order = second_order
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
-            clock.step_done(recording)
+            clock.step_done(recording, aside_s=second_order_s)
             progress.step += 1
             step = progress.step
             log.step(step, loss, result.snapshot)

@@ -37,11 +37,14 @@ class Progress:
     time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
     init_loss: float | None = None  # the loss of the first batch, before any update
     # step times, split by whether diagnostics were recorded in the step (evals excluded, and
-    # each start's first plain step, which pays for compiling the step)
+    # each start's first plain step, which pays for compiling the step), and the second-order
+    # measurements' own time (not in the recorded steps')
     plain_steps: int = 0
     plain_step_s: float = 0.0
     recorded_steps: int = 0
     recorded_step_s: float = 0.0
+    second_order_measurements: int = 0
+    second_order_s: float = 0.0
 
     def add_step_time(self, seconds: float, recorded: bool) -> None:
         if recorded:
@@ -57,6 +60,11 @@ class Progress:
             return self.recorded_step_s
         typical = self.plain_step_s / self.plain_steps
         return max(0.0, self.recorded_step_s - self.recorded_steps * typical)
+
+    def step_s(self) -> float:
+        """Seconds in steps, recorded or not (evaluations, a start's compile and the
+        second-order measurements aside): what a long run's time tends to."""
+        return self.plain_step_s + self.recorded_step_s
 
     def lap(self, since: float) -> float:
         """Add the seconds since ``since`` to the training time; returns now."""

@@ -72,8 +72,7 @@ class TrainStep:
         group = dist.group.WORLD if ranks.distributed else None
         # the step itself: one function, traced and compiled unless compile=False
         self.core = CompiledStep(model, optimizer, compile, batch_size=batch_size, group=group)
-        # the hooks a rank that does not record traces its recording steps with
-        self._stand_in = Diagnostics(model) if compile and ranks.distributed else None
+        self.distributed = ranks.distributed
 
     def __call__(
         self,
@@ -85,19 +84,17 @@ class TrainStep:
         recording_step: bool = False,
     ) -> StepResult:
         """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``recorder``, record the
-        step into it as step ``index``. Under several processes rank 0 alone records; the
-        others pass ``recording_step`` on its recording steps, so that every process runs the same
-        graph and their collectives match."""
+        step into it as step ``index``. A recording runs the step untraced; under several
+        processes rank 0 alone records, and the others pass ``recording_step`` on its recording
+        steps, so that they run the step untraced too and their collectives match."""
         snapshot = None
         if recorder is not None:
             recorder.arm()
             loss, eval_loss = self.core.recorded(x, y, lr, recorder)
             snapshot = recorder.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
             self.optimizer.zero_grad(set_to_none=True)  # measured: the step needs no .grad
-        elif recording_step and self._stand_in is not None:  # rank 0 records: run its graph
-            self._stand_in.arm()
-            loss, _ = self.core.recorded(x, y, lr, self._stand_in)
-            self._stand_in.detach()
+        elif recording_step and self.distributed:  # rank 0 records, untraced
+            loss = self.core.untraced(x, y, lr)
         else:
             loss = self.core(x, y, lr)
         if self.averaged is not None:
