@@ -14,8 +14,9 @@ small inputs), in one run:
 
 and the cost of audit, fold, LSUV and calibrate as a multiple of one plain forward,
 backward and SGD step measured in the same run. The step and the audit (which takes the
-same SGD step) are the median of ``--rounds`` after a warm-up; the audit's exactness is
-checked on a separate call, as the checking hooks' copies are not the audit's cost.
+same SGD step) are the medians of ``--rounds`` each, interleaved, after a warm-up; the
+audit's exactness is checked on a separate call, as the checking hooks' copies are not the
+audit's cost.
 
     .venv/bin/python benchmarks/bench_zoo.py [--rounds 3] [--threads 1] [--only resnet18]
 """
@@ -96,10 +97,21 @@ def _audit_exact(model, batch) -> tuple[bool, Audit]:
     return ok and bool(layers), result
 
 
-def _audit_seconds(model, batch, rounds: int) -> float:
-    """One audit with an SGD step, as the plain step takes one (no checking hooks)."""
+def _step_and_audit_seconds(model, batch, rounds: int) -> tuple[float, float]:
+    """The median plain step, and the median audit with an SGD step, as the plain step takes
+    one (no checking hooks), their rounds interleaved: a slow stretch of a shared machine
+    slows both."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    return _timed(lambda: audit(model, batch, optimizer=optimizer), rounds)
+    runs = (_plain_step(model, batch), lambda: audit(model, batch, optimizer=optimizer))
+    times = ([], [])
+    for run in runs:
+        run()  # warm-up: the first call allocates and picks kernels
+    for _ in range(rounds):
+        for run, seconds in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _html_seconds(result: Audit) -> float:
@@ -147,8 +159,8 @@ def _calibrate(model, batch):
     return f"{len(layers)} layers", time.perf_counter() - start
 
 
-def _times(seconds: float | None, step: float) -> str:
-    return "-" if seconds is None else f"{seconds / step:.1f}"
+def _times(seconds: float | None, step: float, digits: int = 1) -> str:
+    return "-" if seconds is None else f"{seconds / step:.{digits}f}"
 
 
 def main() -> None:
@@ -171,9 +183,8 @@ def main() -> None:
             print(f"| {z.library}/{z.name} | not built: {type(e).__name__} |")
             continue
         model.train()
-        step = _timed(_plain_step(model, batch), args.rounds)
         exact, result = _audit_exact(model, batch)
-        audit_s = _audit_seconds(model, batch, args.rounds)
+        step, audit_s = _step_and_audit_seconds(model, batch, args.rounds)
         html_s, n_layers = _html_seconds(result), len(result.report.snapshot.layers)
         fold, fold_s = _fold(model, batch)
         lsuv, lsuv_s = _lsuv(model, batch)
@@ -181,8 +192,9 @@ def main() -> None:
 
         print(
             f"| {z.library}/{z.name} | {'yes' if exact else 'NO'} | {fold} | {lsuv} | "
-            f"{calibrate} | {step * 1e3:.0f} | {_times(audit_s, step)} | {_times(fold_s, step)} | "
-            f"{_times(lsuv_s, step)} | {_times(calibrate_s, step)} | {html_s:.2f} ({n_layers}) |",
+            f"{calibrate} | {step * 1e3:.0f} | {_times(audit_s, step, 2)} | "
+            f"{_times(fold_s, step)} | {_times(lsuv_s, step)} | {_times(calibrate_s, step)} | "
+            f"{html_s:.2f} ({n_layers}) |",
             flush=True,
         )
 

@@ -48,6 +48,23 @@ def test_moments_equal_float64_torch(dtype):
         torch.testing.assert_close(row[1], d.std(), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 95, 1000])
+def test_moments_of_every_length_hold_the_tail_values(n):
+    """The passes sum in 32 lanes and take the last n % 32 values one by one: every length,
+    with the extremes placed last, and the difference form, against float64 torch."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) + 3
+    x[-1] = -50.0 if n > 1 else x[-1]  # the minimum in the tail
+    b = torch.randn(n, generator=g)
+    got = stats_ops().moments([x, torch.full((n,), 0.25)], [])
+    difference = stats_ops().moments([x], [b])
+    for row, d in ((got[0], x.double()), (difference[0], x.double() - b.double())):
+        std = d.std() if n > 1 else torch.tensor(0.0, dtype=torch.float64)
+        want = torch.stack([d.mean(), std, d.min(), d.max()])
+        torch.testing.assert_close(row, want, rtol=1e-6, atol=1e-6)
+    assert got[1].tolist() == [0.25, 0.0, 0.25, 0.25]  # a constant's std is exactly 0
+
+
 def test_a_nan_or_an_absent_tensor_is_a_row_of_nan():
     x = torch.randn(10)
     x[3] = math.nan
@@ -96,3 +113,67 @@ def test_param_and_spread_columns_equal_the_aten_path(monkeypatch):
         tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=2e-5, atol=1e-7)
         torch.testing.assert_close(k[rows], a[rows], equal_nan=True, msg=column, **tolerance)
     assert kernel["grad_std"][1].isnan() and kernel["data_std"][3] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batchnorm_columns_equal_the_aten_path_and_torchs_own_statistics(monkeypatch, dtype):
+    """Inputs (B, C), (B, C, L) and (B, C, H, W), as BatchNorm1d/2d take them, one with a
+    NaN: the kernel's columns against the ATen path's, and against the mean and variance that
+    torch's BatchNorm itself moves its running statistics by."""
+    from normlab.diagnostics.recorder import BatchNormCapture
+
+    g = torch.Generator().manual_seed(2)
+    inputs = [
+        torch.randn(16, 5, generator=g, dtype=dtype) * 3 + 1,
+        torch.randn(4, 6, 7, generator=g, dtype=dtype),
+        torch.randn(2, 3, 5, 5, generator=g, dtype=dtype) + 2,
+        torch.randn(8, 4, generator=g, dtype=dtype),
+    ]
+    inputs[3][1, 2] = math.nan
+    captured = [
+        BatchNormCapture(
+            torch.randn(x.shape[1], generator=g, dtype=dtype),
+            torch.rand(x.shape[1], generator=g, dtype=dtype) + 0.5,
+            1e-5 * (i + 1),
+            0.1 if i else None,
+            torch.tensor(7 * i),
+        )
+        for i, x in enumerate(inputs)
+    ]
+    kernel = stats.batchnorm_stats(inputs, captured)
+    aten = _aten(monkeypatch, stats.batchnorm_stats, inputs, captured)
+    assert set(kernel) == set(aten)
+    for column in kernel:
+        torch.testing.assert_close(
+            kernel[column].double(),
+            aten[column].double(),
+            rtol=2e-5,
+            atol=1e-6,
+            equal_nan=True,
+            msg=column,
+        )
+    assert kernel["mean_drift"][3].isnan() and kernel["var_ratio"][3].isnan()
+    # torch's BatchNorm, momentum 1: its running statistics become the batch's own
+    for i, (x, c) in enumerate(zip(inputs[:3], captured[:3], strict=True)):
+        dims = [0, *range(2, x.dim())]
+        mean, var = x.double().mean(dims), x.double().var(dims, unbiased=False)
+        bn = torch.nn.BatchNorm1d if x.dim() < 4 else torch.nn.BatchNorm2d
+        module = bn(x.shape[1], momentum=1.0).to(dtype)
+        module(x)  # its running_var is the unbiased variance: scaled back to the biased one
+        n = x.numel() / x.shape[1]
+        torch.testing.assert_close(module.running_mean.double(), mean)
+        torch.testing.assert_close(module.running_var.double() * (n - 1) / n, var)
+        eps = c.eps
+        drift = ((c.running_mean.double() - mean).abs() / (var + eps).sqrt()).max()
+        ratio = (c.running_var.double() + eps) / (var + eps)
+        want = torch.stack([drift, torch.maximum(ratio, 1 / ratio).max()])
+        got = torch.stack([kernel["mean_drift"][i], kernel["var_ratio"][i]]).double()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_infinite_value_gives_the_moments_aten_gives():
+    for first in (math.inf, 1.0):
+        x = torch.tensor([first, 2.0, math.inf, -3.0])
+        got = stats_ops().moments([x], [])[0]
+        want = torch.stack([x.mean(), x.std(), x.min(), x.max()]).double()
+        torch.testing.assert_close(got, want, equal_nan=True)

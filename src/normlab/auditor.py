@@ -33,6 +33,7 @@ from normlab.diagnostics import (
     format_table,
     judge_recording,
 )
+from normlab.diagnostics.nogc import gc_paused
 from normlab.errors import NormlabError, first_line
 from normlab.nn import set_mode
 from normlab.report import Page, render_html, write_report
@@ -130,28 +131,31 @@ def audit(
         >>> [v.kind for v in result.verdicts]
         ['saturated']
     """
-    diagnostics = Diagnostics(model)
-    with set_mode(model, training=True):
-        measured = None
-        if second_order:  # on the weights the step starts from
-            measured = measure_second_order(
-                model,
-                lambda m, b: batch_loss(m, b, loss_fn),
-                batch,
-                optimizer,
-                micro_batch=micro_batch,
-            )
-        diagnostics.arm()
-        try:
-            loss = batch_loss(model, batch, loss_fn)
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            if optimizer is not None:
-                optimizer.step()
-            diagnostics.collect(0, loss.item()).second_order = measured
-        finally:
-            diagnostics.detach()
-    report = judge_recording(diagnostics, num_classes, thresholds)
+    # a tensor for each layer's output and gradient, each parameter's copy: refcounting
+    # frees them (normlab.diagnostics.nogc)
+    with gc_paused():
+        diagnostics = Diagnostics(model)
+        with set_mode(model, training=True):
+            measured = None
+            if second_order:  # on the weights the step starts from
+                measured = measure_second_order(
+                    model,
+                    lambda m, b: batch_loss(m, b, loss_fn),
+                    batch,
+                    optimizer,
+                    micro_batch=micro_batch,
+                )
+            diagnostics.arm()
+            try:
+                loss = batch_loss(model, batch, loss_fn)
+                model.zero_grad(set_to_none=True)
+                loss.backward()
+                if optimizer is not None:
+                    optimizer.step()
+                diagnostics.collect(0, loss.item()).second_order = measured
+            finally:
+                diagnostics.detach()
+        report = judge_recording(diagnostics, num_classes, thresholds)
     return Audit(report, diagnostics, f"normlab audit of {type(model).__name__}")
 
 

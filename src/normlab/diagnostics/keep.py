@@ -9,8 +9,7 @@ that are written. It is a ``TorchDispatchMode`` over the forward pass: before
 any operation whose schema marks an argument as written (``relu_``, ``add_``,
 ``copy_``, an ``out=`` argument: ``alias_info.is_write``) writes memory that a
 kept tensor shares, that tensor is copied, and the copy is what the store holds.
-Under ``make_fx`` tracing the copy is a ``clone`` in the graph. A write that no
-mode saw (after the forward pass) moves the tensor's version counter, which
+A write that no mode saw (after the forward pass) moves the tensor's version counter, which
 ``overwritten`` reports, so a corrupted value is never measured silently.
 
 Watching costs a Python call on every operation of the forward pass, which on a model of
@@ -60,14 +59,20 @@ class KeepAsIs(TorchDispatchMode):
         self._versions: dict = {}  # (id(store), key) → the version counter when kept
         self.copied: list = []  # (store, key) of each tensor copied before a write it watched
 
-    def keep(self, store: MutableMapping, key, tensor: Tensor, copy: bool = False) -> None:
+    def keep(
+        self, store: MutableMapping, key, tensor: Tensor, copy: bool = False, watch: bool = True
+    ) -> None:
         """Set ``store[key] = tensor``, to stay as it is now: copied now with ``copy``, else
-        watched while the mode is active."""
-        storage = None if copy else _storage(tensor)
-        if storage is None:  # asked to, or nothing to watch: copy now
+        watched while the mode is active (``watch=False``: it will not be active, and only the
+        version counter keeps watch)."""
+        if copy:
             tensor = tensor.clone()
-        else:
-            self._watched.setdefault(storage, []).append((store, key))
+        elif watch:
+            storage = _storage(tensor)
+            if storage is None:  # nothing to watch: copy now
+                tensor = tensor.clone()
+            else:
+                self._watched.setdefault(storage, []).append((store, key))
         store[key] = tensor
         self._versions[(id(store), key)] = tensor._version
 

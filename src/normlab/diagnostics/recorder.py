@@ -7,11 +7,11 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from normlab.dataflow import first_tensor
 from normlab.diagnostics import stats
 from normlab.diagnostics.keep import KeepAsIs
+from normlab.diagnostics.nogc import gc_paused
 from normlab.diagnostics.snapshot import (
     PERCENTILES,
     BatchNormStats,
@@ -92,6 +92,7 @@ class Diagnostics:
         self._keeper = KeepAsIs()  # active over the model's forward pass while armed
         self._keeping = 0  # depth of the model's calls that entered it
         self._watching = False  # this recording's forward pass runs under the keeper's mode
+        self._written: set = set()  # else what it copies at the hooks (_WRITTEN_IN_PLACE's)
         self.overwritten: list[str] = []  # outputs written in place where no hook could see
 
     # -- hooks
@@ -108,8 +109,8 @@ class Diagnostics:
     def _enter_keeper(self, module, _inputs) -> None:
         if self._recording(module):
             if self._keeping == 0:
-                # a traced pass (make_fx) is always watched: its copies become part of a graph
-                self._watching = self.model not in _WRITTEN_IN_PLACE or get_proxy_mode() is not None
+                self._written = _WRITTEN_IN_PLACE.get(self.model, set())
+                self._watching = self.model not in _WRITTEN_IN_PLACE
                 if self._watching:
                     self._keeper.__enter__()
             self._keeping += 1
@@ -126,8 +127,8 @@ class Diagnostics:
     def _keep(self, store: dict, label: str, name: str, tensor: Tensor) -> None:
         """Keep ``tensor`` in ``store``: copied now where the model is known to write it in
         place, else watched (or not needed)."""
-        copy = not self._watching and (label, name) in _WRITTEN_IN_PLACE.get(self.model, ())
-        self._keeper.keep(store, name, tensor, copy=copy)
+        copy = not self._watching and (label, name) in self._written
+        self._keeper.keep(store, name, tensor, copy=copy, watch=self._watching)
 
     def detach(self) -> None:
         """Remove every hook; an armed recording is dropped."""
@@ -163,8 +164,8 @@ class Diagnostics:
                 self._awaits_backward = True
 
                 def grad_hook(grad):
-                    if name not in self._grads:
-                        self._keeper.keep(self._grads, name, grad.detach())
+                    if name not in self._grads:  # no mode runs in the backward pass
+                        self._keeper.keep(self._grads, name, grad.detach(), watch=False)
 
                 out.register_hook(grad_hook)
 
@@ -182,9 +183,10 @@ class Diagnostics:
                 if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
                     x = x.movedim(-1, 1)
                 self._keep(self._batchnorm_inputs, "batchnorm", name, x)
+                running = torch.stack((module.running_mean, module.running_var))  # a copy
                 self._batchnorm[name] = BatchNormCapture(
-                    module.running_mean.clone(),
-                    module.running_var.clone(),
+                    running[0],
+                    running[1],
                     module.eps,
                     module.momentum,
                     module.num_batches_tracked.clone(),
@@ -203,27 +205,12 @@ class Diagnostics:
         self._before = {n: p.detach().clone() for n, p in self._params.items()}
         self._armed, self._awaits_backward = True, False
 
-    def captures(self) -> dict:
-        """What the armed recording's hooks have captured so far: the layers' outputs, their
-        gradients, and BatchNorm's inputs with its running statistics before the batch."""
-        return {
-            "outputs": self._outputs,
-            "grads": self._grads,
-            "batchnorm": self._batchnorm,
-            "batchnorm_inputs": self._batchnorm_inputs,
-        }
-
-    def restore(self, captures: dict) -> None:
-        """Take ``captures`` as what the hooks captured: a traced step's graph returns
-        ``captures()`` of its trace, computed (``normlab.lm.compiled``)."""
-        self._keeper.forget()  # the graph's outputs are fresh tensors
-        self._outputs = captures["outputs"]
-        self._grads = captures["grads"]
-        self._batchnorm = {n: BatchNormCapture(*c) for n, c in captures["batchnorm"].items()}
-        self._batchnorm_inputs = captures["batchnorm_inputs"]
-
     def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
         """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
+        with gc_paused():  # its containers are freed by reference counting (nogc)
+            return self._collect(step, loss, eval_loss)
+
+    def _collect(self, step: int, loss: float | None, eval_loss: float | None) -> Snapshot:
         if not self._armed:
             raise RuntimeError("Diagnostics.collect() without arm()")
         self._remove_hooks()  # hooks cost time on every call: they stay only for a recording
@@ -277,7 +264,7 @@ class Diagnostics:
             warnings.warn(
                 f"Diagnostics: not recorded, as written in place {where}: {', '.join(overwritten)}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of collect()
             )
         self.overwritten = overwritten
 

@@ -272,7 +272,21 @@ def batchnorm_stats(inputs: list[Tensor], captured: list) -> Columns:
     ``inputs`` are the BatchNorms' inputs ``(B, C, *spatial)``; ``captured`` their
     ``BatchNormCapture``: the running statistics as they were before this batch updated them.
     """
-    return _in_groups(inputs, lambda i: _batchnorm_stats_aten(_at(inputs, i), _at(captured, i)))
+    running = [t for c in captured for t in (c.running_mean, c.running_var)]
+    ops = _kernel([*inputs, *running])
+    if ops is None:
+        return _in_groups(inputs, lambda i: _batchnorm_stats_aten(_at(inputs, i), _at(captured, i)))
+    drift = ops.batchnorm_drift(
+        [x.contiguous() for x in inputs],
+        running[0::2],
+        running[1::2],
+        [c.eps for c in captured],
+    )  # (G, 2): mean drift, variance ratio
+    return {
+        "mean_drift": drift[:, 0],
+        "var_ratio": drift[:, 1],
+        "time_constants": _time_constants(captured),
+    }
 
 
 def _batchnorm_stats_aten(inputs: list[Tensor], captured: list) -> Columns:
@@ -286,14 +300,19 @@ def _batchnorm_stats_aten(inputs: list[Tensor], captured: list) -> Columns:
     running_var = torch.stack([c.running_var for c in captured]).float()
     eps = torch.tensor([[c.eps] for c in captured], device=x.device)  # (G, 1)
     ratio = (running_var + eps) / (var + eps)
-    # time constants seen: batches × momentum (a cumulative average counts as momentum 0.1)
-    factor = [c.momentum if c.momentum is not None else 0.1 for c in captured]
-    batches = torch.stack([c.batches_tracked for c in captured]).float()
     return {
         "mean_drift": ((running_mean - mean).abs() / (var + eps).sqrt()).amax(1),
         "var_ratio": torch.maximum(ratio, 1 / ratio).amax(1),
-        "time_constants": batches * torch.tensor(factor, device=x.device),
+        "time_constants": _time_constants(captured).to(x.device),
     }
+
+
+def _time_constants(captured: list) -> Tensor:
+    """(G,): the time constants each BatchNorm's running statistics have seen, batches ×
+    momentum (a cumulative average counts as momentum 0.1)."""
+    factor = [c.momentum if c.momentum is not None else 0.1 for c in captured]
+    batches = torch.stack([c.batches_tracked for c in captured]).float()
+    return batches * torch.tensor(factor, device=batches.device)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

@@ -48,53 +48,63 @@ void per_tensor(int64_t count, const Body& body) {
   });
 }
 
+// Partial sums a pass keeps apart: each addition waits for the one before it in the same sum
+// (4 cycles), so one SIMD register of sums would add a register's lanes every 4 cycles; 32
+// independent ones fill the pipeline.
+constexpr int64_t kLanes = 32;
+
 // mean, sample std, min and max of x - minus (Minus: x itself without it); a NaN anywhere makes
-// them all NaN, as the ATen reductions do. Sums run in double, blocks of kBlock values in SIMD
-// registers: a constant tensor's mean is its value, and its std exactly 0.
+// them all NaN, as the ATen reductions do. One pass over the values, each value v summed as
+// v - c and (v - c)², in double, with c the first value: the shift keeps the sum of squares from
+// cancelling (its error is a double's rounding times ((mean - c) / std)², and c is one of the
+// values), and a constant tensor's mean is its value and its std exactly 0. kLanes partial sums.
 template <typename scalar_t, bool Minus>
 NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
                                     const scalar_t* __restrict minus, int64_t n, double* out) {
   auto value = [&](int64_t i) {
     if constexpr (Minus) {
-      return scalar_t(x[i] - minus[i]);
+      return scalar_t(x[i] - minus[i]);  // the difference in the tensors' dtype, as ATen's
     } else {
       return x[i];
     }
   };
-  double sum = 0;
-  scalar_t lo = std::numeric_limits<scalar_t>::infinity(), hi = -lo;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t i1 = std::min(i0 + kBlock, n);
-    double s = 0;
-    scalar_t block_lo = lo, block_hi = hi;
-#pragma omp simd reduction(+ : s) reduction(min : block_lo) reduction(max : block_hi)
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t v = value(i);
-      s += double(v);
-      block_lo = std::min(block_lo, v);
-      block_hi = std::max(block_hi, v);
-    }
-    sum += s;
-    lo = block_lo;
-    hi = block_hi;
+  if (n == 0) {
+    std::fill(out, out + 4, kNaN);
+    return;
   }
-  const scalar_t mean = scalar_t(sum / double(n));
-  double squares = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t i1 = std::min(i0 + kBlock, n);
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < i1; ++i) {
-      const double d = double(scalar_t(value(i) - mean));  // the deviation as ATen's
-      s += d * d;
-    }
-    squares += s;
+  const double first = double(value(0));
+  const double shift = std::isfinite(first) ? first : 0.0;  // an inf stays in the sums as ATen's
+  const int64_t whole = n - n % kLanes;  // the values the lanes take; the rest, one by one
+  double sums[kLanes] = {}, squares[kLanes] = {};
+  scalar_t lows[kLanes], highs[kLanes];
+  std::fill(lows, lows + kLanes, std::numeric_limits<scalar_t>::infinity());
+  std::fill(highs, highs + kLanes, -std::numeric_limits<scalar_t>::infinity());
+  auto add = [&](int64_t j, scalar_t v) {
+    const double d = double(v) - shift;
+    sums[j] += d;
+    squares[j] += d * d;
+    lows[j] = std::min(lows[j], v);
+    highs[j] = std::max(highs[j], v);
+  };
+  for (int64_t i = 0; i < whole; i += kLanes) {
+#pragma omp simd
+    for (int64_t j = 0; j < kLanes; ++j) add(j, value(i + j));
   }
-  // a NaN reaches the sum (min and max may skip it); so does inf - inf, where ATen's mean is
+  for (int64_t i = whole; i < n; ++i) add(i - whole, value(i));
+  double sum = 0, square_sum = 0;
+  scalar_t lo = lows[0], hi = highs[0];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum += sums[j];
+    square_sum += squares[j];
+    lo = std::min(lo, lows[j]);
+    hi = std::max(hi, highs[j]);
+  }
+  const double centered = std::max(square_sum - sum * sum / double(n), 0.0);
+  // a NaN reaches the sums (min and max may skip it); so does inf - inf, where ATen's mean is
   // NaN as well
-  const bool undefined = n == 0 || std::isnan(sum);
-  out[0] = undefined ? kNaN : double(mean);
-  out[1] = undefined ? kNaN : std::sqrt(squares / double(std::max<int64_t>(n - 1, 1)));
+  const bool undefined = std::isnan(sum) || std::isnan(square_sum);
+  out[0] = undefined ? kNaN : double(scalar_t(shift + sum / double(n)));
+  out[1] = undefined ? kNaN : std::sqrt(centered / double(std::max<int64_t>(n - 1, 1)));
   out[2] = undefined ? kNaN : double(lo);
   out[3] = undefined ? kNaN : double(hi);
 }
@@ -147,21 +157,33 @@ at::Tensor moments(const c10::List<std::optional<at::Tensor>>& xs,
 // stats.histograms does: (x / r + 1) · bins / 2, NaN → 0, floored, clamped. For the clamped
 // value, in [0, bins - 1], truncation is the floor, which lets the binning run in SIMD.
 template <typename scalar_t>
-void count_bins(const scalar_t* v, int64_t n, int64_t stride, float r, int64_t bins,
-                std::vector<int64_t>& counts) {
+NORMLAB_SIMD_CLONES void count_bins(const scalar_t* v, int64_t n, int64_t stride, float r,
+                                    int64_t bins, std::vector<int64_t>& counts) {
+  // kCopies histograms, value j counted in copy j % kCopies: consecutive values that fall in
+  // one bin (most of them, near the middle) then add to different counters, not each to the
+  // count the one before it is still storing; int32 counts, added up every 2^30 values
+  constexpr int64_t kCopies = 4, kChunk = int64_t(1) << 30;
   const int64_t m = (n + stride - 1) / stride;  // the values sampled
   const float half_bins = float(bins) / 2, last = float(bins - 1);
+  std::vector<int32_t> copies(kCopies * bins);
   int32_t bin[kBlock];
-  for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
-    const int64_t j1 = std::min(j0 + kBlock, m);
+  for (int64_t c0 = 0; c0 < m; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, m);
+    std::fill(copies.begin(), copies.end(), 0);
+    for (int64_t j0 = c0; j0 < c1; j0 += kBlock) {
+      const int64_t j1 = std::min(j0 + kBlock, c1);
 #pragma omp simd
-    for (int64_t j = j0; j < j1; ++j) {
-      float position = (float(v[j * stride]) / r + 1.0f) * half_bins;
-      position = position == position ? position : 0.0f;
-      position = position < 0.0f ? 0.0f : (position > last ? last : position);
-      bin[j - j0] = int32_t(position);
+      for (int64_t j = j0; j < j1; ++j) {
+        float position = (float(v[j * stride]) / r + 1.0f) * half_bins;
+        position = position == position ? position : 0.0f;
+        position = position < 0.0f ? 0.0f : (position > last ? last : position);
+        bin[j - j0] = int32_t(position) + int32_t((j % kCopies) * bins);
+      }
+      for (int64_t j = j0; j < j1; ++j) ++copies[bin[j - j0]];
     }
-    for (int64_t j = j0; j < j1; ++j) ++counts[bin[j - j0]];
+    for (int64_t c = 0; c < kCopies; ++c) {
+      for (int64_t b = 0; b < bins; ++b) counts[b] += copies[c * bins + b];
+    }
   }
 }
 
@@ -272,6 +294,89 @@ at::Tensor dead(at::TensorList xs, const at::Tensor& floor, at::IntArrayRef unit
   return out;
 }
 
+// Each channel's batch mean and biased variance of x read as (B, C, P), P positions per
+// channel (1 for (B, C)): two passes in double, over each row of P values, or across the C
+// channels of a row where P is 1.
+template <typename scalar_t>
+void channel_moments(const scalar_t* x, int64_t B, int64_t C, int64_t P, double* mean,
+                     double* var) {
+  std::fill(mean, mean + C, 0.0);
+  std::fill(var, var + C, 0.0);
+  const double count = double(B * P);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* run = x + (b * C + c) * P;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = 0; p < P; ++p) s += double(run[p]);
+      mean[c] += s;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* run = x + (b * C + c) * P;
+      const double m = mean[c];
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t p = 0; p < P; ++p) {
+        const double d = double(run[p]) - m;
+        s += d * d;
+      }
+      var[c] += s;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) var[c] /= count;
+}
+
+// The larger of a and b, NaN if either is, as torch.amax and torch.maximum.
+double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
+
+// (G, 2) float64: for each BatchNorm's input xs[g] (B, C, *) and its running statistics before
+// the batch, the largest over channels of the mean drift |running_mean - mean| / sqrt(var + eps)
+// and of the variance ratio max(r, 1 / r), r = (running_var + eps) / (var + eps), where mean and
+// var (biased) are the batch's, what the BatchNorm normalizes with.
+at::Tensor batchnorm_drift(at::TensorList xs, at::TensorList running_means,
+                           at::TensorList running_vars, at::ArrayRef<double> eps) {
+  const int64_t G = xs.size();
+  TORCH_CHECK(int64_t(running_means.size()) == G && int64_t(running_vars.size()) == G &&
+                  int64_t(eps.size()) == G,
+              "normlab::batchnorm_drift: running statistics and eps must be one per tensor");
+  for (int64_t g = 0; g < G; ++g) {
+    check_input(xs[g], "batchnorm_drift");
+    TORCH_CHECK(xs[g].dim() >= 2 && xs[g].size(0) > 0,
+                "normlab::batchnorm_drift: an input must be (B, C, *) with B > 0");
+    const int64_t C = xs[g].size(1);
+    for (const at::Tensor& r : {running_means[g], running_vars[g]}) {
+      TORCH_CHECK(r.is_cpu() && r.numel() == C,
+                  "normlab::batchnorm_drift: running statistics must be (C,) CPU tensors");
+    }
+  }
+  at::Tensor out = at::empty({G, 2}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    const at::Tensor& x = xs[g];
+    const int64_t B = x.size(0), C = x.size(1), P = x.numel() / (B * C);
+    std::vector<double> mean(C), var(C);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::batchnorm_drift", [&] {
+      channel_moments(x.const_data_ptr<scalar_t>(), B, C, P, mean.data(), var.data());
+    });
+    const at::Tensor rm = running_means[g].to(at::kDouble).contiguous();
+    const at::Tensor rv = running_vars[g].to(at::kDouble).contiguous();
+    const double* rmean = rm.const_data_ptr<double>();
+    const double* rvar = rv.const_data_ptr<double>();
+    double drift = -std::numeric_limits<double>::infinity(), ratio = drift;
+    for (int64_t c = 0; c < C; ++c) {
+      const double r = (rvar[c] + eps[g]) / (var[c] + eps[g]);
+      drift = nan_max(drift, std::fabs(rmean[c] - mean[c]) / std::sqrt(var[c] + eps[g]));
+      ratio = nan_max(ratio, nan_max(r, 1.0 / r));
+    }
+    o[2 * g] = drift;
+    o[2 * g + 1] = ratio;
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(normlab, m) {
@@ -279,6 +384,9 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
   m.def("histograms(Tensor?[] xs, Tensor r, int bins, int sample) -> Tensor");
   m.def("saturated(Tensor[] xs, Tensor mid, Tensor half, float saturation) -> Tensor");
   m.def("dead(Tensor[] xs, Tensor floor, int[] units, int[] positions) -> Tensor");
+  m.def(
+      "batchnorm_drift(Tensor[] xs, Tensor[] running_means, Tensor[] running_vars, float[] eps) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CPU, m) {
@@ -286,4 +394,5 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("histograms", histograms);
   m.impl("saturated", saturated);
   m.impl("dead", dead);
+  m.impl("batchnorm_drift", batchnorm_drift);
 }
