@@ -2,6 +2,7 @@
 and normlab diagnose: each verdict fires on a case built for it and stays quiet on a healthy one."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -150,8 +151,11 @@ def test_a_model_without_a_second_derivative_keeps_its_first_order_diagnostics()
 def test_normlab_diagnose_json_carries_the_second_order_keys_at_the_top(capsys):
     assert main(["diagnose", "--preset", "lecture-deep", "--batch-size", "256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["sharpness"] > 0 and out["hessian_trace"] > 0
+    # Hutchinson's estimate from 10 probes falls on either side of 0 where the trace is small
+    # against its spread, as at initialization: its sign is not what this test checks
+    assert out["sharpness"] > 0 and math.isfinite(out["hessian_trace"])
     assert out["sharpness"] == out["snapshot"]["second_order"]["sharpness"]
+    assert out["hessian_trace"] == out["snapshot"]["second_order"]["hessian_trace"]
     assert "preconditioned_sharpness" in out and "noise_scale" in out
 
 

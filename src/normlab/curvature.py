@@ -9,7 +9,7 @@ so it works on any model. normlab's BatchNorms compute, meanwhile, with
 are part of the loss, and so of its Hessian); every buffer the forward pass
 moves (running statistics) is put back afterwards.
 
-- ``top_eigenvalue``: power iteration, the sharpness :math:`\\lambda_{max}`;
+- ``top_eigenvalue``: the Lanczos iteration, the sharpness :math:`\\lambda_{max}`;
   full-batch gradient descent is stable while it stays below :math:`2/\\eta`
   (Cohen et al., 2021, the edge of stability).
 - ``hessian_trace``: Hutchinson's estimator with Rademacher probes.
@@ -29,6 +29,9 @@ from normlab.dataflow import first_tensor
 from normlab.errors import first_line
 from normlab.nn import kept_buffers, twice_differentiable
 
+# the most vector values one batched product (Hessian.matmul_batch) takes at once
+BATCHED_VALUES = 1 << 24
+
 
 class NotTwiceDifferentiable(RuntimeError):
     """The loss has no second derivative: some operation in it has no double backward."""
@@ -36,11 +39,11 @@ class NotTwiceDifferentiable(RuntimeError):
 
 @dataclass(frozen=True)
 class Eigenvalue:
-    """A power iteration's result."""
+    """A Lanczos iteration's result (``top_eigenvalue``)."""
 
-    value: float  # the Rayleigh quotient v·Hv at the last iterate, |v| = 1
+    value: float  # the largest Ritz value: the largest eigenvalue of H in the Krylov space
     products: int  # Hessian-vector products spent (each about 2 forward-backward passes)
-    converged: bool  # two successive estimates within the relative tolerance
+    converged: bool  # its Ritz pair's residual |Hy - θy| within tol · |θ|
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Hessian:
                 handle.remove()
         self.loss = loss.item()
         self.products = 0
+        self._batches = True  # matmul_batch vmaps its products, until an operation refuses
         self._check_second_order()
 
     def __matmul__(self, v: list[Tensor]) -> list[Tensor]:
@@ -99,6 +103,37 @@ class Hessian:
         return [
             torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv, strict=True)
         ]
+
+    def matmul_batch(self, vs: list[Tensor]) -> list[Tensor]:
+        """``H @ v`` for k vectors at once: ``vs`` holds each parameter's (k, *shape), and so
+        does the result. One backward pass vmapped over the k (``is_grads_batched``), as long
+        as every operation of the double backward has a batching rule (else one product
+        after another, from then on), in chunks of at most ``BATCHED_VALUES`` vector values:
+        a batched pass holds k copies of the backward's intermediates."""
+        k, n = vs[0].shape[0], sum(p.numel() for p in self.params)
+        chunk = max(1, min(k, BATCHED_VALUES // max(n, 1)))
+        if chunk == 1 or not self._batches:
+            rows = [self @ [v[i] for v in vs] for i in range(k)]
+            return [torch.stack([row[j] for row in rows]) for j in range(len(vs))]
+        parts = []
+        for start in range(0, k, chunk):
+            part = [v[start : start + chunk] for v in vs]
+            try:
+                hv = torch.autograd.grad(
+                    self.grads,
+                    self.params,
+                    part,
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:  # an operation without a batching rule
+                self._batches = False
+                return self.matmul_batch(vs)
+            self.products += part[0].shape[0]
+            found = zip(part, hv, strict=True)
+            parts.append([torch.zeros_like(v) if h is None else h for v, h in found])
+        return [torch.cat([part[j] for part in parts]) for j in range(len(vs))]
 
     def _check_second_order(self) -> None:
         """One product, up front, so that an operator without a double backward (an ATen
@@ -143,15 +178,6 @@ def _refuse_once_differentiable(loss: Tensor, layer_of: dict) -> None:
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
-
-
-def _normalized(v: list[Tensor]) -> list[Tensor]:
-    norm = _dot(v, v).sqrt()
-    return [t / norm for t in v]
-
-
 def top_eigenvalue(
     hessian: Hessian,
     max_products: int = 100,
@@ -159,59 +185,72 @@ def top_eigenvalue(
     preconditioner: list[Tensor] | None = None,
     generator: torch.Generator | None = None,
 ) -> Eigenvalue:
-    r"""The Hessian's largest eigenvalue :math:`\lambda_{max}`, by power iteration: the sharpness.
+    r"""The Hessian's largest eigenvalue :math:`\lambda_{max}`, by the Lanczos iteration: the
+    sharpness.
 
-    Power iteration finds the eigenvalue of largest magnitude: from a random unit
-    vector, :math:`v \leftarrow Hv / |Hv|`, with the Rayleigh quotient
-    :math:`\lambda = v \cdot Hv` as the estimate. It stops when ``v`` is an
-    eigenvector to within ``tol``, :math:`|Hv - \lambda v| \le tol \cdot |\lambda|` (then
-    :math:`\lambda` is exact to about :math:`tol^2 \lambda^2 / gap`), or after ``max_products``
-    Hessian-vector products, unconverged. Each iteration costs one product (about two
-    forward-backward passes); it converges as :math:`(\lambda_2/\lambda_1)^k`, and not at
-    all when the two largest eigenvalues have the same magnitude and opposite signs. Where
-    the eigenvalue it finds is negative, :math:`\mu`, a second iteration on
-    :math:`H - \mu I` (whose largest magnitude is :math:`\lambda_{max} - \mu`) finds the top,
-    with its own ``max_products``.
+    From a random unit vector, Lanczos builds an orthonormal basis :math:`v_1, v_2, \dots` of
+    the Krylov space :math:`\{v, Hv, H^2v, \dots\}`, one product per vector, by the
+    three-term recurrence :math:`\beta_{k+1} v_{k+1} = Hv_k - \alpha_k v_k - \beta_k v_{k-1}`,
+    :math:`\alpha_k = v_k \cdot Hv_k`. In that basis :math:`H` is the tridiagonal
+    :math:`T_k` (the :math:`\alpha` on its diagonal, the :math:`\beta` beside it), and
+    :math:`T_k`'s largest eigenvalue :math:`\theta` (a Ritz value) approaches
+    :math:`\lambda_{max}` from below: the largest algebraic eigenvalue, whatever the signs
+    of the others, and much faster than power iteration, whose error shrinks as
+    :math:`(\lambda_2/\lambda_1)^k` (Lanczos's as a Chebyshev polynomial of degree
+    :math:`k` grows). It stops when the Ritz pair's residual
+    :math:`|Hy - \theta y| = \beta_{k+1} |s_k|` (:math:`s` the eigenvector of
+    :math:`T_k`, :math:`s_k` its last entry) is at most ``tol`` :math:`\cdot |\theta|`, or
+    after ``max_products`` products, unconverged. It keeps three vectors, not the basis: the
+    basis loses its orthogonality in floating point as the top Ritz value converges, which
+    repeats that value in :math:`T_k` without moving it.
 
     With ``preconditioner`` (the diagonal :math:`P` as tensors shaped as the
     parameters, ``adam_preconditioner``), the eigenvalue of :math:`P^{-1}H`, through
     the symmetric :math:`P^{-1/2} H P^{-1/2}`, which has the same eigenvalues.
     """
-    scale = None if preconditioner is None else [d.rsqrt() for d in preconditioner]
+    params = hessian.params
+    sizes = [p.numel() for p in params]
+    scale = None if preconditioner is None else _flat([d.rsqrt() for d in preconditioner])
 
-    def product(v: list[Tensor]) -> list[Tensor]:  # (P^-1/2 H P^-1/2) v
-        u = v if scale is None else [s * t for s, t in zip(scale, v, strict=True)]
-        hv = hessian @ [t.detach() for t in u]
-        return hv if scale is None else [s * t for s, t in zip(scale, hv, strict=True)]
+    def product(v: Tensor) -> Tensor:  # (n,) → (n,): (P^-1/2 H P^-1/2) v
+        u = v if scale is None else scale * v
+        hv = _flat(hessian @ [t.view_as(p) for t, p in zip(u.split(sizes), params, strict=True)])
+        return hv if scale is None else scale * hv
 
-    found = _power_iteration(product, hessian.params, max_products, tol, generator)
-    if found.value >= 0 or not math.isfinite(found.value):
-        return Eigenvalue(found.value, hessian.products, found.converged)
-    shift = found.value  # the most negative: shift the spectrum to make the top the largest
-
-    def shifted(v: list[Tensor]) -> list[Tensor]:
-        return [h - shift * t for h, t in zip(product(v), v, strict=True)]
-
-    top = _power_iteration(shifted, hessian.params, max_products, tol, generator)
-    return Eigenvalue(top.value + shift, hessian.products, top.converged)
-
-
-def _power_iteration(product, params, max_products, tol, generator) -> Eigenvalue:
-    """The eigenvalue of largest magnitude of the symmetric map ``product``."""
-    v = _normalized([torch.randn(p.shape, generator=generator).to(p) for p in params])
-    value, converged, used = 0.0, False, 0
+    v = torch.cat([torch.randn(p.shape, generator=generator).to(p).flatten() for p in params])
+    v = v / v.norm()
+    previous, beta = torch.zeros_like(v), 0.0
+    alphas, betas = [], []  # T's diagonal, and the entries beside it
+    value, converged = 0.0, False
     for _ in range(max_products):
-        hv = product(v)
-        used += 1
-        value = _dot(v, hv).item()
-        if not math.isfinite(value) or value == 0.0:
+        w = product(v)
+        alpha = torch.dot(w, v).item()
+        w = w - alpha * v - beta * previous
+        beta = w.norm().item()
+        alphas.append(alpha)
+        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        value = ritz[-1].item()
+        if not math.isfinite(value) or not math.isfinite(beta):
             break
-        residual = [h - value * t for h, t in zip(hv, v, strict=True)]
-        if _dot(residual, residual).sqrt().item() <= tol * abs(value):
-            converged = True
+        if beta * abs(vectors[-1, -1].item()) <= tol * abs(value) or beta == 0.0:
+            converged = True  # beta 0: the Krylov space holds an eigenvector, exactly
             break
-        v = _normalized(hv)
-    return Eigenvalue(value, used, converged)
+        betas.append(beta)
+        previous, v = v, w / beta
+    return Eigenvalue(value, hessian.products, converged)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _tridiagonal(diagonal: list[float], beside: list[float]) -> Tensor:
+    """The symmetric tridiagonal matrix (k, k), float64."""
+    T = torch.diag(torch.tensor(diagonal, dtype=torch.float64))
+    if beside:
+        off = torch.tensor(beside, dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
 
 
 def hessian_trace(
@@ -223,14 +262,14 @@ def hessian_trace(
     forward-backward passes), a fixed number: the standard error says how far to trust it."""
     if probes < 2:
         raise ValueError(f"hessian_trace needs at least 2 probes, got {probes}")
-    samples = []
-    for _ in range(probes):
-        z = [
-            torch.randint(0, 2, p.shape, generator=generator).to(p).mul_(2).sub_(1)
-            for p in hessian.params
-        ]
-        samples.append(_dot(z, hessian @ z).item())
-    values = torch.tensor(samples, dtype=torch.float64)
+    params = hessian.params
+    rows = [  # probe by probe, parameter by parameter
+        [torch.randint(0, 2, p.shape, generator=generator).to(p).mul_(2).sub_(1) for p in params]
+        for _ in range(probes)
+    ]
+    z = [torch.stack(column) for column in zip(*rows, strict=True)]  # (probes, *shape) each
+    hz = hessian.matmul_batch(z)
+    values = sum((a * b).flatten(1).double().sum(1) for a, b in zip(z, hz, strict=True))
     return TraceEstimate(values.mean().item(), (values.std() / math.sqrt(probes)).item(), probes)
 
 
