@@ -5,7 +5,7 @@ parameters, random weights, SGD with momentum, batch 32 of 3×32×32 images), on
 
 - a forward-backward pass and a whole training step (the baseline, measured in the same run);
 - each instrument alone, in forward-backward equivalents: building the Hessian (the loss and
-  its gradient with their graph), one Hessian-vector product, the sharpness (power iteration,
+  its gradient with their graph), one Hessian-vector product, the sharpness (Lanczos,
   at most 20 products), the Hessian trace (10 probes), the gradient noise scale (micro-batches
   of an eighth), and ``measure_second_order``, all of them together as training runs them;
 - the overhead at ``normlab train``'s default cadence (``--second-order-every 5000``): one
@@ -96,7 +96,7 @@ def measure(setup, rounds: int) -> None:
             lambda: Hessian(model, lambda m: loss_fn(m, batch)), rounds
         ),
         "one Hessian-vector product": median_time(lambda: hessian @ vector, rounds),
-        "sharpness (power iteration, ≤ 20 products)": median_time(
+        "sharpness (Lanczos, ≤ 20 products)": median_time(
             lambda: top_eigenvalue(hessian, 20, generator=torch.Generator().manual_seed(0)), rounds
         ),
         "Hessian trace (10 probes)": median_time(

@@ -194,28 +194,3 @@ def test_the_sharpness_is_the_largest_eigenvalue_whatever_the_signs_of_the_other
     )
     assert found.converged and found.products <= len(eigenvalues) + 1
     assert found.value == pytest.approx(max(eigenvalues), rel=1e-5)
-
-
-def test_batched_products_equal_one_product_after_another_and_fall_back(monkeypatch):
-    ours, _ = _models(torch.float64)
-    x, y = _batch(torch.float64)
-    hessian = Hessian(ours, _loss(x, y))
-    g = torch.Generator().manual_seed(5)
-    vs = [torch.randn(4, *p.shape, generator=g, dtype=p.dtype) for p in hessian.params]
-    one_by_one = [hessian @ [v[i] for v in vs] for i in range(4)]
-    together = hessian.matmul_batch(vs)
-    for i, row in enumerate(one_by_one):
-        for batched, single in zip(together, row, strict=True):
-            torch.testing.assert_close(batched[i], single)
-    assert hessian.products == 8
-    grad = torch.autograd.grad
-
-    def no_batching_rule(*args, is_grads_batched=False, **kwargs):
-        if is_grads_batched:
-            raise RuntimeError("Batching rule not implemented for an operation")
-        return grad(*args, **kwargs)
-
-    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
-    for batched, single in zip(hessian.matmul_batch(vs), one_by_one[2], strict=True):
-        torch.testing.assert_close(batched[2], single)  # one product after another
-    assert hessian.products == 12 and not hessian._batches

@@ -29,9 +29,6 @@ from normlab.dataflow import first_tensor
 from normlab.errors import first_line
 from normlab.nn import kept_buffers, twice_differentiable
 
-# the most vector values one batched product (Hessian.matmul_batch) takes at once
-BATCHED_VALUES = 1 << 24
-
 
 class NotTwiceDifferentiable(RuntimeError):
     """The loss has no second derivative: some operation in it has no double backward."""
@@ -92,7 +89,6 @@ class Hessian:
                 handle.remove()
         self.loss = loss.item()
         self.products = 0
-        self._batches = True  # matmul_batch vmaps its products, until an operation refuses
         self._check_second_order()
 
     def __matmul__(self, v: list[Tensor]) -> list[Tensor]:
@@ -103,37 +99,6 @@ class Hessian:
         return [
             torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv, strict=True)
         ]
-
-    def matmul_batch(self, vs: list[Tensor]) -> list[Tensor]:
-        """``H @ v`` for k vectors at once: ``vs`` holds each parameter's (k, *shape), and so
-        does the result. One backward pass vmapped over the k (``is_grads_batched``), as long
-        as every operation of the double backward has a batching rule (else one product
-        after another, from then on), in chunks of at most ``BATCHED_VALUES`` vector values:
-        a batched pass holds k copies of the backward's intermediates."""
-        k, n = vs[0].shape[0], sum(p.numel() for p in self.params)
-        chunk = max(1, min(k, BATCHED_VALUES // max(n, 1)))
-        if chunk == 1 or not self._batches:
-            rows = [self @ [v[i] for v in vs] for i in range(k)]
-            return [torch.stack([row[j] for row in rows]) for j in range(len(vs))]
-        parts = []
-        for start in range(0, k, chunk):
-            part = [v[start : start + chunk] for v in vs]
-            try:
-                hv = torch.autograd.grad(
-                    self.grads,
-                    self.params,
-                    part,
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
-            except RuntimeError:  # an operation without a batching rule
-                self._batches = False
-                return self.matmul_batch(vs)
-            self.products += part[0].shape[0]
-            found = zip(part, hv, strict=True)
-            parts.append([torch.zeros_like(v) if h is None else h for v, h in found])
-        return [torch.cat([part[j] for part in parts]) for j in range(len(vs))]
 
     def _check_second_order(self) -> None:
         """One product, up front, so that an operator without a double backward (an ATen
@@ -240,6 +205,10 @@ def top_eigenvalue(
     return Eigenvalue(value, hessian.products, converged)
 
 
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+
+
 def _flat(tensors: list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -262,14 +231,14 @@ def hessian_trace(
     forward-backward passes), a fixed number: the standard error says how far to trust it."""
     if probes < 2:
         raise ValueError(f"hessian_trace needs at least 2 probes, got {probes}")
-    params = hessian.params
-    rows = [  # probe by probe, parameter by parameter
-        [torch.randint(0, 2, p.shape, generator=generator).to(p).mul_(2).sub_(1) for p in params]
-        for _ in range(probes)
-    ]
-    z = [torch.stack(column) for column in zip(*rows, strict=True)]  # (probes, *shape) each
-    hz = hessian.matmul_batch(z)
-    values = sum((a * b).flatten(1).double().sum(1) for a, b in zip(z, hz, strict=True))
+    samples = []
+    for _ in range(probes):
+        z = [
+            torch.randint(0, 2, p.shape, generator=generator).to(p).mul_(2).sub_(1)
+            for p in hessian.params
+        ]
+        samples.append(_dot(z, hessian @ z).item())
+    values = torch.tensor(samples, dtype=torch.float64)
     return TraceEstimate(values.mean().item(), (values.std() / math.sqrt(probes)).item(), probes)
 
 
