@@ -279,22 +279,29 @@ class Diagnostics:
                 del self.history[1]
 
     def _snapshot(self, host: dict, step: int, loss, eval_loss) -> Snapshot:
-        """The Snapshot of the host's columns, layers in the model's module order."""
+        """The Snapshot of the host's columns (``stats.to_host``), layers in the model's module
+        order."""
         layers, batchnorms = [], []
+        none = stats.HostRows({}, {})
+        out, grad, bn = (host.get(what, none) for what in ("out", "grad", "bn"))
         # dead units are judged per (channel or element) over the batch (and positions)
         shapes = {n: (t.shape if t.dim() >= 4 else t.shape[:1]) for n, t in self._outputs.items()}
         for name, _, kind in self.layers:
-            if ("out", name) in host:
-                out = _layer_stats(name, kind, host[("out", name)], host.get(("grad", name)))
-                out.samples = shapes[name][0] * math.prod(shapes[name][2:])
-                layers.append(out)
-            if ("bn", name) in host:
-                bn = host[("bn", name)]
-                batchnorms.append(
-                    BatchNormStats(name, bn["mean_drift"], bn["var_ratio"], bn["time_constants"])
+            i = out.index.get(name)
+            if i is not None:
+                j = grad.index.get(name)
+                layer = _layer_stats(name, kind, out.columns, i, grad.columns, j)
+                layer.samples = shapes[name][0] * math.prod(shapes[name][2:])
+                layers.append(layer)
+            i = bn.index.get(name)
+            if i is not None:
+                drift, ratio, seen = (
+                    bn.columns[c][i] for c in ("mean_drift", "var_ratio", "time_constants")
                 )
+                batchnorms.append(BatchNormStats(name, drift, ratio, seen))
+        param = host.get("param", none)
         params = [
-            _param_stats(name, list(p.shape), host[("param", name)])
+            _param_stats(name, list(p.shape), param.columns, param.index[name])
             for name, p in self._params.items()
         ]
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
@@ -316,28 +323,34 @@ def _is_leaf_with_output(module: nn.Module) -> bool:
     return not any(True for _ in module.children()) and not isinstance(module, PASS_THROUGH)
 
 
-def _layer_stats(name: str, kind: Kind, out: dict, grad: dict | None) -> LayerStats:
+PERCENTILE_COLUMNS = [f"p{p}" for p in PERCENTILES]
+
+
+def _layer_stats(name: str, kind: Kind, out: dict, i: int, grad: dict, j: int | None) -> LayerStats:
+    """The layer's row ``i`` of the outputs' columns, and row ``j`` of the gradients' (None:
+    its output had no gradient)."""
     layer = LayerStats(
         name=name,
         kind=kind.name,
         family=kind.family,
-        mean=out["mean"],
-        std=out["std"],
-        percentiles={f"p{p}": out[f"p{p}"] for p in PERCENTILES},
-        saturated=out["saturated"] if kind.family == "saturating" else None,
-        dead=out["dead"] if kind.family == "rectifying" else None,
-        hist_range=out["hist_range"],
-        hist=out["hist"],
+        mean=out["mean"][i],
+        std=out["std"][i],
+        percentiles={c: out[c][i] for c in PERCENTILE_COLUMNS},
+        saturated=out["saturated"][i] if kind.family == "saturating" else None,
+        dead=out["dead"][i] if kind.family == "rectifying" else None,
+        hist_range=out["hist_range"][i],
+        hist=out["hist"][i],
     )
-    if grad is not None:
-        layer.grad_mean, layer.grad_std = grad["mean"], grad["std"]
-        layer.grad_hist_range, layer.grad_hist = grad["range"], grad["hist"]
+    if j is not None:
+        layer.grad_mean, layer.grad_std = grad["mean"][j], grad["std"][j]
+        layer.grad_hist_range, layer.grad_hist = grad["range"][j], grad["hist"][j]
     return layer
 
 
-def _param_stats(name: str, shape: list[int], columns: dict) -> ParamStats:
+def _param_stats(name: str, shape: list[int], columns: dict, i: int) -> ParamStats:
+    """The parameter's row ``i`` of the parameters' columns."""
     data_std, update_std, grad_std = (
-        _none_if_nan(columns[c]) for c in ("data_std", "update_std", "grad_std")
+        _none_if_nan(columns[c][i]) for c in ("data_std", "update_std", "grad_std")
     )
     # a constant tensor (a fresh BatchNorm gain) has no spread to compare with
     spread = data_std is not None and data_std > 1e-6
@@ -348,8 +361,8 @@ def _param_stats(name: str, shape: list[int], columns: dict) -> ParamStats:
         grad_std=grad_std,
         grad_to_data=grad_std / data_std if spread and grad_std is not None else None,
         update_to_data=update_std / data_std if spread and update_std is not None else None,
-        grad_hist_range=_none_if_nan(columns["grad_range"]),
-        grad_hist=columns["grad_hist"] if grad_std is not None else None,
+        grad_hist_range=_none_if_nan(columns["grad_range"][i]),
+        grad_hist=columns["grad_hist"][i] if grad_std is not None else None,
     )
 
 

@@ -14,6 +14,7 @@ tensor. The two agree to float rounding, and their histograms and fractions exac
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -367,9 +368,16 @@ def _in_groups(tensors: list[Tensor], measure: Callable[[list[int]], Columns]) -
     return {c: torch.cat([p[c] for p in parts])[where.to(parts[0][c].device)] for c in parts[0]}
 
 
-def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[tuple, dict]:
+class HostRows(NamedTuple):
+    """One group's columns on the host: each a list with a row per name."""
+
+    index: dict[str, int]  # name → its row
+    columns: dict[str, list]  # column → its rows: floats, or lists for a (G, k) column
+
+
+def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[str, HostRows]:
     """Every group's columns as Python numbers, in one transfer from the device:
-    ``{(what, name): {column: its row}}`` for the groups ``(what, names, columns)``.
+    ``{what: HostRows}`` for the groups ``(what, names, columns)``.
 
     A row of a (G,) column becomes a float, of a (G, k) column a list; a histogram's counts
     (``COUNTS``) become ints.
@@ -378,7 +386,7 @@ def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[tuple, dict]:
     if not parts:
         return {}
     values = torch.cat(parts).cpu()  # promoted to the widest dtype
-    host: dict[tuple, dict] = {}
+    host: dict[str, HostRows] = {}
     offset = 0
     for what, names, columns in groups:
         rows = {}
@@ -386,6 +394,5 @@ def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[tuple, dict]:
             block = values[offset : offset + t.numel()].view(t.shape)
             rows[column] = (block.long() if column in COUNTS else block).tolist()
             offset += t.numel()
-        for i, name in enumerate(names):
-            host[(what, name)] = {column: row[i] for column, row in rows.items()}
+        host[what] = HostRows({name: i for i, name in enumerate(names)}, rows)
     return host
