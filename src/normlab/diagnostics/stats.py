@@ -97,7 +97,7 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         return _in_groups(
             outputs, lambda i: _output_stats_aten([kinds[k] for k in i], _at(outputs, i))
         )
-    xs = [o.detach().contiguous() for o in outputs]
+    xs = [o.contiguous() for o in outputs]  # the operators have no autograd: no detach
     device = xs[0].device
     moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
     saturating = [k.family == "saturating" for k in kinds]
@@ -203,7 +203,7 @@ def spread_stats(tensors: list[Tensor | None]) -> Columns:
     if all(t is None for t in tensors):  # no tensor to dispatch the operators on
         nan = torch.full((len(tensors),), math.nan, dtype=torch.float64)
         return {"mean": nan, "std": nan, "range": nan, "hist": torch.zeros(len(tensors), BINS)}
-    xs = [t.detach().contiguous() if t is not None else None for t in tensors]
+    xs = [t.contiguous() if t is not None else None for t in tensors]
     moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
     r = _absmax(moments).clamp_min(1e-30)
     return {
@@ -239,7 +239,7 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
         return _in_groups(params, lambda i: _param_stats_aten(_at(before, i), _at(params, i)))
     b = [t.contiguous() for t in before]
     data = ops.moments(b, [])
-    update = ops.moments([p.detach().contiguous() for p in params], b)
+    update = ops.moments([p.contiguous() for p in params], b)
     spread = spread_stats(grads)
     return {
         "data_std": data[:, 1],
