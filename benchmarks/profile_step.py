@@ -39,7 +39,7 @@ def main():
         step(x, y, LR)
     core = step.core
     x, y = batches[0]
-    key = core._key(x, y, None)
+    key = core._key(x, y)
     graph, places = core._compiled[key], core._places[key]
 
     parts = {"whole step": [], "compiled graph": [], "update": [], "learning rate": []}
