@@ -1,6 +1,8 @@
 """Curvature: Hessian-vector products through BatchNorm in training mode, checked against the
 full Hessian that torch computes densely for the same model built of torch's own layers."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,3 +196,27 @@ def test_the_sharpness_is_the_largest_eigenvalue_whatever_the_signs_of_the_other
     )
     assert found.converged and found.products <= len(eigenvalues) + 1
     assert found.value == pytest.approx(max(eigenvalues), rel=1e-5)
+
+
+class _TurnsNaN:
+    """A Hessian diag(0 … 1) whose products become NaN from the ``after``-th on, as a loss that
+    overflows partway through a measurement."""
+
+    def __init__(self, after: int) -> None:
+        self.params = [torch.zeros(500, dtype=torch.float64)]
+        self.diagonal = torch.linspace(0, 1, 500, dtype=torch.float64)
+        self.after, self.products = after, 0
+
+    def __matmul__(self, v):
+        self.products += 1
+        hv = self.diagonal * v[0]
+        return [hv * math.nan if self.products >= self.after else hv]
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 10])
+def test_a_product_that_turns_nan_gives_a_nan_sharpness_unconverged(after):
+    g = torch.Generator().manual_seed(0)
+    found = top_eigenvalue(_TurnsNaN(after), 50, generator=g)
+    assert math.isnan(found.value) and not found.converged
+    healthy = top_eigenvalue(_TurnsNaN(10**6), 200, 1e-6, generator=g)
+    assert healthy.converged and healthy.value == pytest.approx(1.0, rel=1e-4)

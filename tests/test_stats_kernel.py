@@ -177,3 +177,23 @@ def test_an_infinite_value_gives_the_moments_aten_gives():
         got = stats_ops().moments([x], [])[0]
         want = torch.stack([x.mean(), x.std(), x.min(), x.max()]).double()
         torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_a_sum_whose_square_overflows_still_gives_the_std():
+    x = torch.full((1000,), 1e200, dtype=torch.float64)
+    x[0] = 0.0  # the shift: every other value differs from it by 1e200
+    got = stats_ops().moments([x], [])[0]
+    torch.testing.assert_close(got[1], x.std(), rtol=1e-6, atol=0)
+
+
+def test_an_empty_batch_or_no_channel_gives_nan_drift_as_the_aten_path(monkeypatch):
+    from normlab.diagnostics.recorder import BatchNormCapture
+
+    inputs = [torch.randn(0, 3), torch.randn(4, 0)]
+    captured = [
+        BatchNormCapture(torch.zeros(c), torch.ones(c), 1e-5, 0.1, torch.tensor(2)) for c in (3, 0)
+    ]
+    kernel = stats.batchnorm_stats(inputs, captured)
+    assert kernel["mean_drift"].isnan().all() and kernel["var_ratio"].isnan().all()
+    aten = _aten(monkeypatch, stats.batchnorm_stats, inputs[:1], captured[:1])
+    assert aten["mean_drift"].isnan().all() and aten["var_ratio"].isnan().all()

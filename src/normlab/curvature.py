@@ -173,35 +173,34 @@ def top_eigenvalue(
     parameters, ``adam_preconditioner``), the eigenvalue of :math:`P^{-1}H`, through
     the symmetric :math:`P^{-1/2} H P^{-1/2}`, which has the same eigenvalues.
     """
-    params = hessian.params
-    sizes = [p.numel() for p in params]
-    scale = None if preconditioner is None else _flat([d.rsqrt() for d in preconditioner])
+    scale = None if preconditioner is None else [d.rsqrt() for d in preconditioner]
 
-    def product(v: Tensor) -> Tensor:  # (n,) → (n,): (P^-1/2 H P^-1/2) v
-        u = v if scale is None else scale * v
-        hv = _flat(hessian @ [t.view_as(p) for t, p in zip(u.split(sizes), params, strict=True)])
-        return hv if scale is None else scale * hv
+    def product(v: list[Tensor]) -> list[Tensor]:  # (P^-1/2 H P^-1/2) v, parameter by parameter
+        u = v if scale is None else [s * t for s, t in zip(scale, v, strict=True)]
+        hv = hessian @ u
+        return hv if scale is None else [s * t for s, t in zip(scale, hv, strict=True)]
 
-    v = torch.cat([torch.randn(p.shape, generator=generator).to(p).flatten() for p in params])
-    v = v / v.norm()
-    previous, beta = torch.zeros_like(v), 0.0
+    # vectors as lists of tensors shaped as the parameters: they may differ in dtype and device
+    v = _normalized([torch.randn(p.shape, generator=generator).to(p) for p in hessian.params])
+    previous, beta = [torch.zeros_like(t) for t in v], 0.0
     alphas, betas = [], []  # T's diagonal, and the entries beside it
     value, converged = 0.0, False
     for _ in range(max_products):
         w = product(v)
-        alpha = torch.dot(w, v).item()
-        w = w - alpha * v - beta * previous
-        beta = w.norm().item()
+        alpha = _dot(w, v).item()
+        w = [h - alpha * t - beta * q for h, t, q in zip(w, v, previous, strict=True)]
+        beta = _dot(w, w).sqrt().item()
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            value = math.nan  # a product overflowed or met a NaN: there is no eigenvalue to give
+            break
         alphas.append(alpha)
         ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
         value = ritz[-1].item()
-        if not math.isfinite(value) or not math.isfinite(beta):
-            break
         if beta * abs(vectors[-1, -1].item()) <= tol * abs(value) or beta == 0.0:
             converged = True  # beta 0: the Krylov space holds an eigenvector, exactly
             break
         betas.append(beta)
-        previous, v = v, w / beta
+        previous, v = v, [t / beta for t in w]
     return Eigenvalue(value, hessian.products, converged)
 
 
@@ -209,8 +208,9 @@ def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b, strict=True))
 
 
-def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
+def _normalized(v: list[Tensor]) -> list[Tensor]:
+    norm = _dot(v, v).sqrt()
+    return [t / norm for t in v]
 
 
 def _tridiagonal(diagonal: list[float], beside: list[float]) -> Tensor:

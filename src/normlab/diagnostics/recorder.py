@@ -173,26 +173,25 @@ class Diagnostics:
 
     def _bn_hook(self, name: str):
         def hook(module, inputs):
-            # read from the module's dicts: nn.Module's __getattr__ for a buffer, or a missing
-            # attribute, costs about a microsecond, on every BatchNorm of a recording
-            buffers, attributes = module._buffers, module.__dict__
-            running_mean = buffers.get("running_mean")
+            if not self._recording(module) or name in self._batchnorm:
+                return
             # a frozen BatchNorm has running statistics but does not track them
-            tracked = running_mean is not None and getattr(module, "track_running_stats", False)
-            if self._recording(module) and name not in self._batchnorm and tracked:
-                # the running statistics before this batch moves them; measured in collect()
-                x = inputs[0].detach()
-                if attributes.get("channels_last", False):  # (N, *, C) → (N, C, *)
-                    x = x.movedim(-1, 1)
-                self._keep(self._batchnorm_inputs, "batchnorm", name, x)
-                running = torch.stack((running_mean, buffers["running_var"]))  # a copy
-                self._batchnorm[name] = BatchNormCapture(
-                    running[0],
-                    running[1],
-                    module.eps,
-                    module.momentum,
-                    buffers["num_batches_tracked"].clone(),
-                )
+            running_mean = getattr(module, "running_mean", None)
+            if running_mean is None or not getattr(module, "track_running_stats", False):
+                return
+            # the running statistics before this batch moves them; measured in collect()
+            x = inputs[0].detach()
+            if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
+                x = x.movedim(-1, 1)
+            self._keep(self._batchnorm_inputs, "batchnorm", name, x)
+            running = torch.stack((running_mean, module.running_var))  # a copy
+            self._batchnorm[name] = BatchNormCapture(
+                running[0],
+                running[1],
+                module.eps,
+                module.momentum,
+                module.num_batches_tracked.clone(),
+            )
 
         return hook
 

@@ -252,13 +252,10 @@ class CompiledStep:
     def _key(self, x: Tensor, y: Tensor) -> tuple:
         return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device, self.model.training)
 
-    def _update(self, places: tuple[int, ...], lr: float) -> list[Tensor | None]:
-        """The optimizer's update from the gradients at ``places``; returns every parameter's
-        gradient (None where it has none)."""
-        grads, update = self._grads_at(places)
+    def _update(self, places: tuple[int, ...], lr: float) -> None:
+        """The optimizer's update from the gradients at ``places``, at learning rate ``lr``."""
         set_learning_rate(self.optimizer, lr)
-        update()
-        return grads
+        self._grads_at(places).update()
 
     def _grads_at(self, places: tuple[int, ...]) -> Gradients:
         """Each parameter's gradient, a view of the buffer, or None where ``places`` (the
@@ -305,28 +302,29 @@ class CompiledStep:
         self._update(places, lr)
         return loss
 
-    def untraced(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        """The step run as it is, on the model's own tensors, whether or not it compiles: what
-        the processes that do not record run while one does, so that all run the same
-        collectives."""
-        loss = self._gradients(self._leaves, x, y)
-        self._update(self._traced, lr)
-        return loss
-
-    def recorded(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> tuple:
-        """The step, untraced, recorded into ``recorder``, which must be armed: returns the loss
-        and the batch's eval-mode loss before the update (0-dim tensors), and leaves in
-        ``recorder`` what its hooks captured, and in each parameter's ``.grad`` its gradient (a
-        view of the step's gradients' buffer, which the next step overwrites), for
-        ``recorder.collect()`` to measure."""
-        if not recorder.armed:  # its hooks would capture nothing
-            raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
+    def untraced(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
+        """The step as a recording runs it, without recording: untraced, on the model's own
+        tensors, then the batch's eval-mode loss before the update, then the update. Returns
+        the loss and that eval-mode loss (0-dim tensors). Under several processes, the ones
+        that do not record run this while one records, so that all run the same collectives
+        (a SyncBatchNorm without running statistics synchronizes in eval mode too)."""
         loss = self._gradients(self._leaves, x, y)
         with torch.no_grad(), set_mode(self.model, training=False):
             # with the running statistics this batch moved, before the update
             eval_logits, _ = self.model(x)
-        eval_loss = next_char_loss(eval_logits, y)
-        grads = self._update(self._traced, lr)
+        self._update(self._traced, lr)
+        return loss, next_char_loss(eval_logits, y)
+
+    def recorded(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> tuple:
+        """``untraced``, recorded into ``recorder``, which must be armed: returns the loss and
+        the batch's eval-mode loss before the update, and leaves in ``recorder`` what its hooks
+        captured, and in each parameter's ``.grad`` its gradient (a view of the step's
+        gradients' buffer, which the next step overwrites), for ``recorder.collect()`` to
+        measure."""
+        if not recorder.armed:  # its hooks would capture nothing
+            raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
+        losses = self.untraced(x, y, lr)
+        grads, _ = self._grads_at(self._traced)
         for p, grad in zip(self.params, grads, strict=True):  # as loss.backward() leaves them
             p.grad = grad
-        return loss, eval_loss
+        return losses

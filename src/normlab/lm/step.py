@@ -94,7 +94,7 @@ class TrainStep:
             snapshot = recorder.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
             self.optimizer.zero_grad(set_to_none=True)  # measured: the step needs no .grad
         elif recording_step and self.distributed:  # rank 0 records, untraced
-            loss = self.core.untraced(x, y, lr)
+            loss, _ = self.core.untraced(x, y, lr)
         else:
             loss = self.core(x, y, lr)
         if self.averaged is not None:

@@ -99,7 +99,8 @@ NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
     lo = std::min(lo, lows[j]);
     hi = std::max(hi, highs[j]);
   }
-  const double centered = std::max(square_sum - sum * sum / double(n), 0.0);
+  // sum · (sum / n), not sum² / n: sum² can overflow where the result does not
+  const double centered = std::max(square_sum - sum * (sum / double(n)), 0.0);
   // a NaN reaches the sums (min and max may skip it); so does inf - inf, where ATen's mean is
   // NaN as well
   const bool undefined = std::isnan(sum) || std::isnan(square_sum);
@@ -344,8 +345,7 @@ at::Tensor batchnorm_drift(at::TensorList xs, at::TensorList running_means,
               "normlab::batchnorm_drift: running statistics and eps must be one per tensor");
   for (int64_t g = 0; g < G; ++g) {
     check_input(xs[g], "batchnorm_drift");
-    TORCH_CHECK(xs[g].dim() >= 2 && xs[g].size(0) > 0,
-                "normlab::batchnorm_drift: an input must be (B, C, *) with B > 0");
+    TORCH_CHECK(xs[g].dim() >= 2, "normlab::batchnorm_drift: an input must be (B, C, *)");
     const int64_t C = xs[g].size(1);
     for (const at::Tensor& r : {running_means[g], running_vars[g]}) {
       TORCH_CHECK(r.is_cpu() && r.numel() == C,
@@ -356,7 +356,12 @@ at::Tensor batchnorm_drift(at::TensorList xs, at::TensorList running_means,
   double* o = out.data_ptr<double>();
   per_tensor(G, [&](int64_t g) {
     const at::Tensor& x = xs[g];
-    const int64_t B = x.size(0), C = x.size(1), P = x.numel() / (B * C);
+    const int64_t B = x.size(0), C = x.size(1);
+    if (B * C == 0) {  // no batch, or no channel: nothing to measure, as the ATen path's NaN
+      o[2 * g] = o[2 * g + 1] = kNaN;
+      return;
+    }
+    const int64_t P = x.numel() / (B * C);
     std::vector<double> mean(C), var(C);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::batchnorm_drift", [&] {
       channel_moments(x.const_data_ptr<scalar_t>(), B, C, P, mean.data(), var.data());
