@@ -197,3 +197,25 @@ def test_an_empty_batch_or_no_channel_gives_nan_drift_as_the_aten_path(monkeypat
     assert kernel["mean_drift"].isnan().all() and kernel["var_ratio"].isnan().all()
     aten = _aten(monkeypatch, stats.batchnorm_stats, inputs[:1], captured[:1])
     assert aten["mean_drift"].isnan().all() and aten["var_ratio"].isnan().all()
+
+
+def test_the_histogram_summary_is_the_aten_percentiles_and_coarse_bins_exactly():
+    """The kept histogram and the percentiles, from fine histograms of several shapes: counts
+    of a normal sample, a spike in one bin, one value, and no value (NaN percentiles)."""
+    g = torch.Generator().manual_seed(6)
+    values = [torch.randn(20_000, generator=g) * s for s in (1.0, 0.01)]
+    r = torch.tensor([4.0, 0.05, 1.0, 1.0, 2.5])
+    fine = torch.zeros(5, stats.FINE_BINS)
+    for row, v in enumerate(values):
+        fine[row] = stats.histograms(v[None], r[row : row + 1], stats.FINE_BINS)
+    fine[2, 500] = 300.0  # a spike
+    fine[3, 17] = 1.0  # one value
+    fine[4, 123:877] = torch.randint(0, 50, (754,), generator=g).float()
+    # row 4 keeps its counts; an empty row of NaN percentiles
+    fine = torch.cat([fine, torch.zeros(1, stats.FINE_BINS)])
+    r = torch.cat([r, torch.tensor([1.0])])
+    hist, at = stats_ops().histogram_summary(fine, r, list(stats.PERCENTILES), stats.BINS)
+    want_hist = fine.view(-1, stats.BINS, stats.FINE_BINS // stats.BINS).sum(2)
+    torch.testing.assert_close(hist, want_hist, rtol=0, atol=0)
+    torch.testing.assert_close(at, stats.percentiles(fine, r), rtol=0, atol=0, equal_nan=True)
+    assert at[-1].isnan().all() and at[:-1].isfinite().all()

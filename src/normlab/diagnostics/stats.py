@@ -115,7 +115,8 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         floor = torch.tensor([kinds[i].floor or 0.0 for i in these])
         units, positions = zip(*(_units(xs[i]) for i in these), strict=True)
         dead[torch.tensor(these)] = ops.dead(_at(xs, these), floor, list(units), list(positions))
-    return _output_columns(moments[:, 0], moments[:, 1], r, fine, saturated, dead)
+    hist, at_percentiles = ops.histogram_summary(fine, r, PERCENTILES, BINS)
+    return _output_columns(moments[:, 0], moments[:, 1], r, hist, at_percentiles, saturated, dead)
 
 
 def _absmax(moments: Tensor) -> Tensor:
@@ -130,17 +131,17 @@ def _histogram_range(saturating: list[bool], ends: Tensor, largest: Tensor) -> T
     return torch.where(saturating, ends, largest.clamp_min(1e-12))
 
 
-def _output_columns(mean, std, r, fine: Tensor, saturated, dead) -> Columns:
-    """``output_stats``'s columns, the percentiles and the kept histogram read off ``fine``
-    (G, FINE_BINS) over ``[-r, r]``."""
+def _output_columns(mean, std, r, hist, at_percentiles, saturated, dead) -> Columns:
+    """``output_stats``'s columns: ``hist`` (G, BINS) over ``[-r, r]``, ``at_percentiles``
+    (G, P) the PERCENTILES."""
     return {
         "mean": mean,
         "std": std,
-        **dict(zip((f"p{p}" for p in PERCENTILES), percentiles(fine, r).T, strict=True)),
+        **dict(zip((f"p{p}" for p in PERCENTILES), at_percentiles.T, strict=True)),
         "saturated": saturated,
         "dead": dead,
         "hist_range": r,
-        "hist": fine.view(-1, BINS, FINE_BINS // BINS).sum(2),  # (G, BINS)
+        "hist": hist,
     }
 
 
@@ -188,7 +189,9 @@ def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         above = units > floor.view(-1, *[1] * (units.dim() - 1))  # (G, B, units [, positions])
         alive = above.any(dim=1) if units.dim() == 3 else above.any(dim=3).any(dim=1)
         dead = 1 - alive.float().mean(1)
-    return _output_columns(flat.mean(1), row_std(flat), r, fine, saturated, dead)
+    hist = fine.view(-1, BINS, FINE_BINS // BINS).sum(2)  # (G, BINS)
+    at_percentiles = percentiles(fine, r)  # (G, P)
+    return _output_columns(flat.mean(1), row_std(flat), r, hist, at_percentiles, saturated, dead)
 
 
 def spread_stats(tensors: list[Tensor | None]) -> Columns:

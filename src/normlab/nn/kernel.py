@@ -79,7 +79,7 @@ def stats_ops():
     """The statistics' operators (``torch.ops.normlab``), or None where there is no kernel."""
     if os.environ.get("NORMLAB_STATS_KERNEL", "1") == "0" or not library():
         return None
-    if not hasattr(torch.ops.normlab, "batchnorm_drift"):  # a library built before them
+    if not hasattr(torch.ops.normlab, "histogram_summary"):  # a library built before them
         return None
     return torch.ops.normlab
 

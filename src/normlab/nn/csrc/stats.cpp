@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -221,6 +222,54 @@ at::Tensor histograms(const c10::List<std::optional<at::Tensor>>& xs, const at::
   return out;
 }
 
+// What a recording keeps of each fine histogram fine[g] (F bins over [-r[g], r[g]]): its
+// counts summed into bins coarse bins (F a multiple of bins), and its percentiles read off the
+// cumulative counts, interpolated within a bin, in float32 and in the order of operations of
+// stats.percentiles, so that both give the same numbers: returns (G, bins) and (G, P).
+std::tuple<at::Tensor, at::Tensor> histogram_summary(const at::Tensor& fine, const at::Tensor& r,
+                                                     at::ArrayRef<double> percentiles,
+                                                     int64_t bins) {
+  TORCH_CHECK(fine.is_cpu() && fine.scalar_type() == at::kFloat && fine.dim() == 2,
+              "normlab::histogram_summary: fine must be (G, F) float32 on the CPU");
+  const int64_t G = fine.size(0), F = fine.size(1), P = percentiles.size();
+  TORCH_CHECK(bins > 0 && F % bins == 0,
+              "normlab::histogram_summary: the fine bins must be a multiple of bins");
+  TORCH_CHECK(r.is_cpu() && r.scalar_type() == at::kFloat && r.numel() == G,
+              "normlab::histogram_summary: r must be one float32 per row");
+  const at::Tensor counts = fine.contiguous(), ranges = r.contiguous();
+  const float* c = counts.const_data_ptr<float>();
+  const float* rr = ranges.const_data_ptr<float>();
+  at::Tensor coarse = at::zeros({G, bins}, at::kFloat), out = at::empty({G, P}, at::kFloat);
+  float* h = coarse.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  std::vector<float> q(P);
+  for (int64_t k = 0; k < P; ++k) q[k] = float(percentiles[k]) / 100.0f;
+  per_tensor(G, [&](int64_t g) {
+    const float* row = c + g * F;
+    const int64_t per = F / bins;
+    for (int64_t b = 0; b < F; ++b) h[g * bins + b / per] += row[b];
+    double total = 0;  // whole counts, exact
+    for (int64_t b = 0; b < F; ++b) total += row[b];
+    std::vector<float> cdf(F);
+    double running = 0;
+    for (int64_t b = 0; b < F; ++b) {
+      running += row[b];
+      cdf[b] = float(running) / float(total);
+    }
+    const float step = 2.0f * rr[g] / float(F);
+    for (int64_t k = 0; k < P; ++k) {
+      // the first bin whose cdf reaches q (searchsorted, left); NaN rows end at the last bin
+      int64_t i = std::lower_bound(cdf.begin(), cdf.end(), q[k]) - cdf.begin();
+      i = std::min(i, F - 1);
+      const float below = i > 0 ? cdf[i - 1] : 0.0f;
+      float within = (q[k] - below) / std::max(cdf[i] - below, 1e-12f);
+      within = std::min(std::max(within, 0.0f), 1.0f);
+      o[g * P + k] = -rr[g] + (float(i) + within) * step;
+    }
+  });
+  return {coarse, out};
+}
+
 // How many of the n values v lie beyond limit of mid, |v - mid| > limit, in float.
 template <typename scalar_t>
 NORMLAB_SIMD_CLONES int64_t count_beyond(const scalar_t* __restrict v, int64_t n, float mid,
@@ -392,6 +441,9 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
   m.def(
       "batchnorm_drift(Tensor[] xs, Tensor[] running_means, Tensor[] running_vars, float[] eps) "
       "-> Tensor");
+  m.def(
+      "histogram_summary(Tensor fine, Tensor r, float[] percentiles, int bins) -> (Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CPU, m) {
@@ -400,4 +452,5 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("saturated", saturated);
   m.impl("dead", dead);
   m.impl("batchnorm_drift", batchnorm_drift);
+  m.impl("histogram_summary", histogram_summary);
 }
