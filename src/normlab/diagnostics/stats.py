@@ -385,17 +385,27 @@ def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[str, HostRows]
     A row of a (G,) column becomes a float, of a (G, k) column a list; a histogram's counts
     (``COUNTS``) become ints.
     """
-    parts = [t.reshape(-1) for _, _, columns in groups for t in columns.values()]
-    if not parts:
+    columns = [(c, t) for _, _, group in groups for c, t in group.items()]
+    if not columns:
         return {}
-    values = torch.cat(parts).cpu()  # promoted to the widest dtype
+    # the values, then the counts: one transfer, then one list of floats and one of ints
+    measured = [t.reshape(-1) for c, t in columns if c not in COUNTS]
+    counted = [t.reshape(-1) for c, t in columns if c in COUNTS]
+    values = torch.cat(measured + counted).cpu()  # promoted to the widest dtype
+    split = sum(t.numel() for t in measured)
+    flat = {False: values[:split].tolist(), True: values[split:].long().tolist()}
+    offsets = {False: 0, True: 0}
     host: dict[str, HostRows] = {}
-    offset = 0
-    for what, names, columns in groups:
+    for what, names, group in groups:
         rows = {}
-        for column, t in columns.items():
-            block = values[offset : offset + t.numel()].view(t.shape)
-            rows[column] = (block.long() if column in COUNTS else block).tolist()
-            offset += t.numel()
+        for column, t in group.items():
+            counts = column in COUNTS
+            start, n = offsets[counts], t.numel()
+            block = flat[counts][start : start + n]
+            if t.dim() > 1:  # (G, k): a list per row
+                k = t.shape[1]
+                block = [block[i * k : (i + 1) * k] for i in range(t.shape[0])]
+            rows[column] = block
+            offsets[counts] = start + n
         host[what] = HostRows({name: i for i, name in enumerate(names)}, rows)
     return host
