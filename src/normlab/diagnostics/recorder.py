@@ -13,7 +13,6 @@ from normlab.diagnostics import stats
 from normlab.diagnostics.keep import KeepAsIs
 from normlab.diagnostics.nogc import gc_paused
 from normlab.diagnostics.snapshot import (
-    PERCENTILES,
     BatchNormStats,
     LayerStats,
     ParamStats,
@@ -324,9 +323,6 @@ def _is_leaf_with_output(module: nn.Module) -> bool:
     return not any(True for _ in module.children()) and not isinstance(module, PASS_THROUGH)
 
 
-PERCENTILE_COLUMNS = [f"p{p}" for p in PERCENTILES]
-
-
 def _layer_stats(name: str, kind: Kind, out: dict, i: int, grad: dict, j: int | None) -> LayerStats:
     """The layer's row ``i`` of the outputs' columns, and row ``j`` of the gradients' (None:
     its output had no gradient)."""
@@ -336,7 +332,7 @@ def _layer_stats(name: str, kind: Kind, out: dict, i: int, grad: dict, j: int | 
         family=kind.family,
         mean=out["mean"][i],
         std=out["std"][i],
-        percentiles={c: out[c][i] for c in PERCENTILE_COLUMNS},
+        percentiles={c: out[c][i] for c in stats.PERCENTILE_COLUMNS},
         saturated=out["saturated"][i] if kind.family == "saturating" else None,
         dead=out["dead"][i] if kind.family == "rectifying" else None,
         hist_range=out["hist_range"][i],

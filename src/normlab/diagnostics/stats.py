@@ -30,6 +30,7 @@ GROUP_NUMEL = 1 << 22  # values measured at once, at most (or one tensor): bound
 ALONE_NUMEL = 1 << 16  # a tensor this big is measured alone: stacking it would only copy it
 KERNEL_DTYPES = (torch.float32, torch.float64)
 COUNTS = ("hist", "grad_hist")  # the columns of histogram counts: whole numbers, as ints
+PERCENTILE_COLUMNS = tuple(f"p{p}" for p in PERCENTILES)  # output_stats's, one per percentile
 
 Columns = dict[str, Tensor]
 
@@ -137,7 +138,7 @@ def _output_columns(mean, std, r, hist, at_percentiles, saturated, dead) -> Colu
     return {
         "mean": mean,
         "std": std,
-        **dict(zip((f"p{p}" for p in PERCENTILES), at_percentiles.T, strict=True)),
+        **dict(zip(PERCENTILE_COLUMNS, at_percentiles.T, strict=True)),
         "saturated": saturated,
         "dead": dead,
         "hist_range": r,
@@ -276,15 +277,12 @@ def batchnorm_stats(inputs: list[Tensor], captured: list) -> Columns:
     ``inputs`` are the BatchNorms' inputs ``(B, C, *spatial)``; ``captured`` their
     ``BatchNormCapture``: the running statistics as they were before this batch updated them.
     """
-    running = [t for c in captured for t in (c.running_mean, c.running_var)]
-    ops = _kernel([*inputs, *running])
+    means, variances = [c.running_mean for c in captured], [c.running_var for c in captured]
+    ops = _kernel([*inputs, *means, *variances])
     if ops is None:
         return _in_groups(inputs, lambda i: _batchnorm_stats_aten(_at(inputs, i), _at(captured, i)))
     drift = ops.batchnorm_drift(
-        [x.contiguous() for x in inputs],
-        running[0::2],
-        running[1::2],
-        [c.eps for c in captured],
+        [x.contiguous() for x in inputs], means, variances, [c.eps for c in captured]
     )  # (G, 2): mean drift, variance ratio
     return {
         "mean_drift": drift[:, 0],

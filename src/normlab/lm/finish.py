@@ -19,7 +19,7 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
     device = next(model.parameters()).device
     losses = {f"{k}_loss": evaluate(model, *(v.to(device) for v in xy)) for k, xy in splits.items()}
     metrics = folder.read_metrics()
-    recorded_s, train_s = progress.diagnostics_s(), progress.train_time_s
+    recorded_s, train_s, step_s = progress.diagnostics_s(), progress.train_time_s, progress.step_s()
     summary = {
         **losses,
         "steps": progress.step,
@@ -37,12 +37,12 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
         if progress.time_to_target_s is None
         else round(progress.time_to_target_s, 3),
         "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
-        "step_s": round(progress.step_s(), 3),  # evaluations, compile, second order aside
+        "step_s": round(step_s, 3),  # evaluations, compile, second order aside
         "diagnostics_recordings": progress.recorded_steps,
         "diagnostics_s": round(recorded_s, 3),
         "diagnostics_share": round(recorded_s / train_s, 4),
         # of the steps' own time: what the share tends to in a long run
-        "diagnostics_step_share": round(recorded_s / max(progress.step_s(), 1e-9), 4),
+        "diagnostics_step_share": round(recorded_s / max(step_s, 1e-9), 4),
         "second_order_measurements": progress.second_order_measurements,
         "second_order_s": round(progress.second_order_s, 3),
         "second_order_share": round(progress.second_order_s / train_s, 4),
