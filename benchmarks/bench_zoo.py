@@ -14,15 +14,19 @@ small inputs), in one run:
 
 and the cost of audit, fold, LSUV and calibrate as a multiple of one plain forward,
 backward and SGD step measured in the same run. The step and the audit (which takes the
-same SGD step) are the medians of ``--rounds`` each, interleaved, after a warm-up; the
-audit's exactness is checked on a separate call, as the checking hooks' copies are not the
-audit's cost.
+same SGD step) are the medians of ``--rounds`` each (or as many as ``--min-seconds`` of
+audits take), interleaved, after a warm-up; the audit's exactness is checked on a separate
+call, as the checking hooks' copies are not the audit's cost. Each model starts from a
+collected heap.
 
-    .venv/bin/python benchmarks/bench_zoo.py [--rounds 3] [--threads 1] [--only resnet18]
+    .venv/bin/python benchmarks/bench_zoo.py [--rounds 3] [--min-seconds 1] [--threads 1]
+        [--only resnet18]
 """
 
 import argparse
 import copy
+import gc
+import math
 import statistics
 import sys
 import tempfile
@@ -97,15 +101,19 @@ def _audit_exact(model, batch) -> tuple[bool, Audit]:
     return ok and bool(layers), result
 
 
-def _step_and_audit_seconds(model, batch, rounds: int) -> tuple[float, float]:
+def _step_and_audit_seconds(model, batch, rounds: int, min_seconds: float) -> tuple[float, float]:
     """The median plain step, and the median audit with an SGD step, as the plain step takes
     one (no checking hooks), their rounds interleaved: a slow stretch of a shared machine
-    slows both."""
+    slows both. At least ``rounds``, and enough for ``min_seconds`` of audits: a model of a
+    millisecond's step gets hundreds of rounds, whose median a few slow ones do not move."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
     runs = (_plain_step(model, batch), lambda: audit(model, batch, optimizer=optimizer))
     times = ([], [])
     for run in runs:
         run()  # warm-up: the first call allocates and picks kernels
+    start = time.perf_counter()
+    runs[1]()
+    rounds = max(rounds, math.ceil(min_seconds / (time.perf_counter() - start)))
     for _ in range(rounds):
         for run, seconds in zip(runs, times, strict=True):
             start = time.perf_counter()
@@ -168,6 +176,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the plain step")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--only", default=None, help="models whose name contains this")
+    parser.add_argument(
+        "--min-seconds", type=float, default=1.0, help="of audits timed per model, at least"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     header = "| model | audit exact | fold (folded/BatchNorms) | LSUV | calibrate | step ms |"
@@ -176,6 +187,7 @@ def main() -> None:
     for z in ZOO:
         if args.only and args.only not in z.name:
             continue
+        gc.collect()  # the models before this one: their garbage is not this one's cost
         torch.manual_seed(0)
         try:
             model, batch = z.build(), z.batch()
@@ -184,7 +196,7 @@ def main() -> None:
             continue
         model.train()
         exact, result = _audit_exact(model, batch)
-        step, audit_s = _step_and_audit_seconds(model, batch, args.rounds)
+        step, audit_s = _step_and_audit_seconds(model, batch, args.rounds, args.min_seconds)
         html_s, n_layers = _html_seconds(result), len(result.report.snapshot.layers)
         fold, fold_s = _fold(model, batch)
         lsuv, lsuv_s = _lsuv(model, batch)

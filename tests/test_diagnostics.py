@@ -364,3 +364,28 @@ def test_only_a_models_first_recording_watches_its_operations(monkeypatch):
         assert bool(calls) == watched
         assert layers["bn"].mean == pytest.approx(expected.mean().item(), abs=1e-6)
         assert layers["bn"].std == pytest.approx(expected.std().item(), rel=1e-5)
+
+
+def test_a_layer_whose_output_is_a_leaf_has_its_gradient_recorded():
+    """A layer that returns a tensor no operation made (a learned table: a leaf) has no
+    autograd node to hook: its gradient is kept as it reaches the leaf, the parameter's own."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, _x):
+            return self.weight
+
+    nl.register_kind(Table, nl.Kind("table", "embedding"))
+    model = nn.Sequential(Table(), nn.Tanh())
+    diag = Diagnostics(model)
+    diag.arm()
+    model(None).sum().backward()  # no optimizer step: it would write the table (the output)
+    snap = diag.collect(0)
+    table, tanh = snap.layers
+    assert table.grad_std == snap.params[0].grad_std  # the same gradient, measured twice
+    expected = 1 - model(None).detach().square()  # d sum(tanh(w)) / dw = 1 - tanh(w)²
+    assert table.grad_std == pytest.approx(expected.std().item(), rel=1e-6)
+    assert tanh.grad_std == 0.0  # the gradient of a sum: ones

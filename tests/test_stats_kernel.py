@@ -27,6 +27,11 @@ def _tensors(dtype=torch.float32):
     return [conv, dense, long, constant, relu, torch.tanh(dense * 3)]
 
 
+def _moments(xs):
+    """(G, 4): each tensor's mean, std, min and max, from the ``spread`` operator."""
+    return stats_ops().spread(xs, stats.BINS, stats.HIST_SAMPLE)[0]
+
+
 def _aten(monkeypatch, fn, *args):
     with monkeypatch.context() as m:
         m.setattr(stats, "stats_ops", lambda: None)
@@ -36,16 +41,17 @@ def _aten(monkeypatch, fn, *args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_moments_equal_float64_torch(dtype):
     xs = _tensors(dtype)
-    got = stats_ops().moments(xs, [])
+    got = _moments(xs)
     for row, x in zip(got, xs, strict=True):
         exact = x.double()
         want = torch.stack([exact.mean(), exact.std(), exact.min(), exact.max()])
         torch.testing.assert_close(row, want, rtol=1e-6, atol=1e-7)
-    minus = [x * 0.5 for x in xs]
-    got = stats_ops().moments(xs, minus)
-    for row, x, b in zip(got, xs, minus, strict=True):
+    before = [x * 0.5 for x in xs]
+    data, update, *_ = stats_ops().param_spread(before, xs, [None] * len(xs), 50, 100)
+    for data_row, update_row, x, b in zip(data, update, xs, before, strict=True):
         d = x.double() - b.double()
-        torch.testing.assert_close(row[1], d.std(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(data_row[1], b.double().std(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(update_row[1], d.std(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 95, 1000])
@@ -56,8 +62,8 @@ def test_moments_of_every_length_hold_the_tail_values(n):
     x = torch.randn(n, generator=g) + 3
     x[-1] = -50.0 if n > 1 else x[-1]  # the minimum in the tail
     b = torch.randn(n, generator=g)
-    got = stats_ops().moments([x, torch.full((n,), 0.25)], [])
-    difference = stats_ops().moments([x], [b])
+    got = _moments([x, torch.full((n,), 0.25)])
+    difference = stats_ops().param_spread([b], [x], [None], 50, 100)[1]
     for row, d in ((got[0], x.double()), (difference[0], x.double() - b.double())):
         std = d.std() if n > 1 else torch.tensor(0.0, dtype=torch.float64)
         want = torch.stack([d.mean(), std, d.min(), d.max()])
@@ -68,9 +74,25 @@ def test_moments_of_every_length_hold_the_tail_values(n):
 def test_a_nan_or_an_absent_tensor_is_a_row_of_nan():
     x = torch.randn(10)
     x[3] = math.nan
-    got = stats_ops().moments([x, None, torch.ones(3)], [])
-    assert got[0].isnan().all() and got[1].isnan().all()
-    assert got[2].tolist() == [1.0, 0.0, 1.0, 1.0]
+    moments, r, hist = stats_ops().spread([x, None, torch.ones(3)], 4, 100)
+    assert moments[0].isnan().all() and moments[1].isnan().all()
+    assert moments[2].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert r[:2].isnan().all() and r[2] == 1.0
+    # NaN in bin 0, as stats.histograms bins it; an absent tensor has no counts
+    assert hist.tolist() == [[10, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 3]]
+
+
+def test_a_spread_spans_the_largest_magnitude_and_counts_as_the_aten_histograms():
+    """``spread``'s range is the largest magnitude as a float32, at least 1e-30 (a tensor of
+    zeros), and its counts, of a subsampled tensor too, are the ATen path's exactly."""
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(70_000, generator=g) * 3, torch.zeros(5), torch.randn(4, 5, generator=g)]
+    _, r, hist = stats_ops().spread(xs, stats.BINS, stats.HIST_SAMPLE)
+    for x, r_x, counts in zip(xs, r, hist, strict=True):
+        assert r_x == x.abs().max().clamp_min(1e-30)
+        want = stats.histograms(x.reshape(1, -1), r_x[None], stats.BINS)
+        torch.testing.assert_close(counts, want, rtol=0, atol=0)
+    assert r[1].item() == pytest.approx(1e-30) and hist[1, stats.BINS // 2] == 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -82,17 +104,17 @@ def test_every_output_column_equals_the_aten_path(monkeypatch, dtype):
     kernel = stats.output_stats(kinds, xs)
     aten = _aten(monkeypatch, stats.output_stats, kinds, xs)
     assert set(kernel) == set(aten)
-    # the fractions are read for their families only (the ATen path measures a whole group)
-    rows = {"saturated": [5], "dead": [3, 4]}
     for column in kernel:
         k, a = kernel[column].double(), aten[column].double()
-        if column in rows:
-            k, a = k[rows[column]], a[rows[column]]
-        if column in ("hist", "hist_range", "saturated", "dead"):  # counts and fractions: exact
-            torch.testing.assert_close(k, a, rtol=1e-7, atol=0, equal_nan=True, msg=column)
-        else:  # sums in another order: float32 rounding
+        if column in ("mean", "std"):  # sums in another order: float32 rounding
             torch.testing.assert_close(k, a, rtol=2e-5, atol=1e-6, equal_nan=True, msg=column)
-    assert 0 < kernel["dead"][4] < 1 and kernel["saturated"][5] > 0
+        elif column in ("saturated", "dead"):  # the same counts, divided in double and float
+            torch.testing.assert_close(k, a, rtol=1e-7, atol=0, equal_nan=True, msg=column)
+        else:  # counts, and what is read off them in float32 both: exact
+            torch.testing.assert_close(k, a, rtol=0, atol=0, equal_nan=True, msg=column)
+    # each fraction for its family alone, NaN for the others
+    assert kernel["saturated"][:5].isnan().all() and kernel["saturated"][5] > 0
+    assert kernel["dead"][[0, 1, 2, 5]].isnan().all() and 0 < kernel["dead"][4] < 1
 
 
 def test_param_and_spread_columns_equal_the_aten_path(monkeypatch):
@@ -174,7 +196,7 @@ def test_batchnorm_columns_equal_the_aten_path_and_torchs_own_statistics(monkeyp
 def test_an_infinite_value_gives_the_moments_aten_gives():
     for first in (math.inf, 1.0):
         x = torch.tensor([first, 2.0, math.inf, -3.0])
-        got = stats_ops().moments([x], [])[0]
+        got = _moments([x])[0]
         want = torch.stack([x.mean(), x.std(), x.min(), x.max()]).double()
         torch.testing.assert_close(got, want, equal_nan=True)
 
@@ -182,7 +204,7 @@ def test_an_infinite_value_gives_the_moments_aten_gives():
 def test_a_sum_whose_square_overflows_still_gives_the_std():
     x = torch.full((1000,), 1e200, dtype=torch.float64)
     x[0] = 0.0  # the shift: every other value differs from it by 1e200
-    got = stats_ops().moments([x], [])[0]
+    got = _moments([x])[0]
     torch.testing.assert_close(got[1], x.std(), rtol=1e-6, atol=0)
 
 
@@ -199,23 +221,24 @@ def test_an_empty_batch_or_no_channel_gives_nan_drift_as_the_aten_path(monkeypat
     assert aten["mean_drift"].isnan().all() and aten["var_ratio"].isnan().all()
 
 
-def test_the_histogram_summary_is_the_aten_percentiles_and_coarse_bins_exactly():
-    """The kept histogram and the percentiles, from fine histograms of several shapes: counts
-    of a normal sample, a spike in one bin, one value, and no value (NaN percentiles)."""
+def test_the_kept_histogram_and_percentiles_are_the_aten_paths_exactly(monkeypatch):
+    """The coarse histogram and the percentiles read off the fine one, for outputs whose
+    histograms take several shapes: a normal sample, a narrow one, a spike in one bin (a
+    constant), one value and a saturating layer's fixed range; and an empty output's
+    percentiles are NaN."""
     g = torch.Generator().manual_seed(6)
-    values = [torch.randn(20_000, generator=g) * s for s in (1.0, 0.01)]
-    r = torch.tensor([4.0, 0.05, 1.0, 1.0, 2.5])
-    fine = torch.zeros(5, stats.FINE_BINS)
-    for row, v in enumerate(values):
-        fine[row] = stats.histograms(v[None], r[row : row + 1], stats.FINE_BINS)
-    fine[2, 500] = 300.0  # a spike
-    fine[3, 17] = 1.0  # one value
-    fine[4, 123:877] = torch.randint(0, 50, (754,), generator=g).float()
-    # row 4 keeps its counts; an empty row of NaN percentiles
-    fine = torch.cat([fine, torch.zeros(1, stats.FINE_BINS)])
-    r = torch.cat([r, torch.tensor([1.0])])
-    hist, at = stats_ops().histogram_summary(fine, r, list(stats.PERCENTILES), stats.BINS)
-    want_hist = fine.view(-1, stats.BINS, stats.FINE_BINS // stats.BINS).sum(2)
-    torch.testing.assert_close(hist, want_hist, rtol=0, atol=0)
-    torch.testing.assert_close(at, stats.percentiles(fine, r), rtol=0, atol=0, equal_nan=True)
-    assert at[-1].isnan().all() and at[:-1].isfinite().all()
+    xs = [torch.randn(4, 5000, generator=g), torch.randn(4, 5000, generator=g) * 0.01]
+    xs += [torch.full((3, 100), 0.5), torch.tensor([[1.5]]), torch.tanh(xs[0] * 2)]
+    kinds = [layer_kind(torch.nn.Linear(1, 1))] * 4 + [layer_kind(torch.nn.Tanh())]
+    kernel = stats.output_stats(kinds, xs)
+    columns = ("hist", "hist_range", *stats.PERCENTILE_COLUMNS)
+    for i, (kind, x) in enumerate(zip(kinds, xs, strict=True)):  # one group each
+        aten = _aten(monkeypatch, stats.output_stats, [kind], [x])
+        for column in columns:
+            torch.testing.assert_close(
+                kernel[column][i].double(), aten[column][0].double(), rtol=0, atol=0, msg=column
+            )
+    assert kernel["hist_range"][4] == 1.0  # tanh's whole range
+    empty = stats.output_stats(kinds[:1], [torch.randn(0, 5)])
+    assert all(empty[c].isnan().all() for c in stats.PERCENTILE_COLUMNS)
+    assert empty["hist"].sum() == 0

@@ -27,7 +27,8 @@ _WRITTEN_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKey
 
 
 class BatchNormCapture(NamedTuple):
-    """A BatchNorm's running statistics as they were before the recorded batch moved them."""
+    """A BatchNorm's running statistics as they were before the recorded batch moved them:
+    views of the copy ``arm()`` takes of every BatchNorm's (``running_statistics``)."""
 
     running_mean: Tensor  # (C,)
     running_var: Tensor  # (C,)
@@ -46,7 +47,10 @@ class Diagnostics:
     a dataclass (attention) is recorded by its first tensor. ``arm()`` attaches
     the hooks and ``collect()`` detaches them, so the model runs at full speed
     between recordings; only training-mode passes are recorded, and a layer
-    called twice in one pass on its first call. ``history`` keeps the first
+    called twice in one pass on its first call. ``arm()`` also copies each parameter
+    (for the step's update) and each BatchNorm's running statistics (for their drift from
+    the recorded batch), so nothing should move them between ``arm()`` and the recorded
+    forward pass. ``history`` keeps the first
     snapshot and the last ``keep`` (so memory does not grow with the recordings),
     ``update_history`` every recording's update:data ratios.
 
@@ -75,6 +79,7 @@ class Diagnostics:
         self.model = model
         kinds = [(n, m, layer_kind(m)) for n, m in model.named_modules()]
         self.layers = [(n, m, kind) for n, m, kind in kinds if kind is not None]
+        self._batchnorms = [(n, m) for n, m, kind in self.layers if kind.family == "batchnorm"]
         self.unrecorded = [n for n, m, kind in kinds if kind is None and _is_leaf_with_output(m)]
         self.keep = keep
         self.history: list[Snapshot] = []
@@ -83,7 +88,7 @@ class Diagnostics:
         self._armed = False
         self._outputs: dict[str, Tensor] = {}
         self._grads: dict[str, Tensor] = {}
-        self._batchnorm: dict[str, BatchNormCapture] = {}
+        self._batchnorm: dict[str, BatchNormCapture] = {}  # at arm(), of those that track them
         self._batchnorm_inputs: dict[str, Tensor] = {}  # (N, C, *)
         self._params: dict[str, Tensor] = {}  # the model's, at arm()
         self._before: dict[str, Tensor] = {}  # copies of them, at arm()
@@ -155,42 +160,37 @@ class Diagnostics:
 
     def _forward_hook(self, name: str):
         def hook(module, _inputs, out):
-            out = first_tensor(out)
-            if not self._recording(module) or name in self._outputs or out is None:
+            if not (self._armed and module.training) or name in self._outputs:
+                return
+            out = out if type(out) is Tensor else first_tensor(out)
+            if out is None:
                 return
             self._keep(self._outputs, "outputs", name, out.detach())  # measured in collect()
             if out.requires_grad:
                 self._awaits_backward = True
+                node = out.grad_fn
+                if node is None:  # a leaf: its gradient as it accumulates
+                    out.register_hook(keep_grad)
+                else:  # on the node that made it: a tensor's own hook costs twice as much
+                    index = out.output_nr
+                    node.register_prehook(lambda grads: keep_grad(grads[index]))
 
-                def grad_hook(grad):
-                    if name not in self._grads:  # no mode runs in the backward pass
-                        self._keeper.keep(self._grads, name, grad.detach(), watch=False)
-
-                out.register_hook(grad_hook)
+        def keep_grad(grad: Tensor | None) -> None:
+            if grad is not None and name not in self._grads:  # no mode runs in the backward pass
+                self._keeper.keep(self._grads, name, grad.detach(), watch=False)
 
         return hook
 
     def _bn_hook(self, name: str):
         def hook(module, inputs):
-            if not self._recording(module) or name in self._batchnorm:
+            # its input on its first call, where arm() copied its running statistics
+            if not (self._armed and module.training) or name in self._batchnorm_inputs:
                 return
-            # a frozen BatchNorm has running statistics but does not track them
-            running_mean = getattr(module, "running_mean", None)
-            if running_mean is None or not getattr(module, "track_running_stats", False):
-                return
-            # the running statistics before this batch moves them; measured in collect()
-            x = inputs[0].detach()
-            if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
-                x = x.movedim(-1, 1)
-            self._keep(self._batchnorm_inputs, "batchnorm", name, x)
-            running = torch.stack((running_mean, module.running_var))  # a copy
-            self._batchnorm[name] = BatchNormCapture(
-                running[0],
-                running[1],
-                module.eps,
-                module.momentum,
-                module.num_batches_tracked.clone(),
-            )
+            if name in self._batchnorm:
+                x = inputs[0].detach()
+                if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
+                    x = x.movedim(-1, 1)
+                self._keep(self._batchnorm_inputs, "batchnorm", name, x)  # measured in collect()
 
         return hook
 
@@ -200,6 +200,7 @@ class Diagnostics:
         self._attach()
         self._clear()
         self._params = dict(self.model.named_parameters())
+        self._batchnorm = running_statistics(self._batchnorms)
         # a copy each: one buffer for all would be a fresh mapping every time, faulted in page
         # by page, where the allocator reuses blocks of a parameter's size
         self._before = {n: p.detach().clone() for n, p in self._params.items()}
@@ -284,14 +285,12 @@ class Diagnostics:
         layers, batchnorms = [], []
         none = stats.HostRows({}, {})
         out, grad, bn = (host.get(what, none) for what in ("out", "grad", "bn"))
-        # dead units are judged per (channel or element) over the batch (and positions)
-        shapes = {n: (t.shape if t.dim() >= 4 else t.shape[:1]) for n, t in self._outputs.items()}
         for name, _, kind in self.layers:
             i = out.index.get(name)
             if i is not None:
-                j = grad.index.get(name)
-                layer = _layer_stats(name, kind, out.columns, i, grad.columns, j)
-                layer.samples = shapes[name][0] * math.prod(shapes[name][2:])
+                layer = _layer_stats(name, kind, out.columns, i, grad.columns, grad.index.get(name))
+                output = self._outputs[name]  # dead units: each over batch × positions draws
+                layer.samples = output.shape[0] * stats.units(output)[1]
                 layers.append(layer)
             i = bn.index.get(name)
             if i is not None:
@@ -307,6 +306,41 @@ class Diagnostics:
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
 
 
+def running_statistics(batchnorms: list[tuple[str, nn.Module]]) -> dict[str, BatchNormCapture]:
+    """The running statistics of each BatchNorm of ``(name, module)`` that tracks them, as they
+    are now: views of one copy of all of them (one call, where a copy each costs a few
+    microseconds a layer), in their widest dtype. A frozen BatchNorm has running statistics
+    but does not track them."""
+    tracked, running, counts = [], [], []
+    for name, m in batchnorms:
+        mean, var, count = (_buffer(m, b) for b in _RUNNING)
+        if count is not None and mean is not None and getattr(m, "track_running_stats", False):
+            tracked.append((name, m))
+            running += (mean, var)
+            counts.append(count)
+    if not tracked:
+        return {}
+    if len({t.device for t in counts}) == 1:
+        values = torch.cat(running).split([t.numel() for t in running])  # (C,): mean, var, ...
+        batches = torch.stack(counts).unbind()
+    else:  # a model across devices: a copy each
+        values, batches = [t.clone() for t in running], [t.clone() for t in counts]
+    return {
+        name: BatchNormCapture(values[2 * i], values[2 * i + 1], m.eps, m.momentum, batches[i])
+        for i, (name, m) in enumerate(tracked)
+    }
+
+
+_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _buffer(module: nn.Module, name: str) -> Tensor | None:
+    """``module.name`` or None, read from its buffers first (``nn.Module.__getattr__`` costs
+    a microsecond)."""
+    buffers = module._buffers
+    return buffers[name] if name in buffers else getattr(module, name, None)
+
+
 # layers that only pass values on, drop them or reshape them: nothing to report of their own
 PASS_THROUGH = (
     nn.Identity,
@@ -320,7 +354,9 @@ PASS_THROUGH = (
 
 def _is_leaf_with_output(module: nn.Module) -> bool:
     """A layer of its own (no children) that computes something: what goes unrecorded."""
-    return not any(True for _ in module.children()) and not isinstance(module, PASS_THROUGH)
+    return not any(m is not None for m in module._modules.values()) and not isinstance(
+        module, PASS_THROUGH
+    )
 
 
 def _layer_stats(name: str, kind: Kind, out: dict, i: int, grad: dict, j: int | None) -> LayerStats:
@@ -346,9 +382,9 @@ def _layer_stats(name: str, kind: Kind, out: dict, i: int, grad: dict, j: int | 
 
 def _param_stats(name: str, shape: list[int], columns: dict, i: int) -> ParamStats:
     """The parameter's row ``i`` of the parameters' columns."""
-    data_std, update_std, grad_std = (
-        _none_if_nan(columns[c][i]) for c in ("data_std", "update_std", "grad_std")
-    )
+    data_std = _none_if_nan(columns["data_std"][i])
+    update_std = _none_if_nan(columns["update_std"][i])
+    grad_std = _none_if_nan(columns["grad_std"][i])
     # a constant tensor (a fresh BatchNorm gain) has no spread to compare with
     spread = data_std is not None and data_std > 1e-6
     return ParamStats(

@@ -5,11 +5,12 @@ parameters, BatchNorm's inputs) and returns ``{column: (G,) or (G, k) tensor}``,
 tensor; ``to_host`` brings all of them to the host in one transfer and hands them back by name.
 
 On the CPU, in float32 or float64, the C++ operators of ``normlab.nn.kernel.stats_ops``
-compute each statistic for the whole list in one call: one pass over each tensor's values, and
-no per-operator cost per layer, which on a model of many small layers in many shapes is most of
+compute every column of a kind for the whole list in one call, each tensor measured whole
+(its moments, then its histogram while its values are in the cache) before the next: no
+per-operator cost per layer, which on a model of many small layers in many shapes is most of
 a recording. Elsewhere (another device or dtype, or no kernel) the ATen operators below compute
 them a group of same-shaped tensors at a time: a few dozen operations per group instead of per
-tensor. The two agree to float rounding, and their histograms and fractions exactly.
+tensor. The two agree to float rounding, their histograms and percentiles exactly.
 """
 
 import math
@@ -99,40 +100,48 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
             outputs, lambda i: _output_stats_aten([kinds[k] for k in i], _at(outputs, i))
         )
     xs = [o.contiguous() for o in outputs]  # the operators have no autograd: no detach
-    device = xs[0].device
-    moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
-    saturating = [k.family == "saturating" for k in kinds]
-    mid, half, ends = _ranges(kinds, saturating, device)
-    r = _histogram_range(saturating, ends, _absmax(moments))  # (G,)
-    fine = ops.histograms(xs, r, FINE_BINS, HIST_SAMPLE)  # (G, FINE_BINS)
-    nan = torch.full((len(xs),), math.nan, dtype=torch.float64)
-    saturated, dead = nan, nan.clone()
-    these = [i for i, s in enumerate(saturating) if s]
-    if these:
-        rows = torch.tensor(these)
-        saturated[rows] = ops.saturated(_at(xs, these), mid[rows], half[rows], SATURATION)
-    these = [i for i, k in enumerate(kinds) if k.family == "rectifying"]
-    if these:
-        floor = torch.tensor([kinds[i].floor or 0.0 for i in these])
-        units, positions = zip(*(_units(xs[i]) for i in these), strict=True)
-        dead[torch.tensor(these)] = ops.dead(_at(xs, these), floor, list(units), list(positions))
-    hist, at_percentiles = ops.histogram_summary(fine, r, PERCENTILES, BINS)
-    return _output_columns(moments[:, 0], moments[:, 1], r, hist, at_percentiles, saturated, dead)
+    mid, half, end, floor = zip(*(_measures(k) for k in kinds), strict=True)
+    per_example, positions = zip(
+        *(units(x) if k.family == "rectifying" else (0, 0) for k, x in zip(kinds, xs, strict=True)),
+        strict=True,
+    )
+    rows, hist = ops.output_summary(
+        xs,
+        mid,
+        half,
+        end,
+        floor,
+        per_example,
+        positions,
+        SATURATION,
+        PERCENTILES,
+        FINE_BINS,
+        BINS,
+        HIST_SAMPLE,
+    )  # (G, 5 + P): mean, std, range, saturated, dead, the percentiles
+    return _output_columns(*rows[:, :5].T, hist, rows[:, 5:])
 
 
-def _absmax(moments: Tensor) -> Tensor:
-    """Each tensor's largest magnitude (float32), from the (G, 4) moments' min and max."""
-    return torch.maximum(moments[:, 2].neg(), moments[:, 3]).float()
+_MEASURES: dict[Kind, tuple[float, float, float, float]] = {}
 
 
-def _histogram_range(saturating: list[bool], ends: Tensor, largest: Tensor) -> Tensor:
-    """Each layer's histogram range: a saturating layer's spans its whole range, so that plots
-    compare; others span their largest value."""
-    saturating = torch.tensor(saturating, device=largest.device)
-    return torch.where(saturating, ends, largest.clamp_min(1e-12))
+def _measures(kind: Kind) -> tuple[float, float, float, float]:
+    """A kind's middle, half range and largest end (saturating kinds; NaN for others) and
+    floor (rectifying kinds; NaN for others), for ``output_summary``."""
+    measures = _MEASURES.get(kind)
+    if measures is None:
+        nan = math.nan
+        mid = half = end = floor = nan
+        if kind.family == "saturating":
+            mid, half = (kind.low + kind.high) / 2, (kind.high - kind.low) / 2
+            end = max(abs(kind.low), abs(kind.high))
+        if kind.family == "rectifying":
+            floor = kind.floor or 0.0
+        measures = _MEASURES[kind] = (mid, half, end, floor)
+    return measures
 
 
-def _output_columns(mean, std, r, hist, at_percentiles, saturated, dead) -> Columns:
+def _output_columns(mean, std, r, saturated, dead, hist, at_percentiles) -> Columns:
     """``output_stats``'s columns: ``hist`` (G, BINS) over ``[-r, r]``, ``at_percentiles``
     (G, P) the PERCENTILES."""
     return {
@@ -146,26 +155,13 @@ def _output_columns(mean, std, r, hist, at_percentiles, saturated, dead) -> Colu
     }
 
 
-def _ranges(kinds: list[Kind], saturating: list[bool], device) -> tuple[Tensor, Tensor, Tensor]:
-    """Each layer's middle, half range and largest end (saturating kinds; 0, 1, 0 others)."""
-    mid, half, ends = torch.tensor(
-        [
-            ((k.low + k.high) / 2, (k.high - k.low) / 2, max(abs(k.low), abs(k.high)))
-            if s
-            else (0.0, 1.0, 0.0)
-            for k, s in zip(kinds, saturating, strict=True)
-        ],
-        device=device,
-    ).T
-    return mid, half, ends
-
-
-def _units(x: Tensor) -> tuple[int, int]:
-    """An output's ``(units, positions)`` per example: a conv's channels at each position,
-    otherwise each element."""
-    if x.dim() >= 4:
-        return x.shape[1], math.prod(x.shape[2:])
-    return x[0].numel(), 1
+def units(x: Tensor) -> tuple[int, int]:
+    """An output's ``(units, positions)`` per example, what ``dead`` is judged over: a conv's
+    channels at each position, otherwise each element."""
+    shape = x.shape
+    if len(shape) >= 4:
+        return shape[1], math.prod(shape[2:])
+    return math.prod(shape[1:]), 1
 
 
 def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
@@ -173,26 +169,26 @@ def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
     x = _stack([o.float().reshape(o.shape[0], -1) for o in outputs])  # (G, B, units)
     flat = x.flatten(1)  # (G, N)
     device = x.device
-    saturating = [k.family == "saturating" for k in kinds]
-    mid, half, ends = _ranges(kinds, saturating, device)
-    r = _histogram_range(saturating, ends, row_absmax(flat))  # (G,)
+    # (G,) each, NaN where the layer's family has none (_measures)
+    mid, half, end, floor = torch.tensor([_measures(k) for k in kinds], device=device).T
+    # a saturating layer's histogram spans its whole range, so that plots compare; others
+    # span their largest value
+    r = torch.where(end.isnan(), row_absmax(flat).clamp_min(1e-12), end)  # (G,)
     fine = histograms(flat, r, FINE_BINS).view(-1, FINE_BINS)  # (G, FINE_BINS)
     nan = torch.full_like(r, math.nan)  # each fraction is measured where some layer needs it
     saturated = nan
-    if any(saturating):
+    if not mid.isnan().all():
         saturated = ((flat - mid[:, None]).abs() > SATURATION * half[:, None]).float().mean(1)
+        saturated = saturated.where(~mid.isnan(), nan)
     dead = nan
-    if any(k.family == "rectifying" for k in kinds):
-        floor = torch.tensor(
-            [k.floor if k.floor is not None else 0.0 for k in kinds], device=device
-        )
+    if not floor.isnan().all():
         units = x if outputs[0].dim() < 4 else x.view(*x.shape[:2], outputs[0].shape[1], -1)
         above = units > floor.view(-1, *[1] * (units.dim() - 1))  # (G, B, units [, positions])
         alive = above.any(dim=1) if units.dim() == 3 else above.any(dim=3).any(dim=1)
-        dead = 1 - alive.float().mean(1)
+        dead = (1 - alive.float().mean(1)).where(~floor.isnan(), nan)
     hist = fine.view(-1, BINS, FINE_BINS // BINS).sum(2)  # (G, BINS)
     at_percentiles = percentiles(fine, r)  # (G, P)
-    return _output_columns(flat.mean(1), row_std(flat), r, hist, at_percentiles, saturated, dead)
+    return _output_columns(flat.mean(1), row_std(flat), r, saturated, dead, hist, at_percentiles)
 
 
 def spread_stats(tensors: list[Tensor | None]) -> Columns:
@@ -208,14 +204,8 @@ def spread_stats(tensors: list[Tensor | None]) -> Columns:
         nan = torch.full((len(tensors),), math.nan, dtype=torch.float64)
         return {"mean": nan, "std": nan, "range": nan, "hist": torch.zeros(len(tensors), BINS)}
     xs = [t.contiguous() if t is not None else None for t in tensors]
-    moments = ops.moments(xs, [])  # (G, 4): mean, std, min, max
-    r = _absmax(moments).clamp_min(1e-30)
-    return {
-        "mean": moments[:, 0],
-        "std": moments[:, 1],
-        "range": r,
-        "hist": ops.histograms(xs, r, BINS, HIST_SAMPLE),
-    }
+    moments, r, hist = ops.spread(xs, BINS, HIST_SAMPLE)  # (G, 4): mean, std, min, max
+    return {"mean": moments[:, 0], "std": moments[:, 1], "range": r, "hist": hist}
 
 
 def _spread_stats_aten(tensors: list[Tensor]) -> Columns:
@@ -241,16 +231,20 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
     ops = _kernel([*before, *params, *grads])
     if ops is None:
         return _in_groups(params, lambda i: _param_stats_aten(_at(before, i), _at(params, i)))
-    b = [t.contiguous() for t in before]
-    data = ops.moments(b, [])
-    update = ops.moments([p.contiguous() for p in params], b)
-    spread = spread_stats(grads)
+    # each parameter measured whole, its copy, its update and its gradient, while in the cache
+    data, update, grad, r, hist = ops.param_spread(
+        [t.contiguous() for t in before],
+        [p.contiguous() for p in params],
+        [g.contiguous() if g is not None else None for g in grads],
+        BINS,
+        HIST_SAMPLE,
+    )  # (G, 4) moments each: mean, std, min, max
     return {
         "data_std": data[:, 1],
         "update_std": update[:, 1],
-        "grad_std": spread["std"],
-        "grad_range": spread["range"],
-        "grad_hist": spread["hist"],
+        "grad_std": grad[:, 1],
+        "grad_range": r,
+        "grad_hist": hist,
     }
 
 

@@ -1,5 +1,7 @@
-// Per-tensor statistics for normlab.diagnostics on the CPU: the moments, histograms and
-// fractions of a whole recording's tensors, each one call over the list.
+// Per-tensor statistics for normlab.diagnostics on the CPU: the moments, histograms,
+// percentiles and fractions of a whole recording's tensors, one call over the list per kind of
+// tensor (outputs, gradients, parameters, BatchNorm inputs), each tensor measured whole before
+// the next.
 //
 // A recording measures every layer's output, gradient and parameter. As ATen operators, each
 // statistic costs a dozen operators per group of same-shaped tensors, and a model of many small
@@ -111,49 +113,22 @@ NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
   out[3] = undefined ? kNaN : double(hi);
 }
 
-// (G, 4) float64: each tensor's mean, sample std, min and max, of xs[g] - subtract[g] where
-// subtract is given; an absent tensor's row is NaN.
-at::Tensor moments(const c10::List<std::optional<at::Tensor>>& xs,
-                   const c10::List<std::optional<at::Tensor>>& subtract) {
-  const int64_t G = xs.size();
-  TORCH_CHECK(subtract.size() == 0 || subtract.size() == xs.size(),
-              "normlab::moments: subtract must be empty or one tensor per tensor");
-  std::vector<at::Tensor> x(G), minus(G);
-  for (int64_t g = 0; g < G; ++g) {
+// The tensors of a list, each absent (undefined) or a contiguous float32/float64 CPU tensor.
+std::vector<at::Tensor> optional_inputs(const c10::List<std::optional<at::Tensor>>& xs,
+                                        const char* op) {
+  std::vector<at::Tensor> x(xs.size());
+  for (size_t g = 0; g < xs.size(); ++g) {
     std::optional<at::Tensor> t = xs.get(g);
     if (t.has_value() && t->defined()) {
-      check_input(*t, "moments");
+      check_input(*t, op);
       x[g] = *t;
     }
-    if (subtract.size() > 0) {
-      std::optional<at::Tensor> m = subtract.get(g);
-      TORCH_CHECK(m.has_value() && m->defined(), "normlab::moments: a tensor to subtract is absent");
-      check_input(*m, "moments");
-      TORCH_CHECK(x[g].defined() && m->sizes() == x[g].sizes() &&
-                      m->scalar_type() == x[g].scalar_type(),
-                  "normlab::moments: a tensor to subtract differs in shape or dtype");
-      minus[g] = *m;
-    }
   }
-  at::Tensor out = at::empty({G, 4}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  per_tensor(G, [&](int64_t g) {
-    if (!x[g].defined()) {
-      std::fill(o + 4 * g, o + 4 * g + 4, kNaN);
-      return;
-    }
-    AT_DISPATCH_FLOATING_TYPES(x[g].scalar_type(), "normlab::moments", [&] {
-      const scalar_t* v = x[g].const_data_ptr<scalar_t>();
-      if (minus[g].defined()) {
-        moments_of<scalar_t, true>(v, minus[g].const_data_ptr<scalar_t>(), x[g].numel(),
-                                   o + 4 * g);
-      } else {
-        moments_of<scalar_t, false>(v, nullptr, x[g].numel(), o + 4 * g);
-      }
-    });
-  });
-  return out;
+  return x;
 }
+
+// The larger of a and b, NaN if either is, as torch.amax and torch.maximum.
+double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
 
 // Adds to counts (bins of them) every stride-th of the n values v, binned over [-r, r] as
 // stats.histograms does: (x / r + 1) · bins / 2, NaN → 0, floored, clamped. For the clamped
@@ -189,85 +164,121 @@ NORMLAB_SIMD_CLONES void count_bins(const scalar_t* v, int64_t n, int64_t stride
   }
 }
 
-// (G, bins) float32: the counts of each tensor's values in bins equal bins over [-r, r], of
-// every stride-th value (stride = max(1, numel / sample)); NaN in bin 0, values beyond ±r in
-// the end bins; an absent tensor's row is zero.
-at::Tensor histograms(const c10::List<std::optional<at::Tensor>>& xs, const at::Tensor& r,
-                      int64_t bins, int64_t sample) {
-  const int64_t G = xs.size();
-  TORCH_CHECK(r.is_cpu() && r.scalar_type() == at::kFloat && r.numel() == G,
-              "normlab::histograms: r must be one float32 per tensor");
-  TORCH_CHECK(bins > 0 && sample > 0, "normlab::histograms: bins and sample must be positive");
-  std::vector<at::Tensor> x(G);
-  for (int64_t g = 0; g < G; ++g) {
-    std::optional<at::Tensor> t = xs.get(g);
-    if (t.has_value() && t->defined()) {
-      check_input(*t, "histograms");
-      x[g] = *t;
-    }
+// One tensor's spread, as stats.spread_stats computes it from the moments and histograms
+// operators: its moments (mean, std, min, max), the range r its histogram spans (the largest
+// magnitude, in float32, at least 1e-30; NaN where a value is) and the counts of every
+// stride-th value in bins over [-r, r]. The histogram reads the values right after the
+// moments, while they are in the cache. An absent tensor: NaN moments and range, no counts.
+void spread_of(const at::Tensor& x, int64_t bins, int64_t sample, double* moments, float* range,
+               float* hist) {
+  if (!x.defined()) {
+    std::fill(moments, moments + 4, kNaN);
+    *range = float(kNaN);
+    return;
   }
-  const at::Tensor ranges = r.contiguous();
-  const float* rr = ranges.const_data_ptr<float>();
-  at::Tensor out = at::zeros({G, bins}, at::kFloat);
-  float* o = out.data_ptr<float>();
-  per_tensor(G, [&](int64_t g) {
-    if (!x[g].defined()) return;
-    const int64_t n = x[g].numel(), stride = std::max<int64_t>(1, n / sample);
-    std::vector<int64_t> counts(bins, 0);
-    AT_DISPATCH_FLOATING_TYPES(x[g].scalar_type(), "normlab::histograms", [&] {
-      count_bins<scalar_t>(x[g].const_data_ptr<scalar_t>(), n, stride, rr[g], bins, counts);
-    });
-    for (int64_t b = 0; b < bins; ++b) o[g * bins + b] = float(counts[b]);
+  const int64_t n = x.numel(), stride = std::max<int64_t>(1, n / sample);
+  std::vector<int64_t> counts(bins, 0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::spread", [&] {
+    const scalar_t* v = x.const_data_ptr<scalar_t>();
+    moments_of<scalar_t, false>(v, nullptr, n, moments);
+    const float largest = float(nan_max(-moments[2], moments[3]));
+    *range = std::isnan(largest) ? largest : std::max(largest, 1e-30f);
+    count_bins<scalar_t>(v, n, stride, *range, bins, counts);
   });
-  return out;
+  for (int64_t b = 0; b < bins; ++b) hist[b] = float(counts[b]);
 }
 
-// What a recording keeps of each fine histogram fine[g] (F bins over [-r[g], r[g]]): its
-// counts summed into bins coarse bins (F a multiple of bins), and its percentiles read off the
-// cumulative counts, interpolated within a bin, in float32 and in the order of operations of
-// stats.percentiles, so that both give the same numbers: returns (G, bins) and (G, P).
-std::tuple<at::Tensor, at::Tensor> histogram_summary(const at::Tensor& fine, const at::Tensor& r,
-                                                     at::ArrayRef<double> percentiles,
-                                                     int64_t bins) {
-  TORCH_CHECK(fine.is_cpu() && fine.scalar_type() == at::kFloat && fine.dim() == 2,
-              "normlab::histogram_summary: fine must be (G, F) float32 on the CPU");
-  const int64_t G = fine.size(0), F = fine.size(1), P = percentiles.size();
-  TORCH_CHECK(bins > 0 && F % bins == 0,
-              "normlab::histogram_summary: the fine bins must be a multiple of bins");
-  TORCH_CHECK(r.is_cpu() && r.scalar_type() == at::kFloat && r.numel() == G,
-              "normlab::histogram_summary: r must be one float32 per row");
-  const at::Tensor counts = fine.contiguous(), ranges = r.contiguous();
-  const float* c = counts.const_data_ptr<float>();
-  const float* rr = ranges.const_data_ptr<float>();
-  at::Tensor coarse = at::zeros({G, bins}, at::kFloat), out = at::empty({G, P}, at::kFloat);
-  float* h = coarse.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  std::vector<float> q(P);
-  for (int64_t k = 0; k < P; ++k) q[k] = float(percentiles[k]) / 100.0f;
+// Each tensor's spread (spread_of): (G, 4) float64 moments, (G,) float32 ranges and (G, bins)
+// float32 counts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spread(
+    const c10::List<std::optional<at::Tensor>>& xs, int64_t bins, int64_t sample) {
+  TORCH_CHECK(bins > 0 && sample > 0, "normlab::spread: bins and sample must be positive");
+  const std::vector<at::Tensor> x = optional_inputs(xs, "spread");
+  const int64_t G = x.size();
+  at::Tensor moments = at::empty({G, 4}, at::kDouble), range = at::empty({G}, at::kFloat);
+  at::Tensor hist = at::zeros({G, bins}, at::kFloat);
+  double* m = moments.data_ptr<double>();
+  float* r = range.data_ptr<float>();
+  float* h = hist.data_ptr<float>();
+  per_tensor(G, [&](int64_t g) { spread_of(x[g], bins, sample, m + 4 * g, r + g, h + g * bins); });
+  return {moments, range, hist};
+}
+
+// Each parameter's statistics, the parameter measured whole before the next: the moments of
+// its values before the step (before[g]), of the step's update (params[g] - before[g]), and the
+// spread of its gradient (spread_of; NaN where it has none). Returns (G, 4) float64 data and
+// update moments, and the gradients' (G, 4) moments, (G,) ranges and (G, bins) counts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_spread(
+    at::TensorList before, at::TensorList params,
+    const c10::List<std::optional<at::Tensor>>& grads, int64_t bins, int64_t sample) {
+  const int64_t G = before.size();
+  TORCH_CHECK(int64_t(params.size()) == G && int64_t(grads.size()) == G,
+              "normlab::param_spread: params and grads must be one per tensor before");
+  TORCH_CHECK(bins > 0 && sample > 0, "normlab::param_spread: bins and sample must be positive");
+  for (int64_t g = 0; g < G; ++g) {
+    check_input(before[g], "param_spread");
+    check_input(params[g], "param_spread");
+    TORCH_CHECK(params[g].sizes() == before[g].sizes() &&
+                    params[g].scalar_type() == before[g].scalar_type(),
+                "normlab::param_spread: a parameter differs from its copy in shape or dtype");
+  }
+  const std::vector<at::Tensor> grad = optional_inputs(grads, "param_spread");
+  at::Tensor data = at::empty({G, 4}, at::kDouble), update = at::empty({G, 4}, at::kDouble);
+  at::Tensor moments = at::empty({G, 4}, at::kDouble), range = at::empty({G}, at::kFloat);
+  at::Tensor hist = at::zeros({G, bins}, at::kFloat);
+  double *d = data.data_ptr<double>(), *u = update.data_ptr<double>();
+  double* m = moments.data_ptr<double>();
+  float* r = range.data_ptr<float>();
+  float* h = hist.data_ptr<float>();
   per_tensor(G, [&](int64_t g) {
-    const float* row = c + g * F;
-    const int64_t per = F / bins;
-    for (int64_t b = 0; b < F; ++b) h[g * bins + b / per] += row[b];
-    double total = 0;  // whole counts, exact
-    for (int64_t b = 0; b < F; ++b) total += row[b];
-    std::vector<float> cdf(F);
-    double running = 0;
-    for (int64_t b = 0; b < F; ++b) {
-      running += row[b];
-      cdf[b] = float(running) / float(total);
-    }
-    const float step = 2.0f * rr[g] / float(F);
-    for (int64_t k = 0; k < P; ++k) {
-      // the first bin whose cdf reaches q (searchsorted, left); NaN rows end at the last bin
-      int64_t i = std::lower_bound(cdf.begin(), cdf.end(), q[k]) - cdf.begin();
-      i = std::min(i, F - 1);
-      const float below = i > 0 ? cdf[i - 1] : 0.0f;
-      float within = (q[k] - below) / std::max(cdf[i] - below, 1e-12f);
-      within = std::min(std::max(within, 0.0f), 1.0f);
-      o[g * P + k] = -rr[g] + (float(i) + within) * step;
-    }
+    AT_DISPATCH_FLOATING_TYPES(before[g].scalar_type(), "normlab::param_spread", [&] {
+      const scalar_t* b = before[g].const_data_ptr<scalar_t>();
+      const int64_t n = before[g].numel();
+      moments_of<scalar_t, false>(b, nullptr, n, d + 4 * g);
+      moments_of<scalar_t, true>(params[g].const_data_ptr<scalar_t>(), b, n, u + 4 * g);
+    });
+    spread_of(grad[g], bins, sample, m + 4 * g, r + g, h + g * bins);
   });
-  return {coarse, out};
+  return {data, update, moments, range, hist};
+}
+
+// What a recording keeps of a fine histogram row (F counts over [-r, r]): its counts summed
+// into bins coarse bins (F a multiple of bins), and the percentiles q (fractions) read off the
+// cumulative counts, interpolated within a bin, in float32 and in the order of operations of
+// stats.percentiles, so that both give the same numbers. An empty row's percentiles are NaN.
+void summarize_histogram(const float* row, int64_t F, float r, const std::vector<float>& q,
+                         int64_t bins, float* coarse, float* at) {
+  const int64_t per = F / bins;
+  for (int64_t k = 0; k < bins; ++k) {
+    float sum = 0;  // whole numbers: exact
+    for (int64_t j = 0; j < per; ++j) sum += row[k * per + j];
+    coarse[k] = sum;
+  }
+  // the cumulative counts, whole numbers and exact in double; the cdf of bin b is
+  // float(cumulative[b]) / float(total), computed only where the search reads it
+  std::vector<double> cumulative(F);
+  double running = 0;
+  for (int64_t b = 0; b < F; ++b) cumulative[b] = running += row[b];
+  const float total = float(running);
+  auto cdf = [&](int64_t b) { return float(cumulative[b]) / total; };
+  const float step = 2.0f * r / float(F);
+  for (size_t k = 0; k < q.size(); ++k) {
+    // the first bin whose cdf reaches q (searchsorted, left); NaN rows end at the last bin
+    int64_t lo = 0, hi = F;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (cdf(mid) < q[k]) {
+        lo = mid + 1;
+      } else {
+        hi = mid;
+      }
+    }
+    const int64_t i = std::min(lo, F - 1);
+    const float below = i > 0 ? cdf(i - 1) : 0.0f;
+    float within = (q[k] - below) / std::max(cdf(i) - below, 1e-12f);
+    within = std::min(std::max(within, 0.0f), 1.0f);
+    at[k] = -r + (float(i) + within) * step;
+  }
 }
 
 // How many of the n values v lie beyond limit of mid, |v - mid| > limit, in float.
@@ -280,68 +291,86 @@ NORMLAB_SIMD_CLONES int64_t count_beyond(const scalar_t* __restrict v, int64_t n
   return beyond;
 }
 
-// (G,) float64: each tensor's share of values v with |v - mid| > saturation · half, in float.
-at::Tensor saturated(at::TensorList xs, const at::Tensor& mid, const at::Tensor& half,
-                     double saturation) {
-  const int64_t G = xs.size();
-  TORCH_CHECK(mid.is_cpu() && half.is_cpu() && mid.scalar_type() == at::kFloat &&
-                  half.scalar_type() == at::kFloat && mid.numel() == G && half.numel() == G,
-              "normlab::saturated: mid and half must be one float32 per tensor");
-  for (const at::Tensor& t : xs) check_input(t, "saturated");
-  const at::Tensor m = mid.contiguous(), h = half.contiguous();
-  const float* mm = m.const_data_ptr<float>();
-  const float* hh = h.const_data_ptr<float>();
-  at::Tensor out = at::empty({G}, at::kDouble);
-  double* o = out.data_ptr<double>();
-  per_tensor(G, [&](int64_t g) {
-    const int64_t n = xs[g].numel();
-    const float limit = hh[g] * float(saturation);
-    int64_t beyond = 0;
-    AT_DISPATCH_FLOATING_TYPES(xs[g].scalar_type(), "normlab::saturated", [&] {
-      beyond = count_beyond(xs[g].const_data_ptr<scalar_t>(), n, mm[g], limit);
-    });
-    o[g] = n ? double(beyond) / double(n) : kNaN;
-  });
-  return out;
+// The share of units that never rise above floor, of the n values v read as (batch, U, P): a
+// unit is dead when none of its batch × P values is above it. NaN for no batch.
+template <typename scalar_t>
+double dead_share(const scalar_t* v, int64_t n, int64_t U, int64_t P, float floor) {
+  const int64_t B = n / (U * P);
+  std::vector<char> alive(U, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t u = 0; u < U; ++u) {
+      const scalar_t* run = v + (b * U + u) * P;
+      bool above = false;
+      for (int64_t p = 0; p < P; ++p) above |= float(run[p]) > floor;
+      alive[u] |= above;
+    }
+  }
+  int64_t living = 0;
+  for (char a : alive) living += a;
+  return B ? 1.0 - double(living) / double(U) : kNaN;
 }
 
-// (G,) float64: each tensor's share of units that never rise above floor, the tensor read as
-// (batch, units[g], positions[g]): a unit is dead when none of its batch × positions values is
-// above it.
-at::Tensor dead(at::TensorList xs, const at::Tensor& floor, at::IntArrayRef units,
-                at::IntArrayRef positions) {
-  const int64_t G = xs.size();
-  TORCH_CHECK(floor.is_cpu() && floor.scalar_type() == at::kFloat && floor.numel() == G &&
-                  int64_t(units.size()) == G && int64_t(positions.size()) == G,
-              "normlab::dead: floor, units and positions must be one per tensor");
+// The columns of stats.output_stats, each layer's output measured whole before the next: per
+// output xs[g], its mean and std; the range r its histogram spans (a saturating layer's end[g],
+// else its largest magnitude, at least 1e-12, in float32); the share of its values beyond
+// saturation · half[g] of mid[g] (a saturating layer; else NaN); the share of its units dead
+// over the batch at floor[g] with units[g] units of positions[g] values (a rectifying layer,
+// floor not NaN; else NaN); and the percentiles, read off fine_bins counts of every stride-th
+// value over [-r, r] (stride = max(1, numel / sample)), which are also summed into bins counts.
+// Returns (G, 5 + P) float64 rows (mean, std, r, saturated, dead, then the percentiles; r and
+// the percentiles computed in float32) and (G, bins) float32 counts.
+std::tuple<at::Tensor, at::Tensor> output_summary(
+    at::TensorList xs, at::ArrayRef<double> mid, at::ArrayRef<double> half,
+    at::ArrayRef<double> end, at::ArrayRef<double> floor, at::IntArrayRef units,
+    at::IntArrayRef positions, double saturation, at::ArrayRef<double> percentiles,
+    int64_t fine_bins, int64_t bins, int64_t sample) {
+  const int64_t G = xs.size(), P = percentiles.size(), K = 5 + P;
+  TORCH_CHECK(int64_t(mid.size()) == G && int64_t(half.size()) == G && int64_t(end.size()) == G &&
+                  int64_t(floor.size()) == G && int64_t(units.size()) == G &&
+                  int64_t(positions.size()) == G,
+              "normlab::output_summary: every layer's parameters must be one per tensor");
+  TORCH_CHECK(bins > 0 && sample > 0 && fine_bins % bins == 0,
+              "normlab::output_summary: the fine bins must be a positive multiple of bins");
   for (int64_t g = 0; g < G; ++g) {
-    check_input(xs[g], "dead");
-    TORCH_CHECK(units[g] > 0 && positions[g] > 0 && xs[g].numel() % (units[g] * positions[g]) == 0,
-                "normlab::dead: a tensor's values are not batch × units × positions");
+    check_input(xs[g], "output_summary");
+    TORCH_CHECK(std::isnan(floor[g]) || (units[g] > 0 && positions[g] > 0 &&
+                                         xs[g].numel() % (units[g] * positions[g]) == 0),
+                "normlab::output_summary: a tensor's values are not batch × units × positions");
   }
-  const at::Tensor f = floor.contiguous();
-  const float* ff = f.const_data_ptr<float>();
-  at::Tensor out = at::empty({G}, at::kDouble);
-  double* o = out.data_ptr<double>();
+  std::vector<float> q(P);
+  for (int64_t k = 0; k < P; ++k) q[k] = float(percentiles[k]) / 100.0f;
+  at::Tensor rows = at::empty({G, K}, at::kDouble), coarse = at::empty({G, bins}, at::kFloat);
+  double* o = rows.data_ptr<double>();
+  float* h = coarse.data_ptr<float>();
   per_tensor(G, [&](int64_t g) {
-    const int64_t U = units[g], P = positions[g], B = xs[g].numel() / (U * P);
-    std::vector<char> alive(U, 0);
-    AT_DISPATCH_FLOATING_TYPES(xs[g].scalar_type(), "normlab::dead", [&] {
-      const scalar_t* v = xs[g].const_data_ptr<scalar_t>();
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t u = 0; u < U; ++u) {
-          const scalar_t* run = v + (b * U + u) * P;
-          bool above = false;
-          for (int64_t p = 0; p < P; ++p) above |= float(run[p]) > ff[g];
-          alive[u] |= above;
-        }
-      }
+    const at::Tensor& x = xs[g];
+    const int64_t n = x.numel(), stride = std::max<int64_t>(1, n / sample);
+    double* row = o + g * K;
+    double moments[4];
+    float r = 0;
+    std::vector<int64_t> counts(fine_bins, 0);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::output_summary", [&] {
+      const scalar_t* v = x.const_data_ptr<scalar_t>();
+      moments_of<scalar_t, false>(v, nullptr, n, moments);
+      const bool saturating = !std::isnan(end[g]);
+      const float largest = float(nan_max(-moments[2], moments[3]));
+      r = saturating ? float(end[g]) : std::isnan(largest) ? largest : std::max(largest, 1e-12f);
+      count_bins<scalar_t>(v, n, stride, r, fine_bins, counts);
+      const float limit = float(half[g]) * float(saturation);
+      row[3] = saturating && n ? double(count_beyond(v, n, float(mid[g]), limit)) / double(n)
+                               : kNaN;
+      row[4] = std::isnan(floor[g]) ? kNaN
+                                    : dead_share(v, n, units[g], positions[g], float(floor[g]));
     });
-    int64_t living = 0;
-    for (char a : alive) living += a;
-    o[g] = B ? 1.0 - double(living) / double(U) : kNaN;
+    row[0] = moments[0];
+    row[1] = moments[1];
+    row[2] = r;
+    std::vector<float> fine(fine_bins), at(P);
+    for (int64_t b = 0; b < fine_bins; ++b) fine[b] = float(counts[b]);
+    summarize_histogram(fine.data(), fine_bins, r, q, bins, h + g * bins, at.data());
+    for (int64_t k = 0; k < P; ++k) row[5 + k] = at[k];
   });
-  return out;
+  return {rows, coarse};
 }
 
 // Each channel's batch mean and biased variance of x read as (B, C, P), P positions per
@@ -378,9 +407,6 @@ void channel_moments(const scalar_t* x, int64_t B, int64_t C, int64_t P, double*
   }
   for (int64_t c = 0; c < C; ++c) var[c] /= count;
 }
-
-// The larger of a and b, NaN if either is, as torch.amax and torch.maximum.
-double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
 
 // (G, 2) float64: for each BatchNorm's input xs[g] (B, C, *) and its running statistics before
 // the batch, the largest over channels of the mean drift |running_mean - mean| / sqrt(var + eps)
@@ -434,23 +460,22 @@ at::Tensor batchnorm_drift(at::TensorList xs, at::TensorList running_means,
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(normlab, m) {
-  m.def("moments(Tensor?[] xs, Tensor?[] subtract) -> Tensor");
-  m.def("histograms(Tensor?[] xs, Tensor r, int bins, int sample) -> Tensor");
-  m.def("saturated(Tensor[] xs, Tensor mid, Tensor half, float saturation) -> Tensor");
-  m.def("dead(Tensor[] xs, Tensor floor, int[] units, int[] positions) -> Tensor");
+  m.def(
+      "output_summary(Tensor[] xs, float[] mid, float[] half, float[] end, float[] floor, "
+      "int[] units, int[] positions, float saturation, float[] percentiles, int fine_bins, "
+      "int bins, int sample) -> (Tensor, Tensor)");
   m.def(
       "batchnorm_drift(Tensor[] xs, Tensor[] running_means, Tensor[] running_vars, float[] eps) "
       "-> Tensor");
+  m.def("spread(Tensor?[] xs, int bins, int sample) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "histogram_summary(Tensor fine, Tensor r, float[] percentiles, int bins) -> (Tensor, "
-      "Tensor)");
+      "param_spread(Tensor[] before, Tensor[] params, Tensor?[] grads, int bins, int sample) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CPU, m) {
-  m.impl("moments", moments);
-  m.impl("histograms", histograms);
-  m.impl("saturated", saturated);
-  m.impl("dead", dead);
+  m.impl("output_summary", output_summary);
   m.impl("batchnorm_drift", batchnorm_drift);
-  m.impl("histogram_summary", histogram_summary);
+  m.impl("spread", spread);
+  m.impl("param_spread", param_spread);
 }
