@@ -196,7 +196,9 @@ def main() -> None:
             continue
         model.train()
         exact, result = _audit_exact(model, batch)
+        trained = copy.deepcopy(model.state_dict())  # the timed steps' SGD moves the weights:
         step, audit_s = _step_and_audit_seconds(model, batch, args.rounds, args.min_seconds)
+        model.load_state_dict(trained)  # fold, LSUV and calibrate run on the model as it was
         html_s, n_layers = _html_seconds(result), len(result.report.snapshot.layers)
         fold, fold_s = _fold(model, batch)
         lsuv, lsuv_s = _lsuv(model, batch)

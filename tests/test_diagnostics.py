@@ -300,7 +300,7 @@ def test_batchnorm_settling_is_measured_and_judged_by_the_threshold():
 
 
 def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
-    from normlab.diagnostics.stats import param_stats, row_std
+    from normlab.diagnostics.stats import ParamCopies, copy_params, param_stats, row_std
 
     for shape in [(1, 1), (1, 70_000), (3, 1), (4, 33)]:
         rows = torch.randn(*shape, dtype=torch.float64) * 3 + 1
@@ -309,23 +309,27 @@ def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
     params = [torch.randn(5, 7, requires_grad=True) for _ in range(3)] + [torch.randn(70_000)]
     params[0].grad = torch.randn(5, 7)
     before = [p.detach().clone() for p in params]
+    groups = ([0, 1, 2], [3])
+    # the C++ operator's copies (with their moments) where it is built, and plain ones (ATen)
+    copied = [copy_params([params[i] for i in indices]) for indices in groups]
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn_like(p) * 1e-3)
-    for indices in ([0, 1, 2], [3]):
+    for indices, kernel_copies in zip(groups, copied, strict=True):
         group = [params[i] for i in indices]
-        columns = param_stats([before[i].clone() for i in indices], group)  # updates the copies
-        for row, i in enumerate(indices):
-            p, b = params[i], before[i]
-            assert columns["data_std"][row].item() == pytest.approx(b.std().item(), rel=1e-5)
-            update = (p.detach() - b).std().item()
-            assert columns["update_std"][row].item() == pytest.approx(update, rel=1e-4)
-            if p.grad is None:
-                assert math.isnan(columns["grad_std"][row].item())
-            else:
-                grad_std, grad_range = p.grad.std().item(), p.grad.abs().max().item()
-                assert columns["grad_std"][row].item() == pytest.approx(grad_std, rel=1e-5)
-                assert columns["grad_range"][row].item() == pytest.approx(grad_range, rel=1e-6)
+        plain = ParamCopies([before[i].clone() for i in indices], None)  # ATen: updates them
+        for columns in (param_stats(kernel_copies, group), param_stats(plain, group)):
+            for row, i in enumerate(indices):
+                p, b = params[i], before[i]
+                assert columns["data_std"][row].item() == pytest.approx(b.std().item(), rel=1e-5)
+                update = (p.detach() - b).std().item()
+                assert columns["update_std"][row].item() == pytest.approx(update, rel=1e-4)
+                if p.grad is None:
+                    assert math.isnan(columns["grad_std"][row].item())
+                else:
+                    grad_std, grad_range = p.grad.std().item(), p.grad.abs().max().item()
+                    assert columns["grad_std"][row].item() == pytest.approx(grad_std, rel=1e-5)
+                    assert columns["grad_range"][row].item() == pytest.approx(grad_range, rel=1e-6)
 
 
 def test_only_a_models_first_recording_watches_its_operations(monkeypatch):
@@ -389,3 +393,69 @@ def test_a_layer_whose_output_is_a_leaf_has_its_gradient_recorded():
     expected = 1 - model(None).detach().square()  # d sum(tanh(w)) / dw = 1 - tanh(w)²
     assert table.grad_std == pytest.approx(expected.std().item(), rel=1e-6)
     assert tanh.grad_std == 0.0  # the gradient of a sum: ones
+
+
+class _ShapedBatchNorm(nn.Module):
+    """A BatchNorm of another library's making: running statistics shaped (1, C, 1, 1), and
+    (``count=False``) no count of its batches."""
+
+    def __init__(self, channels, count=True):
+        super().__init__()
+        self.track_running_stats, self.eps, self.momentum = True, 1e-5, 0.1
+        self.register_buffer("running_mean", torch.randn(1, channels, 1, 1))
+        self.register_buffer("running_var", torch.rand(1, channels, 1, 1) + 0.5)
+        if count:
+            self.register_buffer("num_batches_tracked", torch.tensor(4))
+
+    def forward(self, x):
+        mean, var = x.mean((0, 2, 3), keepdim=True), x.var((0, 2, 3), keepdim=True)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        return (x - mean) / (var + self.eps).sqrt()
+
+
+def test_batchnorms_of_any_making_have_their_drift_from_the_statistics_before_the_batch():
+    """Running statistics of another shape, and none counted (NaN time constants): the drift
+    against the batch's own statistics and the copy of the running ones taken before it; a
+    lazy BatchNorm armed before its first batch has none to compare yet."""
+    nl.register_kind(_ShapedBatchNorm, nl.Kind("batchnorm", "batchnorm"))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), _ShapedBatchNorm(3), _ShapedBatchNorm(3, count=False))
+    x = torch.randn(4, 2, 6, 6)
+    before = [
+        (m.running_mean.clone().flatten(), m.running_var.clone().flatten()) for m in model[1:]
+    ]
+    diag = Diagnostics(model)
+    diag.arm()
+    inputs = [model[0](x)]
+    inputs.append(model[1](inputs[0]))
+    model[2](inputs[1]).square().mean().backward()
+    snap = diag.collect(0)
+    for bn, x_in, (running_mean, running_var) in zip(snap.batchnorms, inputs, before, strict=True):
+        mean, var = x_in.mean((0, 2, 3)), x_in.var((0, 2, 3), unbiased=False)
+        drift = ((running_mean - mean).abs() / (var + 1e-5).sqrt()).max().item()
+        ratio = (running_var + 1e-5) / (var + 1e-5)
+        assert bn.mean_drift == pytest.approx(drift, rel=1e-5)
+        assert bn.var_ratio == pytest.approx(torch.maximum(ratio, 1 / ratio).max().item(), rel=1e-5)
+    assert snap.batchnorms[0].time_constants == pytest.approx(0.4)
+    assert math.isnan(snap.batchnorms[1].time_constants)
+
+    lazy = nn.Sequential(nn.Linear(4, 3), nn.LazyBatchNorm1d(affine=False))
+    diag = Diagnostics(lazy)
+    diag.arm()
+    lazy(torch.randn(8, 4)).square().mean().backward()
+    snap = diag.collect(0)
+    assert [layer.name for layer in snap.layers] == ["0", "1"] and snap.batchnorms == []
+
+
+def test_a_gradient_taken_with_respect_to_a_recorded_output_is_recorded():
+    """``torch.autograd.grad`` with respect to a layer's output runs that tensor's hooks,
+    though not the node that made it."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    diag = Diagnostics(model)
+    diag.arm()
+    features = model[1](model[0](torch.randn(8, 4)))
+    (grad,) = torch.autograd.grad(model[2](features).square().sum(), [features])
+    snap = diag.collect(0)
+    assert snap.layers[1].grad_std == pytest.approx(grad.std().item(), rel=1e-6)
+    assert snap.layers[0].grad_std is None  # no gradient reached it

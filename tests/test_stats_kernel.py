@@ -46,12 +46,16 @@ def test_moments_equal_float64_torch(dtype):
         exact = x.double()
         want = torch.stack([exact.mean(), exact.std(), exact.min(), exact.max()])
         torch.testing.assert_close(row, want, rtol=1e-6, atol=1e-7)
+    # the moments taken as the parameters are copied, and those of an update
+    copies, data = stats_ops().copy_moments(xs)
+    torch.testing.assert_close(data, got, rtol=0, atol=0)  # the same pass
+    for copy, x in zip(copies, xs, strict=True):
+        assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
     before = [x * 0.5 for x in xs]
-    data, update, *_ = stats_ops().param_spread(before, xs, [None] * len(xs), 50, 100)
-    for data_row, update_row, x, b in zip(data, update, xs, before, strict=True):
+    update, *_ = stats_ops().param_spread(before, xs, [None] * len(xs), 50, 100)
+    for row, x, b in zip(update, xs, before, strict=True):
         d = x.double() - b.double()
-        torch.testing.assert_close(data_row[1], b.double().std(), rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(update_row[1], d.std(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(row[1], d.std(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 64, 95, 1000])
@@ -63,7 +67,7 @@ def test_moments_of_every_length_hold_the_tail_values(n):
     x[-1] = -50.0 if n > 1 else x[-1]  # the minimum in the tail
     b = torch.randn(n, generator=g)
     got = _moments([x, torch.full((n,), 0.25)])
-    difference = stats_ops().param_spread([b], [x], [None], 50, 100)[1]
+    difference = stats_ops().param_spread([b], [x], [None], 50, 100)[0]
     for row, d in ((got[0], x.double()), (difference[0], x.double() - b.double())):
         std = d.std() if n > 1 else torch.tensor(0.0, dtype=torch.float64)
         want = torch.stack([d.mean(), std, d.min(), d.max()])
@@ -121,16 +125,19 @@ def test_param_and_spread_columns_equal_the_aten_path(monkeypatch):
     g = torch.Generator().manual_seed(1)
     params = [torch.randn(7, 5, generator=g, requires_grad=True) for _ in range(2)]
     params += [torch.randn(70_000, generator=g, requires_grad=True), torch.ones(5)]
+    conv = torch.randn(4, 3, 2, 2, generator=g).to(memory_format=torch.channels_last)
+    params.append(conv.requires_grad_())  # a strided parameter: copied contiguous
     params[0].grad, params[2].grad = torch.randn(7, 5, generator=g), torch.randn(70_000)
-    before = [p.detach().clone() for p in params]
+    before = stats.copy_params(params)  # the C++ operator's copies and moments
+    copies = stats.ParamCopies([t.clone() for t in before.tensors], None)  # the ATen path's
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * 1e-3)
     kernel = stats.param_stats(before, params)
-    aten = _aten(monkeypatch, stats.param_stats, [b.clone() for b in before], params)
+    aten = _aten(monkeypatch, stats.param_stats, copies, params)
     for column in kernel:
         k, a = kernel[column].double(), aten[column].double()
-        rows = [0, 2] if column.startswith("grad") else [0, 1, 2, 3]  # 1 and 3: no gradient
+        rows = [0, 2] if column.startswith("grad") else [0, 1, 2, 3, 4]  # 1, 3, 4: no gradient
         exact = column == "grad_hist"
         tolerance = dict(rtol=0, atol=0) if exact else dict(rtol=2e-5, atol=1e-7)
         torch.testing.assert_close(k[rows], a[rows], equal_nan=True, msg=column, **tolerance)
@@ -242,3 +249,10 @@ def test_the_kept_histogram_and_percentiles_are_the_aten_paths_exactly(monkeypat
     empty = stats.output_stats(kinds[:1], [torch.randn(0, 5)])
     assert all(empty[c].isnan().all() for c in stats.PERCENTILE_COLUMNS)
     assert empty["hist"].sum() == 0
+
+
+def test_an_output_summary_of_no_fine_bins_is_refused():
+    nan = math.nan
+    args = ([torch.randn(4, 5)], [nan], [nan], [nan], [nan], [0], [0], 0.97, [50.0])
+    with pytest.raises(RuntimeError, match="fine bins must be a positive multiple"):
+        stats_ops().output_summary(*args, 0, 1, 100)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from normlab.dataflow import first_tensor
 from normlab.diagnostics import stats
@@ -27,8 +28,8 @@ _WRITTEN_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKey
 
 
 class BatchNormCapture(NamedTuple):
-    """A BatchNorm's running statistics as they were before the recorded batch moved them:
-    views of the copy ``arm()`` takes of every BatchNorm's (``running_statistics``)."""
+    """A BatchNorm's running statistics as they were before the recorded batch moved them,
+    copied at ``arm()`` (``running_statistics``)."""
 
     running_mean: Tensor  # (C,)
     running_var: Tensor  # (C,)
@@ -91,7 +92,7 @@ class Diagnostics:
         self._batchnorm: dict[str, BatchNormCapture] = {}  # at arm(), of those that track them
         self._batchnorm_inputs: dict[str, Tensor] = {}  # (N, C, *)
         self._params: dict[str, Tensor] = {}  # the model's, at arm()
-        self._before: dict[str, Tensor] = {}  # copies of them, at arm()
+        self._before = stats.ParamCopies([], None)  # copies of them, at arm()
         self._awaits_backward = False  # a recorded output will receive a gradient
         self._keeper = KeepAsIs()  # active over the model's forward pass while armed
         self._keeping = 0  # depth of the model's calls that entered it
@@ -140,7 +141,8 @@ class Diagnostics:
         self._clear()
 
     def _clear(self) -> None:
-        self._outputs, self._grads, self._before = {}, {}, {}
+        self._outputs, self._grads = {}, {}
+        self._before = stats.ParamCopies([], None)
         self._batchnorm, self._batchnorm_inputs = {}, {}
         self._keeper.forget()
 
@@ -168,14 +170,12 @@ class Diagnostics:
             self._keep(self._outputs, "outputs", name, out.detach())  # measured in collect()
             if out.requires_grad:
                 self._awaits_backward = True
-                node = out.grad_fn
-                if node is None:  # a leaf: its gradient as it accumulates
-                    out.register_hook(keep_grad)
-                else:  # on the node that made it: a tensor's own hook costs twice as much
-                    index = out.output_nr
-                    node.register_prehook(lambda grads: keep_grad(grads[index]))
+                # on the tensor, not on the node that made it: autograd.grad with respect to the
+                # output itself runs the tensor's hooks, not that node's
+                out.register_hook(keep_grad)
 
         def keep_grad(grad: Tensor | None) -> None:
+            # None: an output of a node of several, which the loss does not depend on
             if grad is not None and name not in self._grads:  # no mode runs in the backward pass
                 self._keeper.keep(self._grads, name, grad.detach(), watch=False)
 
@@ -203,7 +203,7 @@ class Diagnostics:
         self._batchnorm = running_statistics(self._batchnorms)
         # a copy each: one buffer for all would be a fresh mapping every time, faulted in page
         # by page, where the allocator reuses blocks of a parameter's size
-        self._before = {n: p.detach().clone() for n, p in self._params.items()}
+        self._before = stats.copy_params(list(self._params.values()))
         self._armed, self._awaits_backward = True, False
 
     def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
@@ -233,7 +233,7 @@ class Diagnostics:
             (
                 "param",
                 self._params,
-                lambda ns, ps: stats.param_stats([self._before[n] for n in ns], ps),
+                lambda _, ps: stats.param_stats(self._before, ps),  # in the order of arm()'s
             ),
         )
         groups = [
@@ -309,21 +309,29 @@ class Diagnostics:
 def running_statistics(batchnorms: list[tuple[str, nn.Module]]) -> dict[str, BatchNormCapture]:
     """The running statistics of each BatchNorm of ``(name, module)`` that tracks them, as they
     are now: views of one copy of all of them (one call, where a copy each costs a few
-    microseconds a layer), in their widest dtype. A frozen BatchNorm has running statistics
-    but does not track them."""
+    microseconds a layer), in their widest dtype; on a model across devices, a copy each. A
+    frozen BatchNorm has running statistics but does not track them; a lazy one has none before
+    its first batch. One without a count of its batches has NaN time constants."""
     tracked, running, counts = [], [], []
     for name, m in batchnorms:
         mean, var, count = (_buffer(m, b) for b in _RUNNING)
-        if count is not None and mean is not None and getattr(m, "track_running_stats", False):
+        if (
+            mean is not None
+            and var is not None
+            and getattr(m, "track_running_stats", False)
+            and not is_lazy(mean)
+        ):
             tracked.append((name, m))
             running += (mean, var)
-            counts.append(count)
+            no_count = torch.tensor(math.nan, device=mean.device)
+            counts.append(count if count is not None else no_count)
     if not tracked:
         return {}
-    if len({t.device for t in counts}) == 1:
-        values = torch.cat(running).split([t.numel() for t in running])  # (C,): mean, var, ...
+    if len({t.device for t in running}) == 1 and len({t.dtype for t in counts}) == 1:
+        flat = torch.cat([t.reshape(-1) for t in running]).split([t.numel() for t in running])
+        values = [v.view(t.shape) for v, t in zip(flat, running, strict=True)]  # mean, var, ...
         batches = torch.stack(counts).unbind()
-    else:  # a model across devices: a copy each
+    else:  # across devices, or some without a count: a copy each
         values, batches = [t.clone() for t in running], [t.clone() for t in counts]
     return {
         name: BatchNormCapture(values[2 * i], values[2 * i + 1], m.eps, m.momentum, batches[i])

@@ -220,7 +220,26 @@ def _spread_stats_aten(tensors: list[Tensor]) -> Columns:
     }
 
 
-def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
+class ParamCopies(NamedTuple):
+    """The parameters as they were before the step (``copy_params``)."""
+
+    tensors: list[Tensor]  # a copy of each
+    moments: Tensor | None  # (G, 4): mean, std, min, max of each, where the C++ operator copied
+
+
+def copy_params(params: list[Tensor]) -> ParamCopies:
+    """A copy of each parameter, for the step's update. On the CPU, in float32 or float64, the
+    C++ operator also measures each one's moments in the pass that copies it (contiguous
+    copies); elsewhere ``param_stats`` measures the copies."""
+    ops = _kernel(params)
+    if ops is None:
+        return ParamCopies([p.detach().clone() for p in params], None)
+    with torch.no_grad():  # the operator has no autograd
+        tensors, moments = ops.copy_moments(params)
+    return ParamCopies(tensors, moments)
+
+
+def param_stats(before: ParamCopies, params: list[Tensor]) -> Columns:
     """Per parameter: data std, update std, gradient std, range and histogram.
 
     A parameter without a gradient has NaN gradient columns. ``before`` are the recorder's own
@@ -228,19 +247,20 @@ def param_stats(before: list[Tensor], params: list[Tensor]) -> Columns:
     allocating (and on the CPU, faulting in) one more copy of the weights.
     """
     grads = [p.grad for p in params]
-    ops = _kernel([*before, *params, *grads])
-    if ops is None:
-        return _in_groups(params, lambda i: _param_stats_aten(_at(before, i), _at(params, i)))
-    # each parameter measured whole, its copy, its update and its gradient, while in the cache
-    data, update, grad, r, hist = ops.param_spread(
-        [t.contiguous() for t in before],
+    ops = _kernel([*before.tensors, *params, *grads])
+    if ops is None or before.moments is None:
+        copies = before.tensors
+        return _in_groups(params, lambda i: _param_stats_aten(_at(copies, i), _at(params, i)))
+    # each parameter measured whole, its update and its gradient, while in the cache
+    update, grad, r, hist = ops.param_spread(
+        before.tensors,
         [p.contiguous() for p in params],
         [g.contiguous() if g is not None else None for g in grads],
         BINS,
         HIST_SAMPLE,
     )  # (G, 4) moments each: mean, std, min, max
     return {
-        "data_std": data[:, 1],
+        "data_std": before.moments[:, 1],
         "update_std": update[:, 1],
         "grad_std": grad[:, 1],
         "grad_range": r,

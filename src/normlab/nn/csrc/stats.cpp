@@ -6,10 +6,11 @@
 // A recording measures every layer's output, gradient and parameter. As ATen operators, each
 // statistic costs a dozen operators per group of same-shaped tensors, and a model of many small
 // layers in many shapes spends most of a recording on their fixed cost. Here each statistic is
-// one pass over each tensor's values, the tensors split among the threads whole, so that every
-// tensor's numbers come from one fixed order of operations whatever the thread count. Sums run
-// in double. The histograms and fractions compute in float as the ATen version
-// (normlab/diagnostics/stats.py) does, so their counts are the same.
+// one pass over a tensor's values (an output's four: moments, histogram, saturated, dead), a
+// tensor's passes one after another while it is in the cache, the tensors split among the
+// threads whole, so that every tensor's numbers come from one fixed order of operations
+// whatever the thread count. Sums run in double. The histograms and fractions compute in float
+// as the ATen version (normlab/diagnostics/stats.py) does, so their counts are the same.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -61,9 +62,11 @@ constexpr int64_t kLanes = 32;
 // v - c and (v - c)², in double, with c the first value: the shift keeps the sum of squares from
 // cancelling (its error is a double's rounding times ((mean - c) / std)², and c is one of the
 // values), and a constant tensor's mean is its value and its std exactly 0. kLanes partial sums.
-template <typename scalar_t, bool Minus>
+// Copy: each value is also written to copy, in the same pass.
+template <typename scalar_t, bool Minus, bool Copy = false>
 NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
-                                    const scalar_t* __restrict minus, int64_t n, double* out) {
+                                    const scalar_t* __restrict minus, int64_t n, double* out,
+                                    scalar_t* __restrict copy = nullptr) {
   auto value = [&](int64_t i) {
     if constexpr (Minus) {
       return scalar_t(x[i] - minus[i]);  // the difference in the tensors' dtype, as ATen's
@@ -89,11 +92,16 @@ NORMLAB_SIMD_CLONES void moments_of(const scalar_t* __restrict x,
     lows[j] = std::min(lows[j], v);
     highs[j] = std::max(highs[j], v);
   };
+  auto take = [&](int64_t i) {
+    const scalar_t v = value(i);
+    if constexpr (Copy) copy[i] = v;
+    return v;
+  };
   for (int64_t i = 0; i < whole; i += kLanes) {
 #pragma omp simd
-    for (int64_t j = 0; j < kLanes; ++j) add(j, value(i + j));
+    for (int64_t j = 0; j < kLanes; ++j) add(j, take(i + j));
   }
-  for (int64_t i = whole; i < n; ++i) add(i - whole, value(i));
+  for (int64_t i = whole; i < n; ++i) add(i - whole, take(i));
   double sum = 0, square_sum = 0;
   scalar_t lo = lows[0], hi = highs[0];
   for (int64_t j = 0; j < kLanes; ++j) {
@@ -164,11 +172,11 @@ NORMLAB_SIMD_CLONES void count_bins(const scalar_t* v, int64_t n, int64_t stride
   }
 }
 
-// One tensor's spread, as stats.spread_stats computes it from the moments and histograms
-// operators: its moments (mean, std, min, max), the range r its histogram spans (the largest
-// magnitude, in float32, at least 1e-30; NaN where a value is) and the counts of every
-// stride-th value in bins over [-r, r]. The histogram reads the values right after the
-// moments, while they are in the cache. An absent tensor: NaN moments and range, no counts.
+// One tensor's spread, as stats.spread_stats's ATen path computes it: its moments (mean, std,
+// min, max), the range r its histogram spans (the largest magnitude, in float32, at least
+// 1e-30; NaN where a value is) and the counts of every stride-th value in bins over [-r, r].
+// The histogram reads the values right after the moments, while they are in the cache. An
+// absent tensor: NaN moments and range, no counts.
 void spread_of(const at::Tensor& x, int64_t bins, int64_t sample, double* moments, float* range,
                float* hist) {
   if (!x.defined()) {
@@ -204,11 +212,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spread(
   return {moments, range, hist};
 }
 
+// Each parameter's copy, taken before the step, contiguous, and the moments of its values (mean,
+// std, min, max), measured in the pass that copies them: a list of copies and (G, 4) float64.
+std::tuple<std::vector<at::Tensor>, at::Tensor> copy_moments(at::TensorList xs) {
+  const int64_t G = xs.size();
+  for (const at::Tensor& t : xs) {
+    TORCH_CHECK(t.is_cpu() && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                "normlab::copy_moments: every tensor must be a float32 or float64 CPU tensor");
+  }
+  std::vector<at::Tensor> copies(G);
+  for (int64_t g = 0; g < G; ++g) copies[g] = at::empty(xs[g].sizes(), xs[g].options());
+  at::Tensor out = at::empty({G, 4}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    const at::Tensor x = xs[g].contiguous();  // a strided parameter: one copy more
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::copy_moments", [&] {
+      moments_of<scalar_t, false, true>(x.const_data_ptr<scalar_t>(), nullptr, x.numel(),
+                                        o + 4 * g, copies[g].data_ptr<scalar_t>());
+    });
+  });
+  return {copies, out};
+}
+
 // Each parameter's statistics, the parameter measured whole before the next: the moments of
-// its values before the step (before[g]), of the step's update (params[g] - before[g]), and the
-// spread of its gradient (spread_of; NaN where it has none). Returns (G, 4) float64 data and
-// update moments, and the gradients' (G, 4) moments, (G,) ranges and (G, bins) counts.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_spread(
+// the step's update (params[g] - before[g], before[g] its copy from before the step) and the
+// spread of its gradient (spread_of; NaN where it has none). Returns the updates' (G, 4) float64
+// moments, and the gradients' (G, 4) moments, (G,) ranges and (G, bins) counts.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_spread(
     at::TensorList before, at::TensorList params,
     const c10::List<std::optional<at::Tensor>>& grads, int64_t bins, int64_t sample) {
   const int64_t G = before.size();
@@ -223,23 +253,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_spr
                 "normlab::param_spread: a parameter differs from its copy in shape or dtype");
   }
   const std::vector<at::Tensor> grad = optional_inputs(grads, "param_spread");
-  at::Tensor data = at::empty({G, 4}, at::kDouble), update = at::empty({G, 4}, at::kDouble);
-  at::Tensor moments = at::empty({G, 4}, at::kDouble), range = at::empty({G}, at::kFloat);
-  at::Tensor hist = at::zeros({G, bins}, at::kFloat);
-  double *d = data.data_ptr<double>(), *u = update.data_ptr<double>();
+  at::Tensor update = at::empty({G, 4}, at::kDouble), moments = at::empty({G, 4}, at::kDouble);
+  at::Tensor range = at::empty({G}, at::kFloat), hist = at::zeros({G, bins}, at::kFloat);
+  double* u = update.data_ptr<double>();
   double* m = moments.data_ptr<double>();
   float* r = range.data_ptr<float>();
   float* h = hist.data_ptr<float>();
   per_tensor(G, [&](int64_t g) {
     AT_DISPATCH_FLOATING_TYPES(before[g].scalar_type(), "normlab::param_spread", [&] {
-      const scalar_t* b = before[g].const_data_ptr<scalar_t>();
-      const int64_t n = before[g].numel();
-      moments_of<scalar_t, false>(b, nullptr, n, d + 4 * g);
-      moments_of<scalar_t, true>(params[g].const_data_ptr<scalar_t>(), b, n, u + 4 * g);
+      moments_of<scalar_t, true>(params[g].const_data_ptr<scalar_t>(),
+                                 before[g].const_data_ptr<scalar_t>(), before[g].numel(),
+                                 u + 4 * g);
     });
     spread_of(grad[g], bins, sample, m + 4 * g, r + g, h + g * bins);
   });
-  return {data, update, moments, range, hist};
+  return {update, moments, range, hist};
 }
 
 // What a recording keeps of a fine histogram row (F counts over [-r, r]): its counts summed
@@ -329,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor> output_summary(
                   int64_t(floor.size()) == G && int64_t(units.size()) == G &&
                   int64_t(positions.size()) == G,
               "normlab::output_summary: every layer's parameters must be one per tensor");
-  TORCH_CHECK(bins > 0 && sample > 0 && fine_bins % bins == 0,
+  TORCH_CHECK(bins > 0 && sample > 0 && fine_bins > 0 && fine_bins % bins == 0,
               "normlab::output_summary: the fine bins must be a positive multiple of bins");
   for (int64_t g = 0; g < G; ++g) {
     check_input(xs[g], "output_summary");
@@ -470,7 +498,8 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
   m.def("spread(Tensor?[] xs, int bins, int sample) -> (Tensor, Tensor, Tensor)");
   m.def(
       "param_spread(Tensor[] before, Tensor[] params, Tensor?[] grads, int bins, int sample) -> "
-      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("copy_moments(Tensor[] xs) -> (Tensor[], Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CPU, m) {
@@ -478,4 +507,5 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("batchnorm_drift", batchnorm_drift);
   m.impl("spread", spread);
   m.impl("param_spread", param_spread);
+  m.impl("copy_moments", copy_moments);
 }
