@@ -323,13 +323,17 @@ def running_statistics(batchnorms: list[tuple[str, nn.Module]]) -> dict[str, Bat
         ):
             tracked.append((name, m))
             running += (mean, var)
-            no_count = torch.tensor(math.nan, device=mean.device)
-            counts.append(count if count is not None else no_count)
+            if count is None:
+                count = torch.tensor(math.nan, device=mean.device)
+            counts.append(count)
     if not tracked:
         return {}
     if len({t.device for t in running}) == 1 and len({t.dtype for t in counts}) == 1:
-        flat = torch.cat([t.reshape(-1) for t in running]).split([t.numel() for t in running])
-        values = [v.view(t.shape) for v, t in zip(flat, running, strict=True)]  # mean, var, ...
+        flat = [t if t.dim() == 1 else t.reshape(-1) for t in running]
+        parts = torch.cat(flat).split([t.numel() for t in flat])  # (C,) each: mean, var, ...
+        values = [
+            v if t.dim() == 1 else v.view(t.shape) for v, t in zip(parts, running, strict=True)
+        ]
         batches = torch.stack(counts).unbind()
     else:  # across devices, or some without a count: a copy each
         values, batches = [t.clone() for t in running], [t.clone() for t in counts]

@@ -105,7 +105,7 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         *(units(x) if k.family == "rectifying" else (0, 0) for k, x in zip(kinds, xs, strict=True)),
         strict=True,
     )
-    rows, hist = ops.output_summary(
+    columns, hist = ops.output_summary(
         xs,
         mid,
         half,
@@ -118,8 +118,8 @@ def output_stats(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         FINE_BINS,
         BINS,
         HIST_SAMPLE,
-    )  # (G, 5 + P): mean, std, range, saturated, dead, the percentiles
-    return _output_columns(*rows[:, :5].T, hist, rows[:, 5:])
+    )  # (5 + P, G): mean, std, range, saturated, dead, the percentiles
+    return _output_columns(*columns[:5], hist, columns[5:])
 
 
 _MEASURES: dict[Kind, tuple[float, float, float, float]] = {}
@@ -143,11 +143,11 @@ def _measures(kind: Kind) -> tuple[float, float, float, float]:
 
 def _output_columns(mean, std, r, saturated, dead, hist, at_percentiles) -> Columns:
     """``output_stats``'s columns: ``hist`` (G, BINS) over ``[-r, r]``, ``at_percentiles``
-    (G, P) the PERCENTILES."""
+    (P, G) the PERCENTILES."""
     return {
         "mean": mean,
         "std": std,
-        **dict(zip(PERCENTILE_COLUMNS, at_percentiles.T, strict=True)),
+        **dict(zip(PERCENTILE_COLUMNS, at_percentiles, strict=True)),
         "saturated": saturated,
         "dead": dead,
         "hist_range": r,
@@ -188,7 +188,7 @@ def _output_stats_aten(kinds: list[Kind], outputs: list[Tensor]) -> Columns:
         dead = (1 - alive.float().mean(1)).where(~floor.isnan(), nan)
     hist = fine.view(-1, BINS, FINE_BINS // BINS).sum(2)  # (G, BINS)
     at_percentiles = percentiles(fine, r)  # (G, P)
-    return _output_columns(flat.mean(1), row_std(flat), r, saturated, dead, hist, at_percentiles)
+    return _output_columns(flat.mean(1), row_std(flat), r, saturated, dead, hist, at_percentiles.T)
 
 
 def spread_stats(tensors: list[Tensor | None]) -> Columns:
@@ -327,8 +327,10 @@ def _time_constants(captured: list) -> Tensor:
     """(G,): the time constants each BatchNorm's running statistics have seen, batches ×
     momentum (a cumulative average counts as momentum 0.1)."""
     factor = [c.momentum if c.momentum is not None else 0.1 for c in captured]
-    batches = torch.stack([c.batches_tracked for c in captured]).float()
-    return batches * torch.tensor(factor, device=batches.device)
+    batches = torch.stack([c.batches_tracked for c in captured])
+    if len(set(factor)) == 1:  # one momentum for all, the common case: no tensor of them
+        return batches.float() * factor[0]
+    return batches.float() * torch.tensor(factor, device=batches.device)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

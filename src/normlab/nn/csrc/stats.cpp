@@ -144,11 +144,13 @@ double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? k
 template <typename scalar_t>
 NORMLAB_SIMD_CLONES void count_bins(const scalar_t* v, int64_t n, int64_t stride, float r,
                                     int64_t bins, std::vector<int64_t>& counts) {
-  // kCopies histograms, value j counted in copy j % kCopies: consecutive values that fall in
-  // one bin (most of them, near the middle) then add to different counters, not each to the
-  // count the one before it is still storing; int32 counts, added up every 2^30 values
-  constexpr int64_t kCopies = 4, kChunk = int64_t(1) << 30;
+  // 4 histograms, value j counted in copy j % 4: consecutive values that fall in one bin (most
+  // of them, near the middle) then add to different counters, not each to the count the one
+  // before it is still storing; one where there are fewer values than counters to clear and
+  // add up. int32 counts, added up every 2^30 values
+  constexpr int64_t kChunk = int64_t(1) << 30;
   const int64_t m = (n + stride - 1) / stride;  // the values sampled
+  const int64_t kCopies = m >= 4 * bins ? 4 : 1;
   const float half_bins = float(bins) / 2, last = float(bins - 1);
   std::vector<int32_t> copies(kCopies * bins);
   int32_t bin[kBlock];
@@ -162,7 +164,7 @@ NORMLAB_SIMD_CLONES void count_bins(const scalar_t* v, int64_t n, int64_t stride
         float position = (float(v[j * stride]) / r + 1.0f) * half_bins;
         position = position == position ? position : 0.0f;
         position = position < 0.0f ? 0.0f : (position > last ? last : position);
-        bin[j - j0] = int32_t(position) + int32_t((j % kCopies) * bins);
+        bin[j - j0] = int32_t(position) + int32_t((j & (kCopies - 1)) * bins);
       }
       for (int64_t j = j0; j < j1; ++j) ++copies[bin[j - j0]];
     }
@@ -345,8 +347,8 @@ double dead_share(const scalar_t* v, int64_t n, int64_t U, int64_t P, float floo
 // over the batch at floor[g] with units[g] units of positions[g] values (a rectifying layer,
 // floor not NaN; else NaN); and the percentiles, read off fine_bins counts of every stride-th
 // value over [-r, r] (stride = max(1, numel / sample)), which are also summed into bins counts.
-// Returns (G, 5 + P) float64 rows (mean, std, r, saturated, dead, then the percentiles; r and
-// the percentiles computed in float32) and (G, bins) float32 counts.
+// Returns (5 + P, G) float64 columns (mean, std, r, saturated, dead, then the percentiles; r and
+// the percentiles computed in float32), each contiguous, and (G, bins) float32 counts.
 std::tuple<at::Tensor, at::Tensor> output_summary(
     at::TensorList xs, at::ArrayRef<double> mid, at::ArrayRef<double> half,
     at::ArrayRef<double> end, at::ArrayRef<double> floor, at::IntArrayRef units,
@@ -367,13 +369,13 @@ std::tuple<at::Tensor, at::Tensor> output_summary(
   }
   std::vector<float> q(P);
   for (int64_t k = 0; k < P; ++k) q[k] = float(percentiles[k]) / 100.0f;
-  at::Tensor rows = at::empty({G, K}, at::kDouble), coarse = at::empty({G, bins}, at::kFloat);
-  double* o = rows.data_ptr<double>();
+  at::Tensor columns = at::empty({K, G}, at::kDouble), coarse = at::empty({G, bins}, at::kFloat);
+  double* o = columns.data_ptr<double>();
   float* h = coarse.data_ptr<float>();
   per_tensor(G, [&](int64_t g) {
     const at::Tensor& x = xs[g];
     const int64_t n = x.numel(), stride = std::max<int64_t>(1, n / sample);
-    double* row = o + g * K;
+    auto column = [&](int64_t k) -> double& { return o[k * G + g]; };
     double moments[4];
     float r = 0;
     std::vector<int64_t> counts(fine_bins, 0);
@@ -385,20 +387,21 @@ std::tuple<at::Tensor, at::Tensor> output_summary(
       r = saturating ? float(end[g]) : std::isnan(largest) ? largest : std::max(largest, 1e-12f);
       count_bins<scalar_t>(v, n, stride, r, fine_bins, counts);
       const float limit = float(half[g]) * float(saturation);
-      row[3] = saturating && n ? double(count_beyond(v, n, float(mid[g]), limit)) / double(n)
-                               : kNaN;
-      row[4] = std::isnan(floor[g]) ? kNaN
-                                    : dead_share(v, n, units[g], positions[g], float(floor[g]));
+      column(3) = saturating && n ? double(count_beyond(v, n, float(mid[g]), limit)) / double(n)
+                                  : kNaN;
+      column(4) = std::isnan(floor[g])
+                      ? kNaN
+                      : dead_share(v, n, units[g], positions[g], float(floor[g]));
     });
-    row[0] = moments[0];
-    row[1] = moments[1];
-    row[2] = r;
+    column(0) = moments[0];
+    column(1) = moments[1];
+    column(2) = r;
     std::vector<float> fine(fine_bins), at(P);
     for (int64_t b = 0; b < fine_bins; ++b) fine[b] = float(counts[b]);
     summarize_histogram(fine.data(), fine_bins, r, q, bins, h + g * bins, at.data());
-    for (int64_t k = 0; k < P; ++k) row[5 + k] = at[k];
+    for (int64_t k = 0; k < P; ++k) column(5 + k) = at[k];
   });
-  return {rows, coarse};
+  return {columns, coarse};
 }
 
 // Each channel's batch mean and biased variance of x read as (B, C, P), P positions per
