@@ -162,7 +162,7 @@ class Diagnostics:
 
     def _forward_hook(self, name: str):
         def hook(module, _inputs, out):
-            if not (self._armed and module.training) or name in self._outputs:
+            if not self._recording(module) or name in self._outputs:
                 return
             out = out if type(out) is Tensor else first_tensor(out)
             if out is None:
@@ -184,13 +184,13 @@ class Diagnostics:
     def _bn_hook(self, name: str):
         def hook(module, inputs):
             # its input on its first call, where arm() copied its running statistics
-            if not (self._armed and module.training) or name in self._batchnorm_inputs:
+            recorded = self._recording(module) and name in self._batchnorm
+            if not recorded or name in self._batchnorm_inputs:
                 return
-            if name in self._batchnorm:
-                x = inputs[0].detach()
-                if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
-                    x = x.movedim(-1, 1)
-                self._keep(self._batchnorm_inputs, "batchnorm", name, x)  # measured in collect()
+            x = inputs[0].detach()
+            if getattr(module, "channels_last", False):  # (N, *, C) → (N, C, *)
+                x = x.movedim(-1, 1)
+            self._keep(self._batchnorm_inputs, "batchnorm", name, x)  # measured in collect()
 
         return hook
 
@@ -201,8 +201,6 @@ class Diagnostics:
         self._clear()
         self._params = dict(self.model.named_parameters())
         self._batchnorm = running_statistics(self._batchnorms)
-        # a copy each: one buffer for all would be a fresh mapping every time, faulted in page
-        # by page, where the allocator reuses blocks of a parameter's size
         self._before = stats.copy_params(list(self._params.values()))
         self._armed, self._awaits_backward = True, False
 

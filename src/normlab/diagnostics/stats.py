@@ -230,7 +230,9 @@ class ParamCopies(NamedTuple):
 def copy_params(params: list[Tensor]) -> ParamCopies:
     """A copy of each parameter, for the step's update. On the CPU, in float32 or float64, the
     C++ operator also measures each one's moments in the pass that copies it (contiguous
-    copies); elsewhere ``param_stats`` measures the copies."""
+    copies); elsewhere ``param_stats`` measures the copies. A copy each: one buffer for all
+    would be a fresh mapping every time, faulted in page by page, where the allocator reuses
+    blocks of a parameter's size."""
     ops = _kernel(params)
     if ops is None:
         return ParamCopies([p.detach().clone() for p in params], None)
@@ -327,10 +329,8 @@ def _time_constants(captured: list) -> Tensor:
     """(G,): the time constants each BatchNorm's running statistics have seen, batches ×
     momentum (a cumulative average counts as momentum 0.1)."""
     factor = [c.momentum if c.momentum is not None else 0.1 for c in captured]
-    batches = torch.stack([c.batches_tracked for c in captured])
-    if len(set(factor)) == 1:  # one momentum for all, the common case: no tensor of them
-        return batches.float() * factor[0]
-    return batches.float() * torch.tensor(factor, device=batches.device)
+    batches = torch.stack([c.batches_tracked for c in captured]).float()
+    return batches * torch.tensor(factor, device=batches.device)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

@@ -9,9 +9,10 @@ which dominates at the sizes these networks have, becomes one call each way.
 Its sums run over blocks of values in the input's dtype and in float64 across
 blocks, in one fixed order per channel whatever the thread count.
 
-``torch.ops.normlab.output_summary``, ``spread``, ``param_spread`` and ``batchnorm_drift``
-(``csrc/stats.cpp``) compute a recording's statistics for a whole list of tensors in one call
-each, a tensor measured whole before the next (``normlab.diagnostics.stats``).
+``torch.ops.normlab.copy_moments``, ``output_summary``, ``spread``, ``param_spread`` and
+``batchnorm_drift`` (``csrc/stats.cpp``) compute a recording's statistics for a whole list of
+tensors in one call each, a tensor measured whole before the next
+(``normlab.diagnostics.stats``).
 
 ``pip install --no-build-isolation`` builds them against the installed torch
 (``setup.py``; the Makefile does so). An install without them, a library that does
@@ -79,7 +80,7 @@ def stats_ops():
     """The statistics' operators (``torch.ops.normlab``), or None where there is no kernel."""
     if os.environ.get("NORMLAB_STATS_KERNEL", "1") == "0" or not library():
         return None
-    if not hasattr(torch.ops.normlab, "output_summary"):  # a library built before them
+    if not hasattr(torch.ops.normlab, "copy_moments"):  # a library built before them
         return None
     return torch.ops.normlab
 
