@@ -232,6 +232,39 @@ def test_the_compiled_step_equals_the_eager_step(names, overrides, optimizer_nam
         torch.testing.assert_close(value, expected[name], atol=1e-3, rtol=1e-3, msg=name)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"param": "mup", "output_bn": False},  # a param group per rate scale, each its own rate
+        {"norm": "layer", "dropout": 0.2, "residual": True, "block_size": 10},
+        {"arch": "wavenet", "block_size": 8, "n_layer": 3, "n_embd": 4},
+    ],
+)
+def test_the_compiled_sgd_step_updates_in_its_graph_as_torch_optim_does(names, overrides):
+    """SGD's update is part of the compiled graph, at each group's rate as a tensor: a new
+    rate every step is new data, not a new graph; a new weight decay is a new graph."""
+    eager_model, compiled_model = _models(names, **overrides)
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, weight_decay=0.1)
+    eager = CompiledStep(eager_model, make_optimizer(eager_model, cfg), compile=False)
+    compiled = CompiledStep(compiled_model, make_optimizer(compiled_model, cfg))
+    batches = list(_batches(names, 12, block_size=eager_model.config.block_size))
+    for i, (x, y) in enumerate(batches):
+        lr = 0.1 / (1 + i)
+        if i == 8:  # the groups' settings, read at each step as torch.optim reads them
+            for step in (eager, compiled):
+                step.optimizer.param_groups[0]["weight_decay"] = 0.0
+        rng = torch.get_rng_state()
+        eager_loss = eager(x, y, lr)
+        torch.set_rng_state(rng)
+        assert compiled(x, y, lr).item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    assert compiled._update_in_graph and len(compiled._proven) == 2  # the decay's two graphs
+    assert [g["lr"] for g in compiled.optimizer.param_groups] == compiled.rates.tolist()
+    expected = eager_model.state_dict()
+    for name, value in compiled_model.state_dict().items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=name)
+    assert compiled.optimizer.state_dict()["state"] == {}  # torch.optim's SGD keeps none
+
+
 class _WithAnUnusedLayer(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -243,12 +276,15 @@ class _WithAnUnusedLayer(torch.nn.Module):
         return self.head(self.embedding(x).flatten(1)), None
 
 
-def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_optim_does(names):
+@pytest.mark.parametrize("optimizer_name, compile", [("adamw", False), ("sgd", True)])
+def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_optim_does(
+    names, optimizer_name, compile
+):
     reference, model = _WithAnUnusedLayer(), _WithAnUnusedLayer()
     model.load_state_dict(reference.state_dict())
-    cfg = TrainConfig(optimizer="adamw", lr=0.01, weight_decay=0.1)
+    cfg = TrainConfig(optimizer=optimizer_name, lr=0.01, weight_decay=0.1)
     optimizer, own_optimizer = make_optimizer(reference, cfg), make_optimizer(model, cfg)
-    step = CompiledStep(model, own_optimizer, compile=False)
+    step = CompiledStep(model, own_optimizer, compile=compile)
     before = model.unused.weight.detach().clone()
     for x, y in _batches(names, 5):
         logits, _ = reference(x)
@@ -256,6 +292,7 @@ def test_a_parameter_the_loss_does_not_use_is_left_alone_as_torch_optim_does(nam
         torch.nn.functional.cross_entropy(logits, y).backward()
         optimizer.step()
         step(x, y, 0.01)
+    assert bool(step._proven) == compile  # compiled, not fallen back
     assert torch.equal(model.unused.weight, before)
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, atol=1e-5, rtol=1e-5)

@@ -4,12 +4,14 @@
 100 ``lecture-deep`` steps, eager (``--no-compile``) and compiled, recorded by
 its ``command`` (``python tests/test_trace.py`` records them again). Float
 arithmetic is only reproducible bit for bit with the same kernels: on another
-torch version or CPU instruction set the losses are held to 1e-5 instead, and
-the weights' hash is not compared.
+torch version, CPU instruction set or processor (whose BLAS may take another
+code path) the val losses are held to 1e-5 instead, and the weights' hash is not
+compared.
 """
 
 import hashlib
 import json
+import platform
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,28 @@ from normlab.lm.cli import main
 
 TRACE_PATH = Path(__file__).parent / "data" / "lecture_deep_trace.json"
 TRACE = json.loads(TRACE_PATH.read_text())
-SAME_KERNELS = TRACE["recorded_with"] == {
-    "torch": torch.__version__,
-    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-}
+
+
+def _processor() -> str:
+    """The processor's model name (Linux), or what ``platform`` says elsewhere."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def _kernels() -> dict:
+    """What decides which kernels a run's arithmetic takes."""
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "processor": _processor(),
+    }
+
+
+SAME_KERNELS = TRACE["recorded_with"] == _kernels()
 
 
 def _weights_sha256(run: Path) -> str:
@@ -68,10 +88,7 @@ def test_compiled_training_gives_the_recorded_numbers(tmp_path, capsys):
 
 def record(folder: Path) -> None:
     """Record both paths' numbers into the trace, on this machine's torch and CPU."""
-    TRACE["recorded_with"] = {
-        "torch": torch.__version__,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
+    TRACE["recorded_with"] = _kernels()
     for path in FLAGS:
         rows = _train(folder / path, path)
         TRACE[path] = {"metrics": rows, "weights_sha256": _weights_sha256(folder / path)}

@@ -3,15 +3,19 @@ preset) turns that off.
 
 These networks are small: an eager step spends most of its time on the
 per-operator overhead of a hundred small kernels and of the autograd engine,
-not on arithmetic. ``CompiledStep`` traces the step up to the update, written
-with the model's own forward and autograd, into one graph (``make_fx``): the
-forward pass, the running statistics, and the backward that autograd derives
-from it (BatchNorm's closed-form backward included). Inductor, ``torch.compile``'s
+not on arithmetic. ``CompiledStep`` traces the step, written with the model's
+own forward and autograd, into one graph (``make_fx``): the forward pass, the
+running statistics, the backward that autograd derives from it (BatchNorm's
+closed-form backward included), and with SGD the update. Inductor, ``torch.compile``'s
 compiler, turns that graph into fused kernels. Nothing in it is a second copy of the
 model: a change to a layer changes the graph, and with it the compiled step. The update
-is torch.optim's own (``normlab.lm.optim.FunctionalUpdate``), fused as
-``make_optimizer`` builds it, on the gradients the graph writes: one kernel
-per param group, and the same update, bit for bit, as ``optimizer.step()``.
+is torch.optim's own. SGD's is part of the graph: torch.optim's functional SGD
+(its foreach form, as ``torch.compile`` traces it), on a tensor of each param
+group's rate, so a new rate is new data, not a new graph. AdamW's fused kernel
+cannot be traced (torch 2.13 has no fake kernel for its tensor-rate form), so
+AdamW's update runs after the graph, as ``FunctionalUpdate``
+(``normlab.lm.optim``): torch.optim's fused kernel per param group, on the
+gradients the graph writes, the same update, bit for bit, as ``optimizer.step()``.
 
 On several processes the step all-reduces the gradients itself (summed, see
 ``normlab.lm.distributed``) and SyncBatchNorm's statistics, with functional
@@ -20,10 +24,11 @@ checkpoints are the same objects whichever path a step takes.
 
 A diagnostics recording (``CompiledStep.recorded``) runs the same function untraced,
 on the model's own tensors, with the ``Diagnostics`` hooks attached: autograd's
-step, then the same update. A recording is one step in many (every 100 by
-default), and tracing it costs more than it saves: at lecture-deep's batch 32 a
-trace takes about 0.2 s, the traced graph run op by op saves nothing against
-autograd, and compiling it as well takes seconds (``benchmarks/bench_recording.py``).
+step, then the optimizer's update by its fused kernel (``FunctionalUpdate``). A
+recording is one step in many (every 100 by default), and tracing it costs more
+than it saves: at lecture-deep's batch 32 a trace takes about 0.2 s, the traced
+graph run op by op saves nothing against autograd, and compiling it as well takes
+seconds (``benchmarks/bench_recording.py``).
 
 Other module hooks run while the step is traced, not in the compiled step, and
 hooks on the parameters or their gradients never run in it (the graph
@@ -45,12 +50,19 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.optim.sgd import sgd
 
 from normlab.diagnostics import Diagnostics
 from normlab.errors import first_line
 from normlab.lm.model import next_char_loss
 from normlab.lm.optim import FunctionalUpdate, set_learning_rate
 from normlab.nn import set_mode
+
+# torch.optim's foreach SGD multiplies by a tensor learning rate only while torch.compile
+# traces it; otherwise it reads the rate's value, which a trace can only carry as a
+# data-dependent scalar. The same context, for the trace of the step's update; a torch
+# without it updates after the graph, as AdamW does.
+_COMPILING = getattr(torch.compiler, "_compile_session_context", None)
 
 
 def compile_cache_dir() -> Path:
@@ -86,8 +98,18 @@ def _options(device: torch.device) -> dict:
 
     ``cpp_wrapper`` (CPU): the compiled graph's wrapper is C++, which calls the matrix
     products and fused kernels without a Python call each.
+
+    ``size_asserts`` off: the wrapper would check the sizes and strides of every input and
+    of every ATen kernel's output (formatting each check's message into a string stream)
+    on every call, about 10 µs of a 190 µs step at batch 32 (docs/PERFORMANCE.md, section
+    1b). ``CompiledStep`` keys each compiled graph by the batch's shapes and strides, its
+    other inputs are its own tensors, and the kernels are ATen's own.
     """
-    options = {"fallback_random": True, "cpp_wrapper": device.type == "cpu"}
+    options = {
+        "fallback_random": True,
+        "cpp_wrapper": device.type == "cpu",
+        "size_asserts": False,
+    }
     if hasattr(torch._inductor.config.cpp, "use_decompose_tanh"):
         options["cpp.use_decompose_tanh"] = True
     return options
@@ -135,9 +157,20 @@ def _compile(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable:
     return step
 
 
+class Ran(NamedTuple):
+    """One run of ``_gradients``: the loss, the places of the parameters it differentiated,
+    and whether it applied the optimizer's update itself (a compiled SGD step) rather than
+    writing their gradients into the step's buffer."""
+
+    loss: Tensor
+    places: tuple[int, ...]
+    updated: bool
+
+
 class Gradients(NamedTuple):
-    """The gradients that a compiled graph writes (views of the step's buffer; None for a
-    parameter it leaves out), and the optimizer's update from them (``FunctionalUpdate.on``)."""
+    """The gradients that ``_gradients`` writes where it does not update (views of the step's
+    buffer; None for a parameter it leaves out), and the optimizer's update from them
+    (``FunctionalUpdate.on``)."""
 
     grads: list[Tensor | None]
     update: Callable[[], None]
@@ -146,16 +179,19 @@ class Gradients(NamedTuple):
 class CompiledStep:
     """``step(x, y, lr) -> loss``: one step of ``model`` and ``optimizer`` on a batch, in place.
 
-    The step is one function, ``_gradients``, and then the optimizer's own update:
+    The step is one function, ``_gradients``, and the optimizer's own update:
     ``_gradients`` runs the forward pass (which moves BatchNorm's running
-    statistics), the loss and autograd's backward, and returns the gradients,
-    which torch.optim's fused kernels apply (``FunctionalUpdate``: SGD
-    without momentum, AdamW without amsgrad) with every param group's settings;
-    ``lr`` is the schedule's rate, which each group scales by its ``lr_scale``
-    (``normlab.lm.optim.set_learning_rate``).
-    ``compile=True`` traces ``_gradients`` into one graph and compiles it;
-    ``compile=False`` runs it as it is, on the parameters themselves: what
-    ``--no-compile`` trains with, so that the parameters' hooks run.
+    statistics), the loss and autograd's backward, and writes the gradients
+    into the step's buffer, which torch.optim's fused kernels then apply
+    (``FunctionalUpdate``: SGD without momentum, AdamW without amsgrad) with
+    every param group's settings; ``lr`` is the schedule's rate, which each
+    group scales by its ``lr_scale`` (``normlab.lm.optim.set_learning_rate``).
+    ``compile=True`` traces ``_gradients`` into one graph and compiles it; with
+    SGD the traced function applies the update itself (torch.optim's foreach SGD,
+    its rounding: a product and a sum, where the fused kernel rounds once), and
+    leaves the buffer as it was. ``compile=False`` runs it as it is, on the
+    parameters themselves: what ``--no-compile`` trains with, so that the
+    parameters' hooks run.
 
     The loss is the rows' summed cross-entropy over ``batch_size`` (the global
     batch; by default the batch's own size, so its mean). With a process
@@ -185,8 +221,8 @@ class CompiledStep:
         self.names = tuple(named)
         self.params = list(params.values())
         self._trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
-        # the trainable parameters' gradients, in one buffer that each step writes in place
-        # (as DDP's buckets): fixed views of it are what the update reads
+        # the trainable parameters' gradients, in one buffer that a step updating after its
+        # graph writes in place (as DDP's buckets): fixed views of it are what that update reads
         sizes = [self.params[i].numel() for i in self._trainable]
         first = self.params[self._trainable[0]] if self._trainable else torch.empty(0)
         grad_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
@@ -194,11 +230,20 @@ class CompiledStep:
             i: view.view(self.params[i].shape)
             for i, view in zip(self._trainable, grad_buffer.split(sizes), strict=True)
         }
-        # the tensors the step reads and writes, as one list: the parameters, the buffers
-        # (running statistics), then the gradients' buffer
-        self.tensors: list[Tensor] = [t.detach() for t in named.values()] + [grad_buffer]
-        self._leaves: list[Tensor] = [*named.values(), grad_buffer]  # what runs untraced
         self.update = FunctionalUpdate(optimizer, self.params)
+        # SGD's update is traced into the compiled graph; AdamW's fused kernel cannot be
+        self._update_in_graph = compile and not self.update.adamw and _COMPILING is not None
+        # each param group's learning rate, an input of the graph (float64, as the groups
+        # hold it; the update multiplies in the gradients' dtype), and the rates it last held
+        n_groups = len(optimizer.param_groups)
+        self.rates = torch.zeros(n_groups, dtype=torch.float64, device=first.device)
+        self._rate_of_group = self.rates.unbind()
+        self._rates_held: tuple[float, ...] | None = None
+        # the tensors the step reads and writes, as one list: the parameters, the buffers
+        # (running statistics), the gradients' buffer, then the learning rates
+        self.tensors: list[Tensor] = [t.detach() for t in named.values()]
+        self.tensors += [grad_buffer, self.rates]
+        self._leaves: list[Tensor] = [*named.values(), grad_buffer, self.rates]  # untraced
         self.compile = compile
         self._compiled: dict[tuple, object] = {}  # by the batch and the model's mode
         self._places: dict[tuple, tuple[int, ...]] = {}  # by the same: the parameters with a grad
@@ -207,15 +252,16 @@ class CompiledStep:
         self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
 
     def _gradients(self, tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """The step up to the update, from the model's forward and autograd; what is traced.
+        """The step, from the model's forward and autograd; what is traced.
 
-        Writes the trainable parameters' gradients into the gradients' buffer (the last of
-        ``tensors``), notes in ``self._traced`` the places of those that the loss uses, and
-        returns the loss."""
+        Notes in ``self._traced`` the places of the parameters that the loss uses, and returns
+        the loss. Untraced, or traced with AdamW, writes the trainable parameters' gradients
+        into the gradients' buffer (``tensors[-2]``), for the update after it; traced with SGD,
+        applies the update itself (``_sgd``)."""
         n_params = len(self.params)
         # autograd's leaves: the parameters themselves untraced, else copies
         params = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors[:n_params]]
-        state = dict(zip(self.names, params + tensors[n_params:-1], strict=True))
+        state = dict(zip(self.names, params + tensors[n_params:-2], strict=True))
         # untraced, the model's own tensors: calling it is the same, without swapping them in
         forward = (
             self.model if tensors is self._leaves else partial(functional_call, self.model, state)
@@ -236,8 +282,44 @@ class CompiledStep:
         flat = torch.cat([g.flatten() for g in found])  # (numel,)
         if self.group is not None:  # one all-reduce of them all
             flat = funcol.all_reduce(flat, "sum", self.group)
-        tensors[-1].copy_(flat)
+        if tensors is self._leaves or not self._update_in_graph:
+            tensors[-2].copy_(flat)
+        else:
+            self._sgd(tensors[:n_params], flat, rates=tensors[-1])
         return loss.detach()
+
+    def _sgd(self, params: list[Tensor], flat: Tensor, rates: Tensor) -> None:
+        """torch.optim's SGD update of ``params`` (the traced step's own tensors) from the
+        gradients in ``flat``, group by group, each at its rate in ``rates``.
+
+        The update reads views of ``flat``, which every gradient feeds, so no update can be
+        ordered before a read of a parameter that feeds a gradient: a workaround. Updating
+        each parameter from its own gradient lets torch 2.13's inductor fold the update into
+        the gradient's matrix product, an ``addmm`` into the weight, and the weights come
+        out wrong; ``tests/test_compiled.py`` holds the update to the fused kernel's."""
+        sizes = [params[i].numel() for i in self._trainable]
+        grads = {
+            i: view.view(params[i].shape)
+            for i, view in zip(self._trainable, flat.split(sizes), strict=True)
+        }
+        with torch.no_grad(), _COMPILING():
+            groups = zip(self.optimizer.param_groups, self.update.places, strict=True)
+            for g, (group, places) in enumerate(groups):
+                present = [i for i in places if i in self._traced]  # None: no update
+                if not present:
+                    continue
+                sgd(
+                    [params[i] for i in present],
+                    [grads[i] for i in present],
+                    [None] * len(present),  # no momentum
+                    foreach=True,
+                    weight_decay=group["weight_decay"],
+                    momentum=0.0,
+                    lr=rates[g],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                )
 
     def _compiled_for(self, key: tuple, x: Tensor, y: Tensor):
         """The compiled ``_gradients`` for ``key`` (``_key``: this batch's shape, the model's
@@ -250,7 +332,19 @@ class CompiledStep:
         return self._compiled[key]
 
     def _key(self, x: Tensor, y: Tensor) -> tuple:
-        return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device, self.model.training)
+        key = (x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device, self.model.training)
+        if self._update_in_graph:  # the groups' settings that the traced update holds
+            key += tuple((g["weight_decay"], g["maximize"]) for g in self.optimizer.param_groups)
+        return key
+
+    def _hold_rates(self) -> None:
+        """``self.rates``: the param groups' learning rates, written when they change (a fill
+        each, which on a GPU waits for nothing, where a copy from host memory would)."""
+        rates = tuple(group["lr"] for group in self.optimizer.param_groups)
+        if rates != self._rates_held:
+            for rate, value in zip(self._rate_of_group, rates, strict=True):
+                rate.fill_(value)
+            self._rates_held = rates
 
     def _update(self, places: tuple[int, ...], lr: float) -> None:
         """The optimizer's update from the gradients at ``places``, at learning rate ``lr``."""
@@ -267,17 +361,18 @@ class CompiledStep:
             self._grad_lists[places] = Gradients(grads, self.update.on(grads))
         return self._grad_lists[places]
 
-    def _run_gradients(self, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[int, ...]]:
-        """``_gradients``, compiled unless it cannot be: the loss, and the places of the
-        gradients it wrote."""
+    def _run_gradients(self, x: Tensor, y: Tensor) -> Ran:
+        """``_gradients``, compiled unless it cannot be."""
         if not self.compile:
-            return self._gradients(self._leaves, x, y), self._traced
+            return Ran(self._gradients(self._leaves, x, y), self._traced, updated=False)
         key = self._key(x, y)
         if key in self._proven:
-            return self._compiled[key](self.tensors, x, y), self._places[key]
-        # Until a graph has run once, keep what it updates in place (the running statistics):
-        # a graph that fails (no C++ compiler, an unsupported platform) may have updated some
-        # already, and the uncompiled retry must start from the same state.
+            return Ran(
+                self._compiled[key](self.tensors, x, y), self._places[key], self._update_in_graph
+            )
+        # Until a graph has run once, keep what it updates in place (the running statistics,
+        # the parameters): a graph that fails (no C++ compiler, an unsupported platform) may
+        # have updated some already, and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
@@ -293,14 +388,18 @@ class CompiledStep:
                     t.copy_(before)
             torch.set_rng_state(rng)
             self.compile = False
-            return self._gradients(self._leaves, x, y), self._traced
+            return Ran(self._gradients(self._leaves, x, y), self._traced, updated=False)
         self._proven.add(key)
-        return out, self._places[key]
+        return Ran(out, self._places[key], self._update_in_graph)
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        loss, places = self._run_gradients(x, y)
-        self._update(places, lr)
-        return loss
+        set_learning_rate(self.optimizer, lr)
+        if self._update_in_graph:
+            self._hold_rates()
+        ran = self._run_gradients(x, y)
+        if not ran.updated:
+            self._grads_at(ran.places).update()
+        return ran.loss
 
     def untraced(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         """The step as a recording runs it, without recording: untraced, on the model's own
@@ -319,7 +418,7 @@ class CompiledStep:
         """``untraced``, recorded into ``recorder``, which must be armed: returns the loss and
         the batch's eval-mode loss before the update, and leaves in ``recorder`` what its hooks
         captured, and in each parameter's ``.grad`` its gradient (a view of the step's
-        gradients' buffer, which the next step overwrites), for ``recorder.collect()`` to
+        gradients' buffer, which a later step may overwrite), for ``recorder.collect()`` to
         measure."""
         if not recorder.armed:  # its hooks would capture nothing
             raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")

@@ -4,7 +4,7 @@
 ``TrainStep``: forward, loss, backward, the optimizer's update (BatchNorm's
 running statistics move in the forward pass), the weights' moving average,
 and on request a diagnostics recording. The step itself is one function,
-``CompiledStep._step`` (``normlab.lm.compiled``): traced and compiled unless
+``CompiledStep._gradients`` (``normlab.lm.compiled``): traced and compiled unless
 ``--no-compile``, which runs it as it is, on the parameters themselves.
 """
 
