@@ -25,12 +25,16 @@ TRACE = json.loads(TRACE_PATH.read_text())
 
 
 def _processor() -> str:
-    """The processor's model name (Linux), or what ``platform`` says elsewhere."""
+    """The processor's model name and a digest of its feature flags (Linux: a virtual
+    machine may name every generation alike, and a BLAS picks its code path by the
+    features), or what ``platform`` says elsewhere."""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        first = cpuinfo.read_text().split("\n\n")[0]  # the first processor's block
+        fields = dict(line.split(":", 1) for line in first.splitlines() if ":" in line)
+        fields = {key.strip(): value.strip() for key, value in fields.items()}
+        flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
+        return f"{fields.get('model name', '')}; flags {flags}"
     return platform.processor()
 
 
