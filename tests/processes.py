@@ -6,18 +6,29 @@ import time
 
 import torch.distributed as dist
 
+from normlab.lm.checkpoint import load_checkpoint
 
-def start_run(command: list, out) -> subprocess.Popen:
-    """Start ``command`` (a ``normlab train``) and return once it wrote its first checkpoint."""
+
+def start_run(
+    command: list, out, past_step: int | None = None, timeout: float = 60
+) -> subprocess.Popen:
+    """Start ``command`` (a ``normlab train``) and return once it wrote its first checkpoint,
+    or with ``past_step``, a checkpoint past that step."""
     proc = subprocess.Popen(
         list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 60
-    while not (out / "checkpoint.pt").exists():
+    deadline = time.monotonic() + timeout
+    while not _checkpointed(out, past_step):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.005)
     return proc
+
+
+def _checkpointed(out, past_step: int | None) -> bool:
+    if not (out / "checkpoint.pt").exists():
+        return False
+    return past_step is None or load_checkpoint(out)["progress"]["step"] > past_step
 
 
 def leave_process_group() -> None:

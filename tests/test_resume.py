@@ -51,12 +51,7 @@ def _resume_cmd(out):
 def _start_and_signal(cmd, out, sig, delay, past_step=None):
     """Start a run, wait for its first checkpoint (with ``past_step``, for one past that
     step), wait ``delay`` s more, send ``sig``."""
-    proc = start_run(cmd, out)
-    deadline = time.monotonic() + 120
-    while past_step is not None and load_checkpoint(out)["progress"]["step"] <= past_step:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    proc = start_run(cmd, out, past_step, timeout=60 if past_step is None else 120)
     time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)

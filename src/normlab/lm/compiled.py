@@ -226,10 +226,7 @@ class CompiledStep:
         sizes = [self.params[i].numel() for i in self._trainable]
         first = self.params[self._trainable[0]] if self._trainable else torch.empty(0)
         grad_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
-        self._grad_views = {
-            i: view.view(self.params[i].shape)
-            for i, view in zip(self._trainable, grad_buffer.split(sizes), strict=True)
-        }
+        self._grad_views = self._by_parameter(grad_buffer)
         self.update = FunctionalUpdate(optimizer, self.params)
         # SGD's update is traced into the compiled graph; AdamW's fused kernel cannot be
         self._update_in_graph = compile and not self.update.adamw and _COMPILING is not None
@@ -297,11 +294,7 @@ class CompiledStep:
         each parameter from its own gradient lets torch 2.13's inductor fold the update into
         the gradient's matrix product, an ``addmm`` into the weight, and the weights come
         out wrong; ``tests/test_compiled.py`` holds the update to the fused kernel's."""
-        sizes = [params[i].numel() for i in self._trainable]
-        grads = {
-            i: view.view(params[i].shape)
-            for i, view in zip(self._trainable, flat.split(sizes), strict=True)
-        }
+        grads = self._by_parameter(flat)
         with torch.no_grad(), _COMPILING():
             groups = zip(self.optimizer.param_groups, self.update.places, strict=True)
             for g, (group, places) in enumerate(groups):
@@ -320,6 +313,16 @@ class CompiledStep:
                     nesterov=group["nesterov"],
                     maximize=group["maximize"],
                 )
+
+    def _by_parameter(self, flat: Tensor) -> dict[int, Tensor]:
+        """``flat`` (numel,), the trainable parameters' values end to end, as a view for each
+        parameter's place, shaped as the parameter."""
+        sizes = [self.params[i].numel() for i in self._trainable]
+        views = flat.split(sizes)
+        return {
+            i: view.view(self.params[i].shape)
+            for i, view in zip(self._trainable, views, strict=True)
+        }
 
     def _compiled_for(self, key: tuple, x: Tensor, y: Tensor):
         """The compiled ``_gradients`` for ``key`` (``_key``: this batch's shape, the model's
