@@ -1,13 +1,17 @@
 """What a diagnostics recording costs on lecture-deep, as a compiled run takes it.
 
-A run records every 100th step: ``CompiledStep.recorded``, the step untraced on autograd with
-the ``Diagnostics`` hooks attached, then ``Diagnostics.collect()``, the statistics. Here
-lecture-deep trains on SGD with its step compiled, recording every 100th step, as
-``normlab train`` does, and the benchmark prints per batch size the plain step's time, a
-recording's (and its parts: ``arm()``, the step with its hooks and the batch's eval-mode
-loss, ``collect()``), the first recording's, and a recording's cost against the 100 steps
-it covers. The recordings run between plain steps, as in a run, not back to back: the
-caches a plain step leaves make a recording slower than it is in a tight loop.
+A run records every 100th step: ``CompiledStep.record``, which for lecture-deep on SGD, its
+step compiled, runs the recording's own compiled graph (the step, the batch's eval-mode loss
+and every statistic, in one call), then ``Diagnostics.take``, which brings the statistics to
+the host as a Snapshot. Here lecture-deep trains as ``normlab train`` does, recording every
+100th step, and the benchmark prints per batch size the plain step's time, a recording's (and
+its parts: the recorded step, ``take``), and a recording's cost against the 100 steps it
+covers; then the first recording's time (a run's first step: the pass that learns what the
+model writes in place, the recording graph's trace and its compile, with whatever the compile
+cache holds) and which path recordings took. The recordings run between plain steps, as in a
+run, not back to back: the caches a plain step leaves make a recording slower than it is in a
+tight loop, which the last figures give (a recording's parts back to back, and the statistics'
+operators' share, from ``torch.profiler``).
 
     .venv/bin/python benchmarks/bench_recording.py [--rounds 3] [--threads 1]
 """
@@ -31,15 +35,11 @@ CASES = ((32, 30), (256, 10))  # batch size, recordings per round
 
 
 class Parts:
-    """Seconds spent in ``arm()``, the recorded step and ``collect()``, summed."""
+    """Seconds spent in the recorded step and in ``take``, summed."""
 
     def __init__(self, step: TrainStep, diagnostics: Diagnostics) -> None:
-        self.seconds = {"arm": 0.0, "step": 0.0, "collect": 0.0}
-        for part, owner, name in (
-            ("arm", diagnostics, "arm"),
-            ("step", step.core, "recorded"),
-            ("collect", diagnostics, "collect"),
-        ):
+        self.seconds = {"step": 0.0, "take": 0.0}
+        for part, owner, name in (("step", step.core, "record"), ("take", diagnostics, "take")):
             setattr(owner, name, self._timed(part, getattr(owner, name)))
 
     def _timed(self, part: str, method):
@@ -73,6 +73,27 @@ def one_round(step, diagnostics, parts, batches) -> tuple[float, float, dict]:
     return plain_ms, 1000 * recorded_s / recordings, per_part
 
 
+def alone(step: TrainStep, diagnostics: Diagnostics, x, y, n: int = 300) -> str:
+    """Back to back, ``n`` recordings' parts (the recorded step, ``take``), and the
+    statistics' operators' time per recording (``torch.profiler``): what a recording costs
+    with its caches warm."""
+    recorded = step.core.record(x, y, LR, diagnostics)
+    start = time.perf_counter()
+    for _ in range(n):
+        step.core.record(x, y, LR, diagnostics)
+    step_ms = 1000 * (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    for i in range(n):
+        diagnostics.take(recorded.measured, i)
+    take_ms = 1000 * (time.perf_counter() - start) / n
+    with torch.profiler.profile() as profile:
+        for _ in range(20):
+            step.core.record(x, y, LR, diagnostics)
+    ops = [e for e in profile.key_averages() if e.key.startswith("normlab::")]
+    ops = ", ".join(f"{e.key[9:]} {e.self_cpu_time_total / 20:.0f} µs" for e in ops)
+    return f"back to back: the recorded step {step_ms:.2f} ms, take {take_ms:.2f} ms ({ops})"
+
+
 def main():
     args = rounds_and_threads(__doc__)
     data = load_dataset(None, PRESETS["lecture-deep"]["model"]["block_size"])
@@ -90,6 +111,7 @@ def main():
         step(*batches[0], LR, diagnostics, 0)  # a run's first step records
         first_s = time.perf_counter() - start
         step(*batches[1], LR)  # compiles the plain step (or loads it from the cache)
+        path = "in their compiled graph" if step.core._forms else "untraced"
         parts = Parts(step, diagnostics)
         rounds = [one_round(step, diagnostics, parts, batches) for _ in range(args.rounds)]
         plain = statistics.median(r[0] for r in rounds)
@@ -101,7 +123,8 @@ def main():
             f"a recording every {EVERY} steps {recording:.2f} ms ("
             + ", ".join(f"{p} {ms:.2f}" for p, ms in per_part.items())
             + f"), {recording / plain:.1f}× a plain step, {share:.1%} of the {EVERY} steps' time; "
-            f"the first recording {1000 * first_s:.1f} ms",
+            f"the first recording {first_s:.2f} s; recordings ran {path}; "
+            + alone(step, diagnostics, *batches[0]),
             flush=True,
         )
 

@@ -318,7 +318,8 @@ def test_row_std_and_param_stats_equal_torch_for_one_row_and_several():
     for indices, kernel_copies in zip(groups, copied, strict=True):
         group = [params[i] for i in indices]
         plain = ParamCopies([before[i].clone() for i in indices], None)  # ATen: updates them
-        for columns in (param_stats(kernel_copies, group), param_stats(plain, group)):
+        grads = [p.grad for p in group]
+        for columns in (param_stats(kernel_copies, group, grads), param_stats(plain, group, grads)):
             for row, i in enumerate(indices):
                 p, b = params[i], before[i]
                 assert columns["data_std"][row].item() == pytest.approx(b.std().item(), rel=1e-5)

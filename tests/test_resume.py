@@ -117,19 +117,23 @@ def test_ctrl_c_or_sigterm_saves_and_resumes_bit_identically(uninterrupted, tmp_
 @pytest.mark.parametrize(
     "optimizer",
     [
-        # AdamW updates after the compiled graph, by its fused kernel
-        ["--optimizer", "adamw", "--lr", "0.01"],
+        # AdamW updates after the compiled graph, by its fused kernel; dropout: what the
+        # compiled step draws
+        ["--optimizer", "adamw", "--lr", "0.01", "--dropout", "0.1"],
         # SGD updates in the graph, at a rate the schedule changes every step
-        ["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "0.01"],
+        ["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "0.01", "--dropout", "0.1"],
+        # without dropout, and with RECORDINGS_TO_COMPILE recordings (every 10th step), every
+        # recording runs in its own compiled graph, the resumed run's first one included
+        ["--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "0.01", "--diagnose-every", "10"],
     ],
-    ids=["adamw", "sgd"],
+    ids=["adamw", "sgd", "sgd-recordings-compiled"],
 )
 def test_a_compiled_run_killed_and_resumed_is_bit_identical(tmp_path, tiny, optimizer):
     steps = 10_000  # the compiled step is fast: a run long enough to be killed in the middle
 
     def command(out):
-        # dropout and the moving average: what the compiled step draws, and what follows it
-        flags = [*optimizer, "--dropout", "0.1", "--ema", "0.99"]
+        # the moving average: what follows the step
+        flags = [*optimizer, "--ema", "0.99"]
         flags += ["--compile", "--steps", str(steps), "--eval-every", "5000"]
         flags += ["--checkpoint-every", "100", "--out", str(out)]
         return [sys.executable, "-m", "normlab", "train", *tiny, *flags]

@@ -133,8 +133,9 @@ def test_param_and_spread_columns_equal_the_aten_path(monkeypatch):
     with torch.no_grad():
         for p in params:
             p.add_(torch.randn(p.shape, generator=g) * 1e-3)
-    kernel = stats.param_stats(before, params)
-    aten = _aten(monkeypatch, stats.param_stats, copies, params)
+    grads = [p.grad for p in params]
+    kernel = stats.param_stats(before, params, grads)
+    aten = _aten(monkeypatch, stats.param_stats, copies, params, grads)
     for column in kernel:
         k, a = kernel[column].double(), aten[column].double()
         rows = [0, 2] if column.startswith("grad") else [0, 1, 2, 3, 4]  # 1, 3, 4: no gradient
@@ -256,3 +257,42 @@ def test_an_output_summary_of_no_fine_bins_is_refused():
     args = ([torch.randn(4, 5)], [nan], [nan], [nan], [nan], [0], [0], 0.97, [50.0])
     with pytest.raises(RuntimeError, match="fine bins must be a positive multiple"):
         stats_ops().output_summary(*args, 0, 1, 100)
+
+
+def test_the_operators_trace_with_their_fake_kernels_to_the_same_columns():
+    """A traced recording (normlab.lm.compiled) calls the operators in a graph: the fake
+    kernels give each output's shape and dtype, and the traced copies of the parameters (a
+    clone each and the ``moments`` operator, not ``copy_moments``) give the same numbers."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from normlab.diagnostics.recorder import BatchNormCapture
+    from normlab.nn.kernel import traced
+
+    xs = _tensors()
+    kinds = [layer_kind(m) for m in (torch.nn.Conv2d(1, 1, 1), torch.nn.Linear(1, 1))]
+    kinds += [layer_kind(torch.nn.Linear(1, 1)), layer_kind(torch.nn.ReLU())] * 2
+
+    def columns(*tensors):
+        params = list(tensors[:3])
+        before = stats.copy_params(params)
+        moved = [p * 1.01 for p in params]
+        bn = [
+            BatchNormCapture(x.mean(0), x.var(0), 1e-5, 0.1, torch.tensor(3)) for x in tensors[1:2]
+        ]
+        groups = [
+            ("out", list("abcdef"), stats.output_stats(kinds, list(tensors))),
+            ("grad", list("abc"), stats.spread_stats([tensors[0], None, tensors[1]])),
+            ("bn", ["n"], stats.batchnorm_stats(list(tensors[1:2]), bn)),
+            ("param", list("xyz"), stats.param_stats(before, moved, [tensors[2], None, None])),
+        ]
+        assert traced(tensors[0]) or before.moments is not None  # each path as its caller
+        return stats.flatten(groups), before.moments
+
+    graph = make_fx(columns, tracing_mode="fake")(*xs)
+    assert torch.ops.normlab.moments.default in {node.target for node in graph.graph.nodes}
+    expected = columns(*xs)
+    faked = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    for fake, real in zip(faked, expected, strict=True):
+        assert (fake.meta["val"].shape, fake.meta["val"].dtype) == (real.shape, real.dtype)
+    for got, want in zip(graph(*xs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)

@@ -288,11 +288,13 @@ def test_a_second_order_measurement_is_timed_apart_from_its_step(monkeypatch):
     monkeypatch.setattr(loop.time, "perf_counter", lambda: now[0])
     progress = Progress()
     clock = loop.Stopwatch(progress)
-    for recorded, seconds, aside in ((False, 9.0, 0.0), (False, 0.002, 0.0), (True, 0.5, 0.49)):
+    steps = ((True, 5.0, 0.0), (False, 9.0, 0.0), (False, 0.002, 0.0), (True, 0.5, 0.49))
+    for recorded, seconds, aside in steps:
         clock.step_started()
         now[0] += seconds
         clock.step_done(recorded, aside_s=aside)
-    # the first plain step (the compile) is left out; the recorded step's own time is 0.01 s
+    # the first recording and the first plain step (their compiles) are left out; the second
+    # recorded step's own time is 0.01 s
     assert (progress.plain_steps, progress.plain_step_s) == (1, pytest.approx(0.002))
     assert (progress.recorded_steps, progress.recorded_step_s) == (1, pytest.approx(0.01))
     assert progress.step_s() == pytest.approx(0.012)
@@ -307,7 +309,7 @@ def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
         *("--steps", 50, "--diagnose-every", 10, "--second-order-every", 20, "--out", out),
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["diagnostics_recordings"] == 5
+    assert summary["diagnostics_recordings"] == 4  # steps 10 to 40; step 0's is left out
     assert summary["second_order_measurements"] == 3  # steps 0, 20 and 40
     assert 0 < summary["second_order_s"] < summary["train_time_s"]
     assert 0 < summary["diagnostics_s"] < summary["train_time_s"]

@@ -3,6 +3,7 @@
 import math
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -195,21 +196,51 @@ class Diagnostics:
         return hook
 
     # -- one recording
-    def arm(self) -> None:
-        """Record the next training-mode forward and backward pass and the optimizer step."""
+    def arm(self, state: dict[str, Tensor] | None = None) -> None:
+        """Record the next training-mode forward and backward pass and the optimizer step.
+
+        ``state``: the model's parameters and buffers by name, where a traced step runs the
+        model on tensors of its own (``torch.func.functional_call``'s), which the recording
+        then copies and measures in their place."""
         self._attach()
         self._clear()
-        self._params = dict(self.model.named_parameters())
-        self._batchnorm = running_statistics(self._batchnorms)
+        named = self.model.named_parameters()
+        self._params = {n: p if state is None else state[n] for n, p in named}
+        self._batchnorm = running_statistics(self._batchnorms, state)
         self._before = stats.copy_params(list(self._params.values()))
         self._armed, self._awaits_backward = True, False
 
-    def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
-        """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot."""
-        with gc_paused():  # its containers are freed by reference counting (nogc)
-            return self._collect(step, loss, eval_loss)
+    def learn_writes(self, state: dict[str, Tensor], forward: Callable[[], object]) -> None:
+        """Learn what the model's forward pass writes in place (``written_in_place``) from one
+        training-mode pass, ``forward()``, that runs the model on ``state`` (its parameters
+        and buffers by name, as ``arm``'s; copies, which the pass may move), watched as a
+        first recording watches it; nothing is recorded."""
+        self.arm(state)
+        try:
+            forward()
+        finally:
+            self.detach()
+        _WRITTEN_IN_PLACE.setdefault(self.model, set())  # known, even where nothing is
 
-    def _collect(self, step: int, loss: float | None, eval_loss: float | None) -> Snapshot:
+    @property
+    def written_in_place(self) -> frozenset | None:
+        """What its model's forward pass writes in place of the outputs it keeps, as a recording
+        watched it; None before one has. A traced recording needs it known: it copies those
+        outputs at their hooks and watches nothing."""
+        written = _WRITTEN_IN_PLACE.get(self.model)
+        return None if written is None else frozenset(written)
+
+    def collect(self, step: int, loss: float | None = None, eval_loss: float | None = None):
+        """Finish the armed recording (after ``optimizer.step()``) and return its Snapshot:
+        ``measure()``, then ``take()``."""
+        with gc_paused():  # its containers are freed by reference counting (nogc)
+            return self.take(self.measure(), step, loss, eval_loss)
+
+    def measure(self, grads: list[Tensor | None] | None = None) -> "Measured":
+        """Detach the hooks and measure what the armed recording captured, on the device, in
+        one tensor; ``grads`` are the parameters' gradients, one per parameter in the model's
+        order (None: each one's ``.grad``). Traceable where the statistics' operators apply:
+        a traced step returns ``Measured.values`` from its graph (``normlab.lm.compiled``)."""
         if not self._armed:
             raise RuntimeError("Diagnostics.collect() without arm()")
         self._remove_hooks()  # hooks cost time on every call: they stay only for a recording
@@ -220,6 +251,9 @@ class Diagnostics:
             )
         self._drop_overwritten()
         kinds = {name: kind for name, _, kind in self.layers}
+        params = list(self._params.values())  # in the order of arm()'s copies
+        if grads is None:
+            grads = [p.grad for p in params]
         measured = (
             ("out", self._outputs, lambda ns, ts: stats.output_stats([kinds[n] for n in ns], ts)),
             ("grad", self._grads, lambda _, ts: stats.spread_stats(ts)),
@@ -228,20 +262,34 @@ class Diagnostics:
                 self._batchnorm_inputs,
                 lambda ns, xs: stats.batchnorm_stats(xs, [self._batchnorm[n] for n in ns]),
             ),
-            (
-                "param",
-                self._params,
-                lambda _, ps: stats.param_stats(self._before, ps),  # in the order of arm()'s
-            ),
+            ("param", self._params, lambda _, ps: stats.param_stats(self._before, ps, grads)),
         )
         groups = [
             (what, list(named), measure(list(named), list(named.values())))
             for what, named, measure in measured
             if named
         ]
-        snapshot = self._snapshot(stats.to_host(groups), step, loss, eval_loss)
-        self._clear()  # after _snapshot, which reads the outputs' shapes
-        self.extend([snapshot])
+        form = Form(
+            stats.layout(groups),
+            # dead units: each over batch × positions draws
+            {n: out.shape[0] * stats.units(out)[1] for n, out in self._outputs.items()},
+            {n: list(p.shape) for n, p in self._params.items()},
+        )
+        values = stats.flatten(groups)
+        self._clear()
+        return Measured(values, form)
+
+    def take(
+        self,
+        measured: "Measured",
+        step: int,
+        loss: float | None = None,
+        eval_loss: float | None = None,
+    ) -> Snapshot:
+        """The Snapshot of a recording's statistics (``measure``), added to ``history``."""
+        with gc_paused():
+            snapshot = self._snapshot(measured, step, loss, eval_loss)
+            self.extend([snapshot])
         return snapshot
 
     def _drop_overwritten(self) -> None:
@@ -277,9 +325,11 @@ class Diagnostics:
             if len(self.history) > self.keep + 1:
                 del self.history[1]
 
-    def _snapshot(self, host: dict, step: int, loss, eval_loss) -> Snapshot:
-        """The Snapshot of the host's columns (``stats.to_host``), layers in the model's module
-        order."""
+    def _snapshot(self, measured: "Measured", step: int, loss, eval_loss) -> Snapshot:
+        """The Snapshot of a recording's statistics, brought to the host in one transfer
+        (``stats.host_rows``), layers in the model's module order."""
+        form = measured.form
+        host = stats.host_rows(form.layout, measured.values)
         layers, batchnorms = [], []
         none = stats.HostRows({}, {})
         out, grad, bn = (host.get(what, none) for what in ("out", "grad", "bn"))
@@ -287,8 +337,7 @@ class Diagnostics:
             i = out.index.get(name)
             if i is not None:
                 layer = _layer_stats(name, kind, out.columns, i, grad.columns, grad.index.get(name))
-                output = self._outputs[name]  # dead units: each over batch × positions draws
-                layer.samples = output.shape[0] * stats.units(output)[1]
+                layer.samples = form.samples[name]
                 layers.append(layer)
             i = bn.index.get(name)
             if i is not None:
@@ -298,21 +347,40 @@ class Diagnostics:
                 batchnorms.append(BatchNormStats(name, drift, ratio, seen))
         param = host.get("param", none)
         params = [
-            _param_stats(name, list(p.shape), param.columns, param.index[name])
-            for name, p in self._params.items()
+            _param_stats(name, shape, param.columns, param.index[name])
+            for name, shape in form.param_shapes.items()
         ]
         return Snapshot(step, loss, eval_loss, layers, params, batchnorms)
 
 
-def running_statistics(batchnorms: list[tuple[str, nn.Module]]) -> dict[str, BatchNormCapture]:
+class Form(NamedTuple):
+    """What a recording's statistics in one tensor hold, fixed by the model's layers and their
+    shapes: the columns' layout, and what the snapshot reads besides them."""
+
+    layout: stats.Layout
+    samples: dict[str, int]  # per recorded layer: the draws per unit that ``dead`` is over
+    param_shapes: dict[str, list[int]]  # per parameter, in the model's order
+
+
+class Measured(NamedTuple):
+    """One recording's statistics (``Diagnostics.measure``), on the device."""
+
+    values: Tensor  # stats.flatten's: every column in one tensor
+    form: Form
+
+
+def running_statistics(
+    batchnorms: list[tuple[str, nn.Module]], state: dict[str, Tensor] | None = None
+) -> dict[str, BatchNormCapture]:
     """The running statistics of each BatchNorm of ``(name, module)`` that tracks them, as they
     are now: views of one copy of all of them (one call, where a copy each costs a few
     microseconds a layer), in their widest dtype; on a model across devices, a copy each. A
     frozen BatchNorm has running statistics but does not track them; a lazy one has none before
-    its first batch. One without a count of its batches has NaN time constants."""
+    its first batch. One without a count of its batches has NaN time constants. ``state``: the
+    buffers by their names in the model, in place of the modules' own (``Diagnostics.arm``)."""
     tracked, running, counts = [], [], []
     for name, m in batchnorms:
-        mean, var, count = (_buffer(m, b) for b in _RUNNING)
+        mean, var, count = (_buffer(m, b, state, name) for b in _RUNNING)
         if (
             mean is not None
             and var is not None
@@ -344,11 +412,18 @@ def running_statistics(batchnorms: list[tuple[str, nn.Module]]) -> dict[str, Bat
 _RUNNING = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _buffer(module: nn.Module, name: str) -> Tensor | None:
+def _buffer(
+    module: nn.Module, name: str, state: dict[str, Tensor] | None = None, prefix: str = ""
+) -> Tensor | None:
     """``module.name`` or None, read from its buffers first (``nn.Module.__getattr__`` costs
-    a microsecond)."""
+    a microsecond); a buffer from ``state``, by its name in the model (``prefix.name``), where
+    ``state`` holds it."""
     buffers = module._buffers
-    return buffers[name] if name in buffers else getattr(module, name, None)
+    if name in buffers:
+        if state is not None:
+            return state.get(f"{prefix}.{name}" if prefix else name, buffers[name])
+        return buffers[name]
+    return getattr(module, name, None)
 
 
 # layers that only pass values on, drop them or reshape them: nothing to report of their own

@@ -2,7 +2,8 @@
 
 Every function takes all the tensors of one kind (the layers' outputs, their gradients, the
 parameters, BatchNorm's inputs) and returns ``{column: (G,) or (G, k) tensor}``, one row per
-tensor; ``to_host`` brings all of them to the host in one transfer and hands them back by name.
+tensor; ``flatten`` lays all of them out in one tensor, which ``host_rows`` brings to the host
+in one transfer and hands back by name (``to_host``, both at once).
 
 On the CPU, in float32 or float64, the C++ operators of ``normlab.nn.kernel.stats_ops``
 compute every column of a kind for the whole list in one call, each tensor measured whole
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from normlab.diagnostics.snapshot import PERCENTILES
 from normlab.nn import SATURATION, Kind
-from normlab.nn.kernel import stats_ops
+from normlab.nn.kernel import stats_ops, traced
 
 BINS = 50  # histogram bins kept per layer
 FINE_BINS = 1000  # the finer histogram the percentiles come from (a multiple of BINS)
@@ -232,27 +233,34 @@ def copy_params(params: list[Tensor]) -> ParamCopies:
     C++ operator also measures each one's moments in the pass that copies it (contiguous
     copies); elsewhere ``param_stats`` measures the copies. A copy each: one buffer for all
     would be a fresh mapping every time, faulted in page by page, where the allocator reuses
-    blocks of a parameter's size."""
+    blocks of a parameter's size. Traced, the copies are the graph's clones, and the operator
+    measures them."""
     ops = _kernel(params)
     if ops is None:
         return ParamCopies([p.detach().clone() for p in params], None)
     with torch.no_grad():  # the operator has no autograd
+        if params and traced(params[0]):  # inductor cannot return copy_moments's list
+            tensors = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
+            return ParamCopies(tensors, ops.moments(tensors))
         tensors, moments = ops.copy_moments(params)
     return ParamCopies(tensors, moments)
 
 
-def param_stats(before: ParamCopies, params: list[Tensor]) -> Columns:
+def param_stats(before: ParamCopies, params: list[Tensor], grads: list[Tensor | None]) -> Columns:
     """Per parameter: data std, update std, gradient std, range and histogram.
 
-    A parameter without a gradient has NaN gradient columns. ``before`` are the recorder's own
-    copies, taken at ``arm()``; on ATen operators the update is written into them, which saves
-    allocating (and on the CPU, faulting in) one more copy of the weights.
+    ``params`` after the step, ``grads`` their gradients: a parameter without one (None) has
+    NaN gradient columns. ``before`` are the recorder's own copies, taken at ``arm()``; on ATen
+    operators the update is written into them, which saves allocating (and on the CPU,
+    faulting in) one more copy of the weights.
     """
-    grads = [p.grad for p in params]
     ops = _kernel([*before.tensors, *params, *grads])
     if ops is None or before.moments is None:
         copies = before.tensors
-        return _in_groups(params, lambda i: _param_stats_aten(_at(copies, i), _at(params, i)))
+        return _in_groups(
+            params,
+            lambda i: _param_stats_aten(_at(copies, i), _at(params, i), _at(grads, i)),
+        )
     # each parameter measured whole, its update and its gradient, while in the cache
     update, grad, r, hist = ops.param_spread(
         before.tensors,
@@ -270,11 +278,16 @@ def param_stats(before: ParamCopies, params: list[Tensor]) -> Columns:
     }
 
 
-def _param_stats_aten(before: list[Tensor], params: list[Tensor]) -> Columns:
+def _param_stats_aten(
+    before: list[Tensor], params: list[Tensor], grads: list[Tensor | None]
+) -> Columns:
     """``param_stats`` of same-shaped parameters, on ATen operators."""
     b = _stack([t.float().reshape(-1) for t in before])  # (G, N)
     a = _stack([t.detach().float().reshape(-1) for t in params])
-    grads = [p.grad if p.grad is not None else torch.full_like(p, math.nan) for p in params]
+    grads = [
+        g if g is not None else torch.full_like(p, math.nan)
+        for p, g in zip(params, grads, strict=True)
+    ]
     spread = _spread_stats_aten(grads)
     data_std = row_std(b)
     update = torch.sub(a, b, out=b)  # b is a stack of, or a view of, the copies
@@ -342,6 +355,12 @@ def _at(items: list, indices: list[int]) -> list:
     return [items[i] for i in indices]
 
 
+def measured_by_kernel(tensors: list[Tensor]) -> bool:
+    """Whether the statistics' C++ operators measure ``tensors`` (a model's parameters): what a
+    traced recording needs, as the ATen path decides on values it reads on the host."""
+    return _kernel(tensors) is not None
+
+
 def _kernel(tensors: list[Tensor | None]):
     """The statistics' C++ operators, where they compute every one of ``tensors`` (absent
     ones aside): on the CPU, in float32 or float64."""
@@ -392,34 +411,72 @@ class HostRows(NamedTuple):
     columns: dict[str, list]  # column → its rows: floats, or lists for a (G, k) column
 
 
-def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[str, HostRows]:
-    """Every group's columns as Python numbers, in one transfer from the device:
-    ``{what: HostRows}`` for the groups ``(what, names, columns)``.
+class Block(NamedTuple):
+    """Where one column lies in ``flatten``'s tensor."""
 
-    A row of a (G,) column becomes a float, of a (G, k) column a list; a histogram's counts
-    (``COUNTS``) become ints.
-    """
+    column: str
+    rows: int
+    width: int | None  # k of a (G, k) column; None for a (G,) column
+    counts: bool  # a histogram's counts (COUNTS), among the counts at the end
+
+
+# each group's kind and names, and its columns' blocks in the order flatten lays them out
+Layout = list[tuple[str, list[str], list[Block]]]
+
+
+def layout(groups: list[tuple[str, list[str], Columns]]) -> Layout:
+    """Where ``flatten(groups)`` puts each column: fixed by the groups' names and shapes."""
+    return [
+        (
+            what,
+            names,
+            [
+                Block(c, t.shape[0], t.shape[1] if t.dim() > 1 else None, c in COUNTS)
+                for c, t in group.items()
+            ],
+        )
+        for what, names, group in groups
+    ]
+
+
+def flatten(groups: list[tuple[str, list[str], Columns]]) -> Tensor:
+    """Every group's columns in one tensor of their widest dtype, on their device: the values,
+    then the histograms' counts (whole numbers, exact in float32), each column row after
+    row."""
     columns = [(c, t) for _, _, group in groups for c, t in group.items()]
     if not columns:
-        return {}
-    # the values, then the counts: one transfer, then one list of floats and one of ints
+        return torch.empty(0)
     measured = [t.reshape(-1) for c, t in columns if c not in COUNTS]
     counted = [t.reshape(-1) for c, t in columns if c in COUNTS]
-    values = torch.cat(measured + counted).cpu()  # promoted to the widest dtype
-    split = sum(t.numel() for t in measured)
-    flat = {False: values[:split].tolist(), True: values[split:].long().tolist()}
+    return torch.cat(measured + counted)
+
+
+def host_rows(layout: Layout, flat: Tensor) -> dict[str, HostRows]:
+    """``flatten``'s tensor as Python numbers, in one transfer from the device:
+    ``{what: HostRows}`` for the groups of ``layout``.
+
+    A row of a (G,) column becomes a float, of a (G, k) column a list; a histogram's counts
+    become ints.
+    """
+    values = flat.cpu()
+    split = sum(b.rows * (b.width or 1) for _, _, blocks in layout for b in blocks if not b.counts)
+    host_values = {False: values[:split].tolist(), True: values[split:].long().tolist()}
     offsets = {False: 0, True: 0}
     host: dict[str, HostRows] = {}
-    for what, names, group in groups:
+    for what, names, blocks in layout:
         rows = {}
-        for column, t in group.items():
-            counts = column in COUNTS
-            start, n = offsets[counts], t.numel()
-            block = flat[counts][start : start + n]
-            if t.dim() > 1:  # (G, k): a list per row
-                k = t.shape[1]
-                block = [block[i * k : (i + 1) * k] for i in range(t.shape[0])]
-            rows[column] = block
-            offsets[counts] = start + n
+        for b in blocks:
+            start, n = offsets[b.counts], b.rows * (b.width or 1)
+            block = host_values[b.counts][start : start + n]
+            if b.width is not None:  # (G, k): a list per row
+                k = b.width
+                block = [block[i * k : (i + 1) * k] for i in range(b.rows)]
+            rows[b.column] = block
+            offsets[b.counts] = start + n
         host[what] = HostRows({name: i for i, name in enumerate(names)}, rows)
     return host
+
+
+def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[str, HostRows]:
+    """Every group's columns as Python numbers (``host_rows``), in one transfer."""
+    return host_rows(layout(groups), flatten(groups))

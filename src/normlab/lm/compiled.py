@@ -22,13 +22,13 @@ On several processes the step all-reduces the gradients itself (summed, see
 collectives that are part of the graph. The model, its optimizer and its
 checkpoints are the same objects whichever path a step takes.
 
-A diagnostics recording (``CompiledStep.recorded``) runs the same function untraced,
-on the model's own tensors, with the ``Diagnostics`` hooks attached: autograd's
-step, then the optimizer's update by its fused kernel (``FunctionalUpdate``). A
-recording is one step in many (every 100 by default), and tracing it costs more
-than it saves: at lecture-deep's batch 32 a trace takes about 0.2 s, the traced
-graph run op by op saves nothing against autograd, and compiling it as well takes
-seconds (``benchmarks/bench_recording.py``).
+A diagnostics recording (``CompiledStep.record``) with SGD on one process is a graph of its
+own, compiled: the same function traced with the ``Diagnostics`` hooks attached, the batch's
+eval-mode loss, and every statistic of the recording (``Diagnostics.measure``, whose C++
+operators inductor calls from the graph), returned in one tensor. A run that records too
+rarely to repay that graph's compile (``RECORDINGS_TO_COMPILE``), AdamW, several processes and
+a model with dropout record untraced: the same function on the model's own tensors, with the
+hooks attached, then the optimizer's update by its fused kernel (``FunctionalUpdate``).
 
 Other module hooks run while the step is traced, not in the compiled step, and
 hooks on the parameters or their gradients never run in it (the graph
@@ -53,6 +53,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.optim.sgd import sgd
 
 from normlab.diagnostics import Diagnostics
+from normlab.diagnostics.recorder import Form, Measured
+from normlab.diagnostics.stats import measured_by_kernel
 from normlab.errors import first_line
 from normlab.lm.model import next_char_loss
 from normlab.lm.optim import FunctionalUpdate, set_learning_rate
@@ -115,13 +117,13 @@ def _options(device: torch.device) -> dict:
     return options
 
 
-def _flat(gradients: Callable) -> Callable:
-    """``gradients(tensors, x, y) -> loss`` as a function of its tensors one by one, returning
-    ``(loss,)``: what inductor compiles (a graph of plain inputs and outputs)."""
+def _flat(step: Callable) -> Callable:
+    """``step(tensors, x, y) -> outputs`` (a tuple of tensors) as a function of its tensors one
+    by one: what inductor compiles (a graph of plain inputs and outputs)."""
 
-    def flat(*tensors_x_y: Tensor) -> tuple[Tensor]:
+    def flat(*tensors_x_y: Tensor) -> tuple[Tensor, ...]:
         *tensors, x, y = tensors_x_y
-        return (gradients(tensors, x, y),)
+        return tuple(step(tensors, x, y))
 
     return flat
 
@@ -137,8 +139,8 @@ def inductor_compile(graph: torch.fx.GraphModule, inputs: list[Tensor], options:
 
 
 def _compile(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable:
-    """``graph``, traced from ``_flat(gradients)`` on ``inputs`` (the step's tensors, then the
-    batch), compiled by inductor: ``(tensors, x, y) -> loss``.
+    """``graph``, traced from ``_flat(step)`` on ``inputs`` (the step's tensors, then the
+    batch), compiled by inductor: ``(tensors, x, y) -> outputs``.
 
     Inductor compiles it directly, not through ``torch.compile``: the graph is already traced,
     and ``CompiledStep`` keys each compiled graph by all that dynamo's guards would check (the
@@ -150,21 +152,46 @@ def _compile(graph: torch.fx.GraphModule, inputs: list[Tensor]) -> Callable:
     graph.recompile()
     compiled = inductor_compile(graph, inputs, _options(inputs[-2].device))  # x: the batch
 
-    def step(tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
-        (loss,) = compiled(*tensors, x, y)
-        return loss
+    def step(tensors: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        return compiled(*tensors, x, y)
 
     return step
 
 
-class Ran(NamedTuple):
-    """One run of ``_gradients``: the loss, the places of the parameters it differentiated,
-    and whether it applied the optimizer's update itself (a compiled SGD step) rather than
-    writing their gradients into the step's buffer."""
+class Computed(NamedTuple):
+    """What ``_gradients`` computes: the loss, with ``evaluate`` the batch's eval-mode loss
+    before the update (else None), and the trainable parameters' gradients end to end."""
 
     loss: Tensor
+    eval_loss: Tensor | None
+    gradients: Tensor  # (numel,)
+
+
+# The fewest recordings a run makes for its recordings to run as a compiled graph of their own:
+# compiling it costs 0.3 s from the compile cache and about 11 s without, and saves about 3 ms
+# a recording at lecture-deep's batch 32 (docs/PERFORMANCE.md, "Recording steps"); the
+# lecture presets make 2,000.
+RECORDINGS_TO_COMPILE = 1000
+
+
+class Ran(NamedTuple):
+    """One run of a step's graph, or of ``_gradients`` untraced: its outputs (the loss first),
+    the places of the parameters it differentiated, and whether it applied the optimizer's
+    update itself (a compiled SGD step) rather than writing their gradients into the step's
+    buffer."""
+
+    outputs: tuple[Tensor, ...]
     places: tuple[int, ...]
     updated: bool
+
+
+class Recorded(NamedTuple):
+    """A recorded step (``CompiledStep.record``): the loss, the batch's eval-mode loss before
+    the update, and the recording's statistics, for ``Diagnostics.take``."""
+
+    loss: Tensor
+    eval_loss: Tensor
+    measured: Measured
 
 
 class Gradients(NamedTuple):
@@ -198,7 +225,8 @@ class CompiledStep:
     ``group``, each process steps on its own rows and the gradients are summed
     over the group, so every process takes the global batch's step. A batch of
     a new shape, or the model in another mode, traces and compiles again, and
-    falls back as the first one does where that fails. The step holds the
+    falls back as the first one does where that fails. ``compile_recordings``: recordings
+    run as a compiled graph of their own where they can (``record``). The step holds the
     model's tensors as they are when it is built: build it after moving the
     model to its device and dtype.
     """
@@ -211,6 +239,7 @@ class CompiledStep:
         *,
         batch_size: int | None = None,
         group=None,
+        compile_recordings: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -247,14 +276,21 @@ class CompiledStep:
         self._grad_lists: dict[tuple, Gradients] = {}  # by those places: their grads, the update
         self._proven: set[tuple] = set()  # the keys whose graph has run: no more falling back
         self._traced: tuple[int, ...] = ()  # the parameters the last _gradients differentiated
+        self._forms: dict[tuple, Form] = {}  # by a recording graph's key: what its values hold
+        # recordings as a compiled graph of their own where they can (record): False for a
+        # run too short to repay its compile; True, and a graph that failed, sets it False
+        self.compile_recordings = compile_recordings
 
-    def _gradients(self, tensors: list[Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def _gradients(
+        self, tensors: list[Tensor], x: Tensor, y: Tensor, evaluate: bool = False
+    ) -> Computed:
         """The step, from the model's forward and autograd; what is traced.
 
-        Notes in ``self._traced`` the places of the parameters that the loss uses, and returns
-        the loss. Untraced, or traced with AdamW, writes the trainable parameters' gradients
-        into the gradients' buffer (``tensors[-2]``), for the update after it; traced with SGD,
-        applies the update itself (``_sgd``)."""
+        Notes in ``self._traced`` the places of the parameters that the loss uses. Untraced, or
+        traced with AdamW, writes the trainable parameters' gradients into the gradients'
+        buffer (``tensors[-2]``), for the update after it; traced with SGD, applies the update
+        itself (``_sgd``). ``evaluate``: also the batch's eval-mode loss, with the running
+        statistics this batch moved, before the update."""
         n_params = len(self.params)
         # autograd's leaves: the parameters themselves untraced, else copies
         params = [t if t.requires_grad else t.detach().requires_grad_() for t in tensors[:n_params]]
@@ -279,11 +315,38 @@ class CompiledStep:
         flat = torch.cat([g.flatten() for g in found])  # (numel,)
         if self.group is not None:  # one all-reduce of them all
             flat = funcol.all_reduce(flat, "sum", self.group)
+        eval_loss = None
+        if evaluate:
+            with torch.no_grad(), set_mode(self.model, training=False):
+                eval_logits, _ = forward(x)
+            eval_loss = next_char_loss(eval_logits, y)
         if tensors is self._leaves or not self._update_in_graph:
             tensors[-2].copy_(flat)
         else:
             self._sgd(tensors[:n_params], flat, rates=tensors[-1])
-        return loss.detach()
+        return Computed(loss.detach(), eval_loss, flat)
+
+    def _recording(self, recorder: Diagnostics, key: tuple) -> Callable:
+        """The step recorded into ``recorder``, as one function for ``make_fx``: ``recorder``
+        armed on the traced tensors, ``_gradients`` (its update included), then the
+        recording's statistics (``Diagnostics.measure``, on the statistics' C++ operators).
+        Returns the loss, the eval-mode loss and the statistics in one tensor, and keeps
+        what that tensor holds in ``self._forms[key]``."""
+
+        def recording(tensors: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+            recorder.arm(dict(zip(self.names, tensors[:-2], strict=True)))
+            computed = self._gradients(tensors, x, y, evaluate=True)
+            measured = recorder.measure(self._grads_of(computed.gradients))
+            self._forms[key] = measured.form
+            return computed.loss, computed.eval_loss, measured.values
+
+        return recording
+
+    def _grads_of(self, flat: Tensor) -> list[Tensor | None]:
+        """Each parameter's gradient, a view of ``flat``, or None where the last
+        ``_gradients`` left it out."""
+        views = self._by_parameter(flat)
+        return [views[i] if i in self._traced else None for i in range(len(self.params))]
 
     def _sgd(self, params: list[Tensor], flat: Tensor, rates: Tensor) -> None:
         """torch.optim's SGD update of ``params`` (the traced step's own tensors) from the
@@ -324,12 +387,12 @@ class CompiledStep:
             for i, view in zip(self._trainable, views, strict=True)
         }
 
-    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor):
-        """The compiled ``_gradients`` for ``key`` (``_key``: this batch's shape, the model's
-        mode)."""
+    def _compiled_for(self, key: tuple, x: Tensor, y: Tensor, step: Callable):
+        """The graph for ``key`` (``_key``: this batch's shape, the model's mode, a recording's
+        layers): ``step`` traced and compiled on its first call."""
         if key not in self._compiled:
             inputs = [*self.tensors, x, y]
-            traced = make_fx(_flat(self._gradients), tracing_mode="fake")(*inputs)
+            traced = make_fx(_flat(step), tracing_mode="fake")(*inputs)
             self._places[key] = self._traced
             self._compiled[key] = _compile(traced, inputs)
         return self._compiled[key]
@@ -366,32 +429,43 @@ class CompiledStep:
 
     def _run_gradients(self, x: Tensor, y: Tensor) -> Ran:
         """``_gradients``, compiled unless it cannot be."""
-        if not self.compile:
-            return Ran(self._gradients(self._leaves, x, y), self._traced, updated=False)
-        key = self._key(x, y)
-        if key in self._proven:
-            return Ran(
-                self._compiled[key](self.tensors, x, y), self._places[key], self._update_in_graph
+        if self.compile:
+            ran = self._run_compiled(
+                self._key(x, y), x, y, self._plain, "the step", "the step runs uncompiled"
             )
+            if ran is not None:
+                return ran
+            self.compile = False
+        return Ran(tuple(self._gradients(self._leaves, x, y)), self._traced, updated=False)
+
+    def _plain(self, tensors: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor]:
+        """The plain step's graph: ``_gradients``, returning the loss."""
+        return (self._gradients(tensors, x, y).loss,)
+
+    def _run_compiled(
+        self, key: tuple, x: Tensor, y: Tensor, step: Callable, what: str, otherwise: str
+    ) -> Ran | None:
+        """The graph of ``step`` for ``key``, run on this batch; None where tracing, compiling
+        or its first run failed, with one line that says so (compiling ``what`` failed, and
+        ``otherwise``: what runs instead), and the step's tensors as they were."""
+        if key in self._proven:
+            outputs = self._compiled[key](self.tensors, x, y)
+            return Ran(outputs, self._places[key], self._update_in_graph)
         # Until a graph has run once, keep what it updates in place (the running statistics,
         # the parameters): a graph that fails (no C++ compiler, an unsupported platform) may
         # have updated some already, and the uncompiled retry must start from the same state.
         saved = [t.clone() for t in self.tensors]
         rng = torch.get_rng_state()  # and the dropout masks it may have drawn
         try:
-            out = self._compiled_for(key, x, y)(self.tensors, x, y)
+            out = self._compiled_for(key, x, y, step)(self.tensors, x, y)
         except Exception as e:
             if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
-                print(
-                    f"normlab: compiling the step failed ({first_line(e, 160)}); "
-                    "the step runs uncompiled"
-                )
+                print(f"normlab: compiling {what} failed ({first_line(e, 160)}); {otherwise}")
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
             torch.set_rng_state(rng)
-            self.compile = False
-            return Ran(self._gradients(self._leaves, x, y), self._traced, updated=False)
+            return None
         self._proven.add(key)
         return Ran(out, self._places[key], self._update_in_graph)
 
@@ -402,31 +476,80 @@ class CompiledStep:
         ran = self._run_gradients(x, y)
         if not ran.updated:
             self._grads_at(ran.places).update()
-        return ran.loss
+        return ran.outputs[0]
 
-    def untraced(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
-        """The step as a recording runs it, without recording: untraced, on the model's own
-        tensors, then the batch's eval-mode loss before the update, then the update. Returns
-        the loss and that eval-mode loss (0-dim tensors). Under several processes, the ones
-        that do not record run this while one records, so that all run the same collectives
-        (a SyncBatchNorm without running statistics synchronizes in eval mode too)."""
-        loss = self._gradients(self._leaves, x, y)
-        with torch.no_grad(), set_mode(self.model, training=False):
-            # with the running statistics this batch moved, before the update
-            eval_logits, _ = self.model(x)
+    def untraced(self, x: Tensor, y: Tensor, lr: float) -> Computed:
+        """The step as an untraced recording runs it, without recording: on the model's own
+        tensors, with the batch's eval-mode loss before the update, then the update. Under
+        several processes, the ones that do not record run this while one records, so that
+        all run the same collectives (a SyncBatchNorm without running statistics synchronizes
+        in eval mode too)."""
+        computed = self._gradients(self._leaves, x, y, evaluate=True)
         self._update(self._traced, lr)
-        return loss, next_char_loss(eval_logits, y)
+        return computed
 
-    def recorded(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> tuple:
-        """``untraced``, recorded into ``recorder``, which must be armed: returns the loss and
-        the batch's eval-mode loss before the update, and leaves in ``recorder`` what its hooks
-        captured, and in each parameter's ``.grad`` its gradient (a view of the step's
-        gradients' buffer, which a later step may overwrite), for ``recorder.collect()`` to
-        measure."""
-        if not recorder.armed:  # its hooks would capture nothing
-            raise RuntimeError("CompiledStep.recorded(): arm() the Diagnostics first")
-        losses = self.untraced(x, y, lr)
-        grads, _ = self._grads_at(self._traced)
-        for p, grad in zip(self.params, grads, strict=True):  # as loss.backward() leaves them
-            p.grad = grad
-        return losses
+    def record(self, x: Tensor, y: Tensor, lr: float, recorder: Diagnostics) -> Recorded:
+        """The step, recorded into ``recorder`` (a ``Diagnostics`` of the model).
+
+        Compiled, with SGD's update in the graph, on one process, where the statistics' C++
+        operators measure the model's tensors and the model draws no dropout masks
+        (``_draws_masks``), the recording is a graph of its own, traced
+        with ``recorder``'s hooks attached and compiled: the step, the eval-mode loss and every
+        statistic in one call, which returns them in one tensor. The trace copies the outputs
+        that the model's forward pass writes in place (``Diagnostics.written_in_place``),
+        learned first from a pass that changes nothing (``_learn_writes``), so every
+        recording of a process takes the same path, a resumed run's too. Any other recording
+        runs untraced: ``untraced``, with the hooks attached, then ``Diagnostics.measure``."""
+        if self._records_in_graph(recorder):
+            if recorder.written_in_place is None:
+                self._learn_writes(recorder, x)
+            set_learning_rate(self.optimizer, lr)
+            self._hold_rates()
+            layers = tuple(name for name, _, _ in recorder.layers)
+            key = (*self._key(x, y), layers, recorder.written_in_place)
+            step = self._recording(recorder, key)
+            ran = self._run_compiled(
+                key, x, y, step, "the recording step", "recordings run untraced"
+            )
+            if ran is not None:
+                loss, eval_loss, values = ran.outputs
+                return Recorded(loss, eval_loss, Measured(values, self._forms[key]))
+            self.compile_recordings = False
+            self._forms.pop(key, None)
+            recorder.detach()  # what the failed trace's hooks captured
+        recorder.arm()
+        computed = self.untraced(x, y, lr)
+        measured = recorder.measure(self._grads_of(computed.gradients))
+        return Recorded(computed.loss, computed.eval_loss, measured)
+
+    def _learn_writes(self, recorder: Diagnostics, x: Tensor) -> None:
+        """What the model's forward pass writes in place, learned by ``recorder`` from a
+        training-mode pass on copies of the running statistics (``Diagnostics.learn_writes``),
+        which leaves the model, its statistics and the random stream as they were."""
+        n_params = len(self.params)
+        params = [p.detach().requires_grad_(p.requires_grad) for p in self.params]
+        buffers = [t.clone() for t in self.tensors[n_params:-2]]
+        state = dict(zip(self.names, params + buffers, strict=True))
+        rng = torch.get_rng_state()
+        with torch.enable_grad():
+            recorder.learn_writes(state, lambda: functional_call(self.model, state, (x,)))
+        torch.set_rng_state(rng)
+
+    def _records_in_graph(self, recorder: Diagnostics) -> bool:
+        """Whether a recording into ``recorder`` runs as a compiled graph (``record``)."""
+        return (
+            self.compile
+            and self._update_in_graph
+            and self.group is None
+            and self.compile_recordings
+            and measured_by_kernel(self.params)
+            and not _draws_masks(self.model)
+        )
+
+
+def _draws_masks(model: nn.Module) -> bool:
+    """Whether ``model`` draws dropout masks in training mode. Its recordings run untraced: in
+    the recording graph, torch 2.13's inductor orders a mask's ``bernoulli_`` (torch's own
+    kernel, ``fallback_random``) after a fused kernel that reads the mask, so the loss comes
+    out NaN; ``tests/test_compiled.py`` runs the dropout models' recordings."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())

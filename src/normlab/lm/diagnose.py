@@ -29,6 +29,7 @@ def diagnose(
     same examples.
     """
     t = start_training(model_config, train_config, data, SINGLE, ckpt=ckpt, quiet=quiet)
+    t.step.core.compile_recordings = False  # one recording: a graph's compile would not repay
     X, Y = data.splits["train"]
     g = torch.Generator().manual_seed(0)
     ix = torch.randint(0, len(X), (train_config.batch_size,), generator=g)

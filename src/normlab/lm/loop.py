@@ -58,13 +58,15 @@ def _all_finite(model: nn.Module) -> bool:
 class Stopwatch:
     """The loop's clock, kept in ``Progress``: the training time (steps and evaluations), and
     each step's time by whether it was recorded. A start's first plain step compiles the
-    step: it is not a typical step, and its time is left out of the step times."""
+    step, and its first recording the recording's graph (or, untraced, watches what the model
+    writes in place): neither is a typical step of its kind, and their times are left out of
+    the step times (not out of the training time)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self._lap = time.perf_counter()
         self._step_start = self._lap
-        self._warming_up = True
+        self._first = {True: True, False: True}  # by recorded: the start's first is yet to come
 
     def step_started(self) -> None:
         self._step_start = time.perf_counter()
@@ -72,10 +74,10 @@ class Stopwatch:
     def step_done(self, recorded: bool, aside_s: float = 0.0) -> None:
         """The step ended; ``aside_s`` of its seconds (a second-order measurement) are not the
         step's own."""
-        if recorded or not self._warming_up:
+        if not self._first[recorded]:
             seconds = time.perf_counter() - self._step_start - aside_s
             self.progress.add_step_time(seconds, recorded)
-        self._warming_up = self._warming_up and recorded
+        self._first[recorded] = False
 
     def lap(self) -> None:
         """Add the seconds since the last lap to the training time."""
@@ -105,10 +107,10 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             if second_order is not None:
                 result.snapshot.second_order = second_order
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
+            log.step(progress.step + 1, loss, result.snapshot)  # a recording's row: its cost too
             clock.step_done(recording, aside_s=second_order_s)
             progress.step += 1
             step = progress.step
-            log.step(step, loss, result.snapshot)
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"the loss became {loss} at step {step}; stopped, and {log.kept} "

@@ -7,6 +7,7 @@ import torch
 from normlab import nn as nl
 from normlab.diagnostics import Diagnostics
 from normlab.errors import ConfigError
+from normlab.lm.compiled import RECORDINGS_TO_COMPILE
 from normlab.lm.config import ModelConfig, TrainConfig, check_configs
 from normlab.lm.data import Dataset, load_dataset
 from normlab.lm.distributed import Ranks, resolve_device, set_threads
@@ -67,7 +68,18 @@ def start_training(
             averaged.n_averaged.fill_(progress.step)  # one update per step
         fresh = resumed_dropout_seed(tcfg.seed, progress.step, ranks.rank)
         restore_rng(ckpt["rng"], batches, model, ranks, fresh)
-    step = TrainStep(model, optimizer, tcfg.batch_size, ranks, averaged, tcfg.compile)
+    # a run's own number of recordings, not what is left of it: a resumed run records as the
+    # run it continues
+    recordings = tcfg.steps // tcfg.diagnose_every if tcfg.diagnose_every else 0
+    step = TrainStep(
+        model,
+        optimizer,
+        tcfg.batch_size,
+        ranks,
+        averaged,
+        tcfg.compile,
+        compile_recordings=recordings >= RECORDINGS_TO_COMPILE,
+    )
     return Training(
         model_config=mcfg,
         train_config=tcfg,

@@ -41,6 +41,9 @@ class TrainStep:
         ranks: this process's place among several.
         averaged: a moving average of the weights to update after every step, or None.
         compile: trace and compile the step (``CompiledStep``), or run it as it is.
+        compile_recordings: with ``compile``, recordings too, as a graph of their own where
+            they can (``CompiledStep.record``): for a run that records often enough to repay
+            the compile.
 
     Example:
         >>> from normlab.lm.config import ModelConfig, TrainConfig
@@ -62,6 +65,7 @@ class TrainStep:
         ranks: Ranks = SINGLE,
         averaged: torch.optim.swa_utils.AveragedModel | None = None,
         compile: bool = True,
+        compile_recordings: bool = True,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -71,7 +75,14 @@ class TrainStep:
             broadcast_state(model)
         group = dist.group.WORLD if ranks.distributed else None
         # the step itself: one function, traced and compiled unless compile=False
-        self.core = CompiledStep(model, optimizer, compile, batch_size=batch_size, group=group)
+        self.core = CompiledStep(
+            model,
+            optimizer,
+            compile,
+            batch_size=batch_size,
+            group=group,
+            compile_recordings=compile_recordings,
+        )
         self.distributed = ranks.distributed
 
     def __call__(
@@ -84,17 +95,16 @@ class TrainStep:
         recording_step: bool = False,
     ) -> StepResult:
         """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``recorder``, record the
-        step into it as step ``index``. A recording runs the step untraced; under several
-        processes rank 0 alone records, and the others pass ``recording_step`` on its recording
+        step into it as step ``index`` (``CompiledStep.record``). Under several processes rank
+        0 alone records, untraced, and the others pass ``recording_step`` on its recording
         steps, so that they run the step untraced too and their collectives match."""
         snapshot = None
         if recorder is not None:
-            recorder.arm()
-            loss, eval_loss = self.core.recorded(x, y, lr, recorder)
-            snapshot = recorder.collect(index, self._rows_loss(loss, len(x)), float(eval_loss))
-            self.optimizer.zero_grad(set_to_none=True)  # measured: the step needs no .grad
+            loss, eval_loss, measured = self.core.record(x, y, lr, recorder)
+            rows_loss = self._rows_loss(loss, len(x))
+            snapshot = recorder.take(measured, index, rows_loss, float(eval_loss))
         elif recording_step and self.distributed:  # rank 0 records, untraced
-            loss, _ = self.core.untraced(x, y, lr)
+            loss = self.core.untraced(x, y, lr).loss
         else:
             loss = self.core(x, y, lr)
         if self.averaged is not None:

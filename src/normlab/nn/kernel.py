@@ -9,10 +9,12 @@ which dominates at the sizes these networks have, becomes one call each way.
 Its sums run over blocks of values in the input's dtype and in float64 across
 blocks, in one fixed order per channel whatever the thread count.
 
-``torch.ops.normlab.copy_moments``, ``output_summary``, ``spread``, ``param_spread`` and
-``batchnorm_drift`` (``csrc/stats.cpp``) compute a recording's statistics for a whole list of
-tensors in one call each, a tensor measured whole before the next
-(``normlab.diagnostics.stats``).
+``torch.ops.normlab.copy_moments``, ``moments``, ``output_summary``, ``spread``,
+``param_spread`` and ``batchnorm_drift`` (``csrc/stats.cpp``) compute a recording's statistics
+for a whole list of tensors in one call each, a tensor measured whole before the next
+(``normlab.diagnostics.stats``). All but ``copy_moments`` (whose list of copies inductor cannot
+return) have fake kernels, their outputs' shapes and dtypes, so a traced step can call them and
+inductor compile it (``normlab.lm.compiled``'s recording graph).
 
 ``pip install --no-build-isolation`` builds them against the installed torch
 (``setup.py``; the Makefile does so). An install without them, a library that does
@@ -80,9 +82,42 @@ def stats_ops():
     """The statistics' operators (``torch.ops.normlab``), or None where there is no kernel."""
     if os.environ.get("NORMLAB_STATS_KERNEL", "1") == "0" or not library():
         return None
-    if not hasattr(torch.ops.normlab, "copy_moments"):  # a library built before them
+    if not hasattr(torch.ops.normlab, "moments"):  # a library built before them
         return None
+    _register_fakes()
     return torch.ops.normlab
+
+
+def _register_fakes() -> None:
+    """The statistics' fake kernels: what each returns, for tracers (``make_fx``, inductor).
+    Each measures a list of G tensors into float64 moments (G, 4) or columns (K, G), float32
+    ranges (G,) and float32 counts (G, bins), on the CPU."""
+
+    def f64(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=torch.float64)
+
+    def f32(*shape: int) -> Tensor:
+        return torch.empty(shape, dtype=torch.float32)
+
+    def output_summary(xs, mid, half, end, floor, units, positions, saturation, q, *bins_sample):
+        _fine_bins, bins, _sample = bins_sample
+        # (5 + P, G) columns: mean, std, range, saturated, dead, then each percentile
+        return f64(5 + len(q), len(xs)), f32(len(xs), bins)
+
+    fakes = {
+        "moments": lambda xs: f64(len(xs), 4),
+        "spread": lambda xs, bins, sample: (f64(len(xs), 4), f32(len(xs)), f32(len(xs), bins)),
+        "param_spread": lambda before, params, grads, bins, sample: (
+            f64(len(before), 4),
+            f64(len(before), 4),
+            f32(len(before)),
+            f32(len(before), bins),
+        ),
+        "batchnorm_drift": lambda xs, means, variances, eps: f64(len(xs), 2),
+        "output_summary": output_summary,
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"normlab::{name}")(fake)
 
 
 def traced(x: Tensor) -> bool:

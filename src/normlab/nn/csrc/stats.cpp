@@ -236,6 +236,22 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> copy_moments(at::TensorList xs) 
   return {copies, out};
 }
 
+// Each tensor's moments (mean, std, min, max), as copy_moments measures them without the copies:
+// (G, 4) float64. What a traced recording calls on the copies it takes itself.
+at::Tensor moments(at::TensorList xs) {
+  const int64_t G = xs.size();
+  for (const at::Tensor& t : xs) check_input(t, "moments");
+  at::Tensor out = at::empty({G, 4}, at::kDouble);
+  double* o = out.data_ptr<double>();
+  per_tensor(G, [&](int64_t g) {
+    const at::Tensor x = xs[g].contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::moments", [&] {
+      moments_of<scalar_t, false>(x.const_data_ptr<scalar_t>(), nullptr, x.numel(), o + 4 * g);
+    });
+  });
+  return out;
+}
+
 // Each parameter's statistics, the parameter measured whole before the next: the moments of
 // the step's update (params[g] - before[g], before[g] its copy from before the step) and the
 // spread of its gradient (spread_of; NaN where it has none). Returns the updates' (G, 4) float64
@@ -276,38 +292,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> param_spread(
 // into bins coarse bins (F a multiple of bins), and the percentiles q (fractions) read off the
 // cumulative counts, interpolated within a bin, in float32 and in the order of operations of
 // stats.percentiles, so that both give the same numbers. An empty row's percentiles are NaN.
-void summarize_histogram(const float* row, int64_t F, float r, const std::vector<float>& q,
+void summarize_histogram(const int64_t* row, int64_t F, float r, const std::vector<float>& q,
                          int64_t bins, float* coarse, float* at) {
   const int64_t per = F / bins;
+  int64_t total = 0;  // whole numbers, exact in float32 below 2^24: what a row holds
   for (int64_t k = 0; k < bins; ++k) {
-    float sum = 0;  // whole numbers: exact
+    int64_t sum = 0;
     for (int64_t j = 0; j < per; ++j) sum += row[k * per + j];
-    coarse[k] = sum;
+    coarse[k] = float(sum);
+    total += sum;
   }
-  // the cumulative counts, whole numbers and exact in double; the cdf of bin b is
-  // float(cumulative[b]) / float(total), computed only where the search reads it
-  std::vector<double> cumulative(F);
-  double running = 0;
-  for (int64_t b = 0; b < F; ++b) cumulative[b] = running += row[b];
-  const float total = float(running);
-  auto cdf = [&](int64_t b) { return float(cumulative[b]) / total; };
-  const float step = 2.0f * r / float(F);
+  // the cdf of bin b, float(cumulative count) / float(total), read where a search reaches
+  const float whole = float(total);
+  int64_t b = 0, cumulative = row[0];
+  auto cdf = [&](int64_t count) { return float(count) / whole; };
   for (size_t k = 0; k < q.size(); ++k) {
-    // the first bin whose cdf reaches q (searchsorted, left); NaN rows end at the last bin
-    int64_t lo = 0, hi = F;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (cdf(mid) < q[k]) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    const int64_t i = std::min(lo, F - 1);
-    const float below = i > 0 ? cdf(i - 1) : 0.0f;
-    float within = (q[k] - below) / std::max(cdf(i) - below, 1e-12f);
+    if (k > 0 && q[k] < q[k - 1]) b = 0, cumulative = row[0];  // not ascending: search again
+    // the first bin whose cdf reaches q (searchsorted, left): the cdf never falls, so a scan
+    // from the last one finds it; an empty row's NaN cdf reaches nothing, and stops at bin 0
+    while (b < F - 1 && cdf(cumulative) < q[k]) cumulative += row[++b];
+    const float below = b > 0 ? cdf(cumulative - row[b]) : 0.0f;
+    float within = (q[k] - below) / std::max(cdf(cumulative) - below, 1e-12f);
     within = std::min(std::max(within, 0.0f), 1.0f);
-    at[k] = -r + (float(i) + within) * step;
+    at[k] = -r + (float(b) + within) * (2.0f * r / float(F));
   }
 }
 
@@ -396,9 +403,8 @@ std::tuple<at::Tensor, at::Tensor> output_summary(
     column(0) = moments[0];
     column(1) = moments[1];
     column(2) = r;
-    std::vector<float> fine(fine_bins), at(P);
-    for (int64_t b = 0; b < fine_bins; ++b) fine[b] = float(counts[b]);
-    summarize_histogram(fine.data(), fine_bins, r, q, bins, h + g * bins, at.data());
+    std::vector<float> at(P);
+    summarize_histogram(counts.data(), fine_bins, r, q, bins, h + g * bins, at.data());
     for (int64_t k = 0; k < P; ++k) column(5 + k) = at[k];
   });
   return {columns, coarse};
@@ -413,6 +419,24 @@ void channel_moments(const scalar_t* x, int64_t B, int64_t C, int64_t P, double*
   std::fill(mean, mean + C, 0.0);
   std::fill(var, var + C, 0.0);
   const double count = double(B * P);
+  if (P == 1) {  // (B, C): each channel's sum in the same order, a row of channels at a time
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* row = x + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) mean[c] += double(row[c]);
+    }
+    for (int64_t c = 0; c < C; ++c) mean[c] /= count;
+    for (int64_t b = 0; b < B; ++b) {
+      const scalar_t* row = x + b * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = double(row[c]) - mean[c];
+        var[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) var[c] /= count;
+    return;
+  }
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* run = x + (b * C + c) * P;
@@ -437,6 +461,18 @@ void channel_moments(const scalar_t* x, int64_t B, int64_t C, int64_t P, double*
     }
   }
   for (int64_t c = 0; c < C; ++c) var[c] /= count;
+}
+
+// The values of t, in double.
+std::vector<double> doubles(const at::Tensor& t) {
+  std::vector<double> out(t.numel());
+  const at::Tensor c = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "normlab::doubles",
+                                  [&] {
+                                    const scalar_t* v = c.const_data_ptr<scalar_t>();
+                                    for (size_t i = 0; i < out.size(); ++i) out[i] = double(v[i]);
+                                  });
+  return out;
 }
 
 // (G, 2) float64: for each BatchNorm's input xs[g] (B, C, *) and its running statistics before
@@ -472,10 +508,9 @@ at::Tensor batchnorm_drift(at::TensorList xs, at::TensorList running_means,
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab::batchnorm_drift", [&] {
       channel_moments(x.const_data_ptr<scalar_t>(), B, C, P, mean.data(), var.data());
     });
-    const at::Tensor rm = running_means[g].to(at::kDouble).contiguous();
-    const at::Tensor rv = running_vars[g].to(at::kDouble).contiguous();
-    const double* rmean = rm.const_data_ptr<double>();
-    const double* rvar = rv.const_data_ptr<double>();
+    const std::vector<double> rm = doubles(running_means[g]), rv = doubles(running_vars[g]);
+    const double* rmean = rm.data();
+    const double* rvar = rv.data();
     double drift = -std::numeric_limits<double>::infinity(), ratio = drift;
     for (int64_t c = 0; c < C; ++c) {
       const double r = (rvar[c] + eps[g]) / (var[c] + eps[g]);
@@ -503,6 +538,7 @@ TORCH_LIBRARY_FRAGMENT(normlab, m) {
       "param_spread(Tensor[] before, Tensor[] params, Tensor?[] grads, int bins, int sample) -> "
       "(Tensor, Tensor, Tensor, Tensor)");
   m.def("copy_moments(Tensor[] xs) -> (Tensor[], Tensor)");
+  m.def("moments(Tensor[] xs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(normlab, CPU, m) {
@@ -511,4 +547,5 @@ TORCH_LIBRARY_IMPL(normlab, CPU, m) {
   m.impl("spread", spread);
   m.impl("param_spread", param_spread);
   m.impl("copy_moments", copy_moments);
+  m.impl("moments", moments);
 }
