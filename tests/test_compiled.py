@@ -200,6 +200,25 @@ def test_a_recording_graph_that_fails_to_compile_is_one_line_and_recordings_run_
     ]
 
 
+def test_no_compiler_is_one_line_when_a_recording_comes_first(names, monkeypatch, capsys):
+    """A run's step 0 records: its recording graph fails before any plain step has compiled,
+    and the plain step's line, which says the step runs uncompiled, is the only one."""
+
+    def no_compiler(graph, inputs, options):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(compiled_module, "inductor_compile", no_compiler)
+    model, _ = _models(names)
+    step = TrainStep(model, make_optimizer(model, TrainConfig(optimizer="sgd")), batch_size=32)
+    diagnostics = Diagnostics(model)
+    for i, (x, y) in enumerate(_batches(names, 3)):
+        step(x, y, 0.1, diagnostics if i == 0 else None, i)
+    assert not step.core.compile and not step.core.compile_recordings
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "normlab: compiling the step failed (no C++ compiler found); the step runs uncompiled"
+    ]
+
+
 def test_a_recording_runs_untraced_where_its_graph_would_not_hold_the_update_or_repay(names):
     """AdamW updates after the graph: its recordings run untraced, as do those of a step
     compiled off, and those of a run too short to repay a recording graph's compile."""

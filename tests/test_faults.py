@@ -228,3 +228,19 @@ def test_a_cosine_run_continued_says_what_happens_to_its_schedule(tmp_path, tiny
         "cosine schedule over 40 steps instead of 20: the learning rate at step 20 goes" in stdout
     )
     assert load_checkpoint(out)["train_config"]["steps"] == 40
+
+
+def test_a_continued_run_records_as_it_began(tmp_path, tiny, capsys, monkeypatch):
+    """Whether recordings run as a compiled graph is decided when a run starts, from its
+    number of recordings, and kept: a run continued with more steps records as it began, so
+    that it rounds as one run of the new total that began the same way would."""
+    from normlab.lm import start
+
+    monkeypatch.setattr(start, "RECORDINGS_TO_COMPILE", 4)
+    flags = ["train", *tiny, "--eval-every", 10, "--diagnose-every", 10]
+    assert run(capsys, *flags, "--steps", 40, "--out", tmp_path / "long")[0] == 0  # 4 recordings
+    assert run(capsys, *flags, "--steps", 20, "--out", tmp_path / "short")[0] == 0  # 2
+    assert run(capsys, "train", "--out", tmp_path / "short", "--resume", "--steps", 40)[0] == 0
+    decided = [load_checkpoint(tmp_path / d)["progress"] for d in ("long", "short")]
+    assert [p["records_compiled"] for p in decided] == [True, False]
+    assert [p["recordings"] for p in decided] == [4, 4]  # every recording counted

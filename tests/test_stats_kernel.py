@@ -296,3 +296,20 @@ def test_the_operators_trace_with_their_fake_kernels_to_the_same_columns():
         assert (fake.meta["val"].shape, fake.meta["val"].dtype) == (real.shape, real.dtype)
     for got, want in zip(graph(*xs), expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_percentiles_in_any_order_are_each_percentile_alone():
+    """The search for each percentile continues from the last one's bin where they ascend, and
+    starts again where they do not (or one is NaN): the same bins as each one searched alone."""
+    x = [torch.randn(4000, generator=torch.Generator().manual_seed(0))]
+    nan = math.nan
+
+    def at(percentiles):
+        columns, _ = stats_ops().output_summary(
+            x, [nan], [nan], [nan], [nan], [0], [0], 0.97, percentiles, 1000, 50, 16384
+        )
+        return columns[5:, 0]
+
+    order = [90.0, nan, 10.0, 10.0, 50.0, 5.0, 100.0, 0.0]
+    alone = torch.stack([at([p])[0] for p in order])
+    torch.testing.assert_close(at(order), alone, rtol=0, atol=0, equal_nan=True)

@@ -297,6 +297,7 @@ def test_a_second_order_measurement_is_timed_apart_from_its_step(monkeypatch):
     # recorded step's own time is 0.01 s
     assert (progress.plain_steps, progress.plain_step_s) == (1, pytest.approx(0.002))
     assert (progress.recorded_steps, progress.recorded_step_s) == (1, pytest.approx(0.01))
+    assert progress.recordings == 2  # both counted
     assert progress.step_s() == pytest.approx(0.012)
 
 
@@ -309,7 +310,7 @@ def test_summary_reports_the_cost_of_diagnostics(tmp_path, tiny, capsys):
         *("--steps", 50, "--diagnose-every", 10, "--second-order-every", 20, "--out", out),
     )
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["diagnostics_recordings"] == 4  # steps 10 to 40; step 0's is left out
+    assert summary["diagnostics_recordings"] == 5  # every one, step 0's untimed one too
     assert summary["second_order_measurements"] == 3  # steps 0, 20 and 40
     assert 0 < summary["second_order_s"] < summary["train_time_s"]
     assert 0 < summary["diagnostics_s"] < summary["train_time_s"]

@@ -24,7 +24,8 @@ from normlab.diagnostics.snapshot import (
 from normlab.nn import FlattenConsecutive, FlattenContext, Kind, layer_kind
 
 # model → what its forward pass writes in place, ("outputs" or "batchnorm", layer name),
-# learned by watching its first recording (KeepAsIs): later ones copy exactly those at the hook
+# learned by watching its first recording, or a pass of learn_writes (KeepAsIs): later ones
+# copy exactly those at the hook
 _WRITTEN_IN_PLACE: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
@@ -142,7 +143,7 @@ class Diagnostics:
         self._clear()
 
     def _clear(self) -> None:
-        self._outputs, self._grads = {}, {}
+        self._outputs, self._grads, self._params = {}, {}, {}
         self._before = stats.ParamCopies([], None)
         self._batchnorm, self._batchnorm_inputs = {}, {}
         self._keeper.forget()

@@ -239,21 +239,27 @@ def copy_params(params: list[Tensor]) -> ParamCopies:
     if ops is None:
         return ParamCopies([p.detach().clone() for p in params], None)
     with torch.no_grad():  # the operator has no autograd
-        if params and traced(params[0]):  # inductor cannot return copy_moments's list
+        # traced (a Parameter is a subclass of Tensor, its data not): inductor cannot return
+        # copy_moments's list
+        if params and traced(params[0].detach()):
             tensors = [p.detach().clone(memory_format=torch.contiguous_format) for p in params]
             return ParamCopies(tensors, ops.moments(tensors))
         tensors, moments = ops.copy_moments(params)
     return ParamCopies(tensors, moments)
 
 
-def param_stats(before: ParamCopies, params: list[Tensor], grads: list[Tensor | None]) -> Columns:
+def param_stats(
+    before: ParamCopies, params: list[Tensor], grads: list[Tensor | None] | None = None
+) -> Columns:
     """Per parameter: data std, update std, gradient std, range and histogram.
 
-    ``params`` after the step, ``grads`` their gradients: a parameter without one (None) has
-    NaN gradient columns. ``before`` are the recorder's own copies, taken at ``arm()``; on ATen
-    operators the update is written into them, which saves allocating (and on the CPU,
-    faulting in) one more copy of the weights.
+    ``params`` after the step, ``grads`` their gradients (None: each one's ``.grad``): a
+    parameter without one (None) has NaN gradient columns. ``before`` are the recorder's own
+    copies, taken at ``arm()``; on ATen operators the update is written into them, which saves
+    allocating (and on the CPU, faulting in) one more copy of the weights.
     """
+    if grads is None:
+        grads = [p.grad for p in params]
     ops = _kernel([*before.tensors, *params, *grads])
     if ops is None or before.moments is None:
         copies = before.tensors

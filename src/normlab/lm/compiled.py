@@ -280,6 +280,8 @@ class CompiledStep:
         # recordings as a compiled graph of their own where they can (record): False for a
         # run too short to repay its compile; True, and a graph that failed, sets it False
         self.compile_recordings = compile_recordings
+        self._plain_compiled = False  # a plain step's graph has run
+        self._unsaid: str | None = None  # a recording graph's failure, until a plain step runs
 
     def _gradients(
         self, tensors: list[Tensor], x: Tensor, y: Tensor, evaluate: bool = False
@@ -430,24 +432,40 @@ class CompiledStep:
     def _run_gradients(self, x: Tensor, y: Tensor) -> Ran:
         """``_gradients``, compiled unless it cannot be."""
         if self.compile:
-            ran = self._run_compiled(
-                self._key(x, y), x, y, self._plain, "the step", "the step runs uncompiled"
-            )
+            ran = self._run_compiled(self._key(x, y), x, y, self._plain, self._plain_failed)
             if ran is not None:
+                self._plain_compiled = True
+                if self._unsaid is not None:  # the plain step compiles: a recording's own fault
+                    self._say(self._unsaid)
+                    self._unsaid = None
                 return ran
             self.compile = False
         return Ran(tuple(self._gradients(self._leaves, x, y)), self._traced, updated=False)
+
+    def _plain_failed(self, reason: str) -> None:
+        self._say(f"compiling the step failed ({reason}); the step runs uncompiled")
+        self._unsaid = None  # a recording graph's failure, for the same reason
+
+    def _recording_failed(self, reason: str) -> None:
+        line = f"compiling the recording step failed ({reason}); recordings run untraced"
+        if self._plain_compiled:
+            self._say(line)
+        else:  # said once a plain step compiles: where none can, its line says it all
+            self._unsaid = line
+
+    def _say(self, line: str) -> None:
+        if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
+            print(f"normlab: {line}")
 
     def _plain(self, tensors: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor]:
         """The plain step's graph: ``_gradients``, returning the loss."""
         return (self._gradients(tensors, x, y).loss,)
 
     def _run_compiled(
-        self, key: tuple, x: Tensor, y: Tensor, step: Callable, what: str, otherwise: str
+        self, key: tuple, x: Tensor, y: Tensor, step: Callable, failed: Callable[[str], None]
     ) -> Ran | None:
         """The graph of ``step`` for ``key``, run on this batch; None where tracing, compiling
-        or its first run failed, with one line that says so (compiling ``what`` failed, and
-        ``otherwise``: what runs instead), and the step's tensors as they were."""
+        or its first run failed, with the step's tensors as they were, after ``failed(why)``."""
         if key in self._proven:
             outputs = self._compiled[key](self.tensors, x, y)
             return Ran(outputs, self._places[key], self._update_in_graph)
@@ -459,8 +477,7 @@ class CompiledStep:
         try:
             out = self._compiled_for(key, x, y, step)(self.tensors, x, y)
         except Exception as e:
-            if self.group is None or dist.get_rank(self.group) == 0:  # one line per run
-                print(f"normlab: compiling {what} failed ({first_line(e, 160)}); {otherwise}")
+            failed(first_line(e, 160))
             with torch.no_grad():
                 for t, before in zip(self.tensors, saved, strict=True):
                     t.copy_(before)
@@ -508,9 +525,7 @@ class CompiledStep:
             layers = tuple(name for name, _, _ in recorder.layers)
             key = (*self._key(x, y), layers, recorder.written_in_place)
             step = self._recording(recorder, key)
-            ran = self._run_compiled(
-                key, x, y, step, "the recording step", "recordings run untraced"
-            )
+            ran = self._run_compiled(key, x, y, step, self._recording_failed)
             if ran is not None:
                 loss, eval_loss, values = ran.outputs
                 return Recorded(loss, eval_loss, Measured(values, self._forms[key]))

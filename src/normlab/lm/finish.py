@@ -38,7 +38,7 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
         else round(progress.time_to_target_s, 3),
         "best_val_loss": min((r["val_loss"] for r in metrics), default=None),
         "step_s": round(step_s, 3),  # evaluations, compile, second order aside
-        "diagnostics_recordings": progress.recorded_steps,
+        "diagnostics_recordings": progress.recordings,
         "diagnostics_s": round(recorded_s, 3),
         "diagnostics_share": round(recorded_s / train_s, 4),
         # of the steps' own time: what the share tends to in a long run
@@ -62,7 +62,7 @@ def finish_run(t: Training, folder: RunFolder, config: dict, wall_start: float) 
     report = judge_recording(t.diagnostics, num_classes=t.data.vocab.size) if history else None
     if report is not None:
         print(
-            f"diagnostics: {progress.recorded_steps} recordings took "
+            f"diagnostics: {progress.recordings} recordings took "
             f"{summary['diagnostics_s']:.2f} s, {summary['diagnostics_share']:.1%} of the "
             "training time"
         )

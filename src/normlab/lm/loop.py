@@ -78,6 +78,7 @@ class Stopwatch:
             seconds = time.perf_counter() - self._step_start - aside_s
             self.progress.add_step_time(seconds, recorded)
         self._first[recorded] = False
+        self.progress.recordings += recorded
 
     def lap(self) -> None:
         """Add the seconds since the last lap to the training time."""

@@ -62,15 +62,20 @@ def start_training(
     progress = Progress()
     if ckpt:
         load_state(model, optimizer, ckpt)
-        progress = Progress(**ckpt["progress"])
+        saved = ckpt["progress"]
+        # a checkpoint from before these fields: every recording timed, and run untraced
+        progress = Progress(
+            **{"recordings": saved.get("recorded_steps", 0), "records_compiled": False, **saved}
+        )
         if averaged is not None:
             averaged.module.load_state_dict(ckpt["model"])
             averaged.n_averaged.fill_(progress.step)  # one update per step
         fresh = resumed_dropout_seed(tcfg.seed, progress.step, ranks.rank)
         restore_rng(ckpt["rng"], batches, model, ranks, fresh)
-    # a run's own number of recordings, not what is left of it: a resumed run records as the
-    # run it continues
-    recordings = tcfg.steps // tcfg.diagnose_every if tcfg.diagnose_every else 0
+    if progress.records_compiled is None:  # a new run: enough recordings to repay the compile
+        every = tcfg.diagnose_every
+        recordings = -(-tcfg.steps // every) if every else 0  # steps 0, every, 2 · every, ...
+        progress.records_compiled = recordings >= RECORDINGS_TO_COMPILE
     step = TrainStep(
         model,
         optimizer,
@@ -78,7 +83,7 @@ def start_training(
         ranks,
         averaged,
         tcfg.compile,
-        compile_recordings=recordings >= RECORDINGS_TO_COMPILE,
+        compile_recordings=progress.records_compiled,
     )
     return Training(
         model_config=mcfg,

@@ -46,6 +46,11 @@ class Progress:
     recorded_step_s: float = 0.0
     second_order_measurements: int = 0
     second_order_s: float = 0.0
+    recordings: int = 0  # every recorded step, timed or not
+    # recordings run as a compiled graph of their own where they can: decided when the run
+    # starts (normlab.lm.compiled.RECORDINGS_TO_COMPILE), so that a run continued with more
+    # steps records as it began
+    records_compiled: bool | None = None
 
     def add_step_time(self, seconds: float, recorded: bool) -> None:
         if recorded:

@@ -307,7 +307,7 @@ void summarize_histogram(const int64_t* row, int64_t F, float r, const std::vect
   int64_t b = 0, cumulative = row[0];
   auto cdf = [&](int64_t count) { return float(count) / whole; };
   for (size_t k = 0; k < q.size(); ++k) {
-    if (k > 0 && q[k] < q[k - 1]) b = 0, cumulative = row[0];  // not ascending: search again
+    if (k > 0 && !(q[k] >= q[k - 1])) b = 0, cumulative = row[0];  // not ascending (or NaN)
     // the first bin whose cdf reaches q (searchsorted, left): the cdf never falls, so a scan
     // from the last one finds it; an empty row's NaN cdf reaches nothing, and stops at bin 0
     while (b < F - 1 && cdf(cumulative) < q[k]) cumulative += row[++b];
