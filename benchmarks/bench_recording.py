@@ -3,8 +3,10 @@
 A run records every 100th step: ``CompiledStep.record``, which for lecture-deep on SGD, its
 step compiled, runs the recording's own compiled graph (the step, the batch's eval-mode loss
 and every statistic, in one call), then ``Diagnostics.take``, which brings the statistics to
-the host as a Snapshot. Here lecture-deep trains as ``normlab train`` does, recording every
-100th step, and the benchmark prints per batch size the plain step's time, a recording's (and
+the host as a Snapshot (``normlab train`` takes that graph in a run of at least
+``RECORDINGS_TO_COMPILE`` recordings, as lecture-deep's 2,000; ``TrainStep`` here always does).
+Here lecture-deep trains as ``normlab train`` does, recording every 100th step, and the
+benchmark prints per batch size the plain step's time, a recording's (and
 its parts: the recorded step, ``take``), and a recording's cost against the 100 steps it
 covers; then the first recording's time (a run's first step: the pass that learns what the
 model writes in place, the recording graph's trace and its compile, with whatever the compile
