@@ -2,8 +2,8 @@
 
 Every function takes all the tensors of one kind (the layers' outputs, their gradients, the
 parameters, BatchNorm's inputs) and returns ``{column: (G,) or (G, k) tensor}``, one row per
-tensor; ``flatten`` lays all of them out in one tensor, which ``host_rows`` brings to the host
-in one transfer and hands back by name (``to_host``, both at once).
+tensor; ``flatten`` lays all of them out in one tensor (where, ``layout`` says), which
+``host_rows`` brings to the host in one transfer and hands back by name.
 
 On the CPU, in float32 or float64, the C++ operators of ``normlab.nn.kernel.stats_ops``
 compute every column of a kind for the whole list in one call, each tensor measured whole
@@ -481,8 +481,3 @@ def host_rows(layout: Layout, flat: Tensor) -> dict[str, HostRows]:
             offsets[b.counts] = start + n
         host[what] = HostRows({name: i for i, name in enumerate(names)}, rows)
     return host
-
-
-def to_host(groups: list[tuple[str, list[str], Columns]]) -> dict[str, HostRows]:
-    """Every group's columns as Python numbers (``host_rows``), in one transfer."""
-    return host_rows(layout(groups), flatten(groups))

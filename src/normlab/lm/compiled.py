@@ -252,13 +252,19 @@ class CompiledStep:
         self._trainable = [i for i, p in enumerate(self.params) if p.requires_grad]
         # the trainable parameters' gradients, in one buffer that a step updating after its
         # graph writes in place (as DDP's buckets): fixed views of it are what that update reads
-        sizes = [self.params[i].numel() for i in self._trainable]
+        self._sizes = [self.params[i].numel() for i in self._trainable]
         first = self.params[self._trainable[0]] if self._trainable else torch.empty(0)
-        grad_buffer = torch.zeros(sum(sizes), dtype=first.dtype, device=first.device)
-        self._grad_views = self._by_parameter(grad_buffer)
+        grad_buffer = torch.zeros(sum(self._sizes), dtype=first.dtype, device=first.device)
         self.update = FunctionalUpdate(optimizer, self.params)
         # SGD's update is traced into the compiled graph; AdamW's fused kernel cannot be
         self._update_in_graph = compile and not self.update.adamw and _COMPILING is not None
+        # what a recording graph needs of the model, fixed as its tensors are (record)
+        self._recordable = (
+            self._update_in_graph
+            and group is None
+            and measured_by_kernel(self.params)
+            and not _draws_masks(model)
+        )
         # each param group's learning rate, an input of the graph (float64, as the groups
         # hold it; the update multiplies in the gradients' dtype), and the rates it last held
         n_groups = len(optimizer.param_groups)
@@ -338,17 +344,17 @@ class CompiledStep:
         def recording(tensors: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
             recorder.arm(dict(zip(self.names, tensors[:-2], strict=True)))
             computed = self._gradients(tensors, x, y, evaluate=True)
-            measured = recorder.measure(self._grads_of(computed.gradients))
+            measured = recorder.measure(self._grads_of(computed.gradients, self._traced))
             self._forms[key] = measured.form
             return computed.loss, computed.eval_loss, measured.values
 
         return recording
 
-    def _grads_of(self, flat: Tensor) -> list[Tensor | None]:
-        """Each parameter's gradient, a view of ``flat``, or None where the last
-        ``_gradients`` left it out."""
+    def _grads_of(self, flat: Tensor, places: tuple[int, ...]) -> list[Tensor | None]:
+        """Each parameter's gradient, a view of ``flat``, or None where ``places`` (the
+        parameters a graph differentiates) leaves it out."""
         views = self._by_parameter(flat)
-        return [views[i] if i in self._traced else None for i in range(len(self.params))]
+        return [views[i] if i in places else None for i in range(len(self.params))]
 
     def _sgd(self, params: list[Tensor], flat: Tensor, rates: Tensor) -> None:
         """torch.optim's SGD update of ``params`` (the traced step's own tensors) from the
@@ -382,8 +388,7 @@ class CompiledStep:
     def _by_parameter(self, flat: Tensor) -> dict[int, Tensor]:
         """``flat`` (numel,), the trainable parameters' values end to end, as a view for each
         parameter's place, shaped as the parameter."""
-        sizes = [self.params[i].numel() for i in self._trainable]
-        views = flat.split(sizes)
+        views = flat.split(self._sizes)
         return {
             i: view.view(self.params[i].shape)
             for i, view in zip(self._trainable, views, strict=True)
@@ -405,6 +410,13 @@ class CompiledStep:
             key += tuple((g["weight_decay"], g["maximize"]) for g in self.optimizer.param_groups)
         return key
 
+    def _take_rate(self, lr: float) -> None:
+        """The schedule's rate ``lr`` into the param groups (each scaled by its ``lr_scale``),
+        and into ``self.rates`` where the graph updates."""
+        set_learning_rate(self.optimizer, lr)
+        if self._update_in_graph:
+            self._hold_rates()
+
     def _hold_rates(self) -> None:
         """``self.rates``: the param groups' learning rates, written when they change (a fill
         each, which on a GPU waits for nothing, where a copy from host memory would)."""
@@ -424,8 +436,7 @@ class CompiledStep:
         parameters a graph differentiates) leaves it out, and the update from them: once per
         set of places."""
         if places not in self._grad_lists:
-            views = self._grad_views
-            grads = [views.get(i) if i in places else None for i in range(len(self.params))]
+            grads = self._grads_of(self.tensors[-2], places)  # views of the gradients' buffer
             self._grad_lists[places] = Gradients(grads, self.update.on(grads))
         return self._grad_lists[places]
 
@@ -487,9 +498,7 @@ class CompiledStep:
         return Ran(out, self._places[key], self._update_in_graph)
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> Tensor:
-        set_learning_rate(self.optimizer, lr)
-        if self._update_in_graph:
-            self._hold_rates()
+        self._take_rate(lr)
         ran = self._run_gradients(x, y)
         if not ran.updated:
             self._grads_at(ran.places).update()
@@ -517,11 +526,10 @@ class CompiledStep:
         learned first from a pass that changes nothing (``_learn_writes``), so every
         recording of a process takes the same path, a resumed run's too. Any other recording
         runs untraced: ``untraced``, with the hooks attached, then ``Diagnostics.measure``."""
-        if self._records_in_graph(recorder):
+        if self._records_in_graph():
             if recorder.written_in_place is None:
                 self._learn_writes(recorder, x)
-            set_learning_rate(self.optimizer, lr)
-            self._hold_rates()
+            self._take_rate(lr)
             layers = tuple(name for name, _, _ in recorder.layers)
             key = (*self._key(x, y), layers, recorder.written_in_place)
             step = self._recording(recorder, key)
@@ -534,7 +542,7 @@ class CompiledStep:
             recorder.detach()  # what the failed trace's hooks captured
         recorder.arm()
         computed = self.untraced(x, y, lr)
-        measured = recorder.measure(self._grads_of(computed.gradients))
+        measured = recorder.measure(self._grads_of(computed.gradients, self._traced))
         return Recorded(computed.loss, computed.eval_loss, measured)
 
     def _learn_writes(self, recorder: Diagnostics, x: Tensor) -> None:
@@ -550,16 +558,9 @@ class CompiledStep:
             recorder.learn_writes(state, lambda: functional_call(self.model, state, (x,)))
         torch.set_rng_state(rng)
 
-    def _records_in_graph(self, recorder: Diagnostics) -> bool:
-        """Whether a recording into ``recorder`` runs as a compiled graph (``record``)."""
-        return (
-            self.compile
-            and self._update_in_graph
-            and self.group is None
-            and self.compile_recordings
-            and measured_by_kernel(self.params)
-            and not _draws_masks(self.model)
-        )
+    def _records_in_graph(self) -> bool:
+        """Whether a recording runs as a compiled graph of its own (``record``)."""
+        return self.compile and self.compile_recordings and self._recordable
 
 
 def _draws_masks(model: nn.Module) -> bool:
