@@ -168,7 +168,7 @@ class Computed(NamedTuple):
 
 
 # The fewest recordings a run makes for its recordings to run as a compiled graph of their own:
-# compiling it costs 0.3 s from the compile cache and about 11 s without, and saves about 3 ms
+# compiling it costs 0.4 s from the compile cache and about 13 s without, and saves about 3 ms
 # a recording at lecture-deep's batch 32 (docs/PERFORMANCE.md, "Recording steps"); the
 # lecture presets make 2,000.
 RECORDINGS_TO_COMPILE = 1000
