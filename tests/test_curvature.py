@@ -17,56 +17,95 @@ from normlab.curvature import (
     hessian_trace,
     top_eigenvalue,
 )
+from normlab.nn import kernel
 
 DTYPES = [torch.float32, torch.float64]
 
 
+def _twice(implementation: str):
+    """Training-mode batch norm whose backward has a derivative: the C++ kernel's operator, or
+    ``batch_norm_twice_differentiable`` (ATen operators: other devices and dtypes)."""
+    if implementation == "kernel":
+        ops = kernel.ops()
+        assert ops is not None, "BatchNorm's C++ kernel is not built: see setup.py"
+        return lambda x, w, b, dim: ops.batch_norm(x, w, b, None, None, None, 0.1, 1e-5, dim)
+    return lambda x, w, b, dim: nl.batch_norm_twice_differentiable(x, w, b, 1e-5, None, None, dim)
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "aten"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_the_composite_batchnorm_equals_torchs_to_second_order(dtype, channels_last):
+@pytest.mark.parametrize("channel_dim", [1, 2, 3])  # (N, C, H, W), (N, H, C, W), (N, H, W, C)
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_twice_differentiable_batchnorm_equals_torchs_to_second_order(
+    implementation, dtype, channel_dim, affine
+):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 4, 5, generator=g, dtype=dtype, requires_grad=True)
-    w = (1 + torch.randn(4, generator=g, dtype=dtype)).requires_grad_()
-    b = torch.randn(4, generator=g, dtype=dtype, requires_grad=True)
-    channel_dim = 2 if channels_last else 1
-    xin = x.transpose(1, 2) if channels_last else x
-    ours = nl.batch_norm_composite(xin, w, b, 1e-5, None, None, channel_dim)
+    x = torch.randn(6, 4, 5, 3, generator=g, dtype=dtype, requires_grad=True)
+    w = (1 + torch.randn(4, generator=g, dtype=dtype)).requires_grad_() if affine else None
+    b = torch.randn(4, generator=g, dtype=dtype, requires_grad=True) if affine else None
+    xin = x.movedim(1, channel_dim).contiguous()  # the channels at channel_dim, in memory too
+    ours = _twice(implementation)(xin, w, b, channel_dim)
     theirs = F.batch_norm(x, None, None, w, b, training=True, eps=1e-5)
-    if channels_last:
-        ours = ours.transpose(1, 2)
+    assert ours.is_contiguous()  # as the layers after it may view it
+    ours = ours.movedim(channel_dim, 1)
     tol = {"atol": 1e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-10, "rtol": 1e-9}
     torch.testing.assert_close(ours, theirs, **tol)
     # a Hessian-vector product of a loss through each (torch's has its own double backward)
-    weights = torch.randn(6, 4, 5, generator=g, dtype=dtype)
-    v = [torch.randn_like(t) for t in (x, w, b)]
+    weights = torch.randn(6, 4, 5, 3, generator=g, dtype=dtype)
+    inputs = [t for t in (x, w, b) if t is not None]
+    v = [torch.randn_like(t) for t in inputs]
     products = []
     for out in (ours, theirs):
         loss = (out.tanh() * weights).sum()
-        grads = torch.autograd.grad(loss, (x, w, b), create_graph=True)
-        products.append(torch.autograd.grad(grads, (x, w, b), v))
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        products.append(torch.autograd.grad(grads, inputs, v))
     for mine, reference in zip(*products, strict=True):
         torch.testing.assert_close(mine, reference, **tol)
 
 
-def test_the_composite_batchnorm_passes_gradgradcheck():
+@pytest.mark.parametrize("implementation", ["kernel", "aten"])
+@pytest.mark.parametrize("channel_dim", [1, 2])
+def test_the_twice_differentiable_batchnorm_passes_gradgradcheck(implementation, channel_dim):
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(
-        lambda x, w, b: nl.batch_norm_composite(x, w, b, 1e-5, None), (x, w, b)
-    )
+    x = torch.randn(5, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    C = x.size(channel_dim)
+    w = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    norm = _twice(implementation)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: norm(x, w, b, channel_dim), (x, w, b))
 
 
-def test_within_twice_differentiable_a_batchnorm_module_gives_the_same_outputs_and_statistics():
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
-    a, b = nl.BatchNorm1d(8), nl.BatchNorm1d(8)
-    expected = a(x)
-    with nl.twice_differentiable():
-        got = b(x)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    for name, value in a.state_dict().items():
-        torch.testing.assert_close(b.state_dict()[name], value, msg=name)
+def test_the_kernel_refuses_a_third_derivative():
+    x = torch.randn(8, 4, requires_grad=True)
+    y = nl.BatchNorm1d(4)(x)
+    assert "BatchNormNode" in y.grad_fn.name()
+    (grad,) = torch.autograd.grad((y * y.tanh()).sum(), x, create_graph=True)
+    torch.autograd.grad((grad * grad).sum(), x, retain_graph=True)  # a second derivative
+    with pytest.raises(RuntimeError, match="differentiable twice"):  # a graph for a third
+        torch.autograd.grad((grad * grad).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nl.BatchNorm1d(8), (16, 8)),
+        (lambda: nl.BatchNorm1d(8, channels_last=True), (16, 5, 8)),
+        (lambda: nl.BatchNorm2d(8, momentum=None), (4, 8, 3, 3)),  # a cumulative average
+    ],
+)
+def test_within_twice_differentiable_a_batchnorm_module_gives_the_same_outputs_and_statistics(
+    make, shape
+):
+    g = torch.Generator().manual_seed(2)
+    a, b = make(), make()
+    for _ in range(2):  # the second step moves statistics that the first moved
+        x = torch.randn(shape, generator=g)
+        expected = a(x)
+        with nl.twice_differentiable():
+            got = b(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for name, value in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[name], value, msg=name)
 
 
 def _models(dtype):

@@ -4,10 +4,10 @@ Every estimate here is built on Hessian-vector products, by double backward
 through the model (Pearlmutter's trick): with :math:`g = \\nabla_\\theta L`
 computed once with its graph, :math:`Hv = \\nabla_\\theta (g \\cdot v)`. One
 product costs about two forward-backward passes and never forms the Hessian,
-so it works on any model. normlab's BatchNorms compute, meanwhile, with
-``normlab.nn.twice_differentiable`` (in training mode, their batch statistics
-are part of the loss, and so of its Hessian); every buffer the forward pass
-moves (running statistics) is put back afterwards.
+so it works on any model. normlab's BatchNorms differentiate twice, meanwhile
+(their C++ kernel's second derivative, or ``normlab.nn.twice_differentiable``: in
+training mode their batch statistics are part of the loss, and so of its Hessian);
+every buffer the forward pass moves (running statistics) is put back afterwards.
 
 - ``top_eigenvalue``: the Lanczos iteration, the sharpness :math:`\\lambda_{max}`;
   full-batch gradient descent is stable while it stays below :math:`2/\\eta`
@@ -18,6 +18,7 @@ moves (running statistics) is put back afterwards.
   :math:`(2 + 2\\beta_1)/((1 - \\beta_1)\\eta)` (Cohen et al., 2022).
 """
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,8 +62,9 @@ class Hessian:
     ``@`` is one double backward through them. Vectors are lists of tensors shaped as
     ``self.params``.
 
-    Raises ``NotTwiceDifferentiable``, naming the layer where it can, when an operation
-    of the loss has no double backward.
+    Raises ``NotTwiceDifferentiable``: here for a custom autograd Function whose backward is
+    once differentiable, naming the layer where it can; at the first product for an operator
+    without a double backward (an ATen operator without one, a C++ extension's).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
@@ -89,27 +91,26 @@ class Hessian:
                 handle.remove()
         self.loss = loss.item()
         self.products = 0
-        self._check_second_order()
 
     def __matmul__(self, v: list[Tensor]) -> list[Tensor]:
+        first = self.products == 0
         self.products += 1
-        hv = torch.autograd.grad(self.grads, self.params, v, retain_graph=True, allow_unused=True)
+        try:
+            hv = torch.autograd.grad(
+                self.grads, self.params, v, retain_graph=True, allow_unused=True
+            )
+        except RuntimeError as e:
+            if not first:
+                raise
+            # the first product is where an operator without a double backward says so
+            raise NotTwiceDifferentiable(
+                f"the loss has no second derivative: {first_line(e, 160)}"
+            ) from None
         # a parameter whose gradient does not depend on the parameters (a bias feeding a
         # linear loss) has a zero row: None here
         return [
             torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv, strict=True)
         ]
-
-    def _check_second_order(self) -> None:
-        """One product, up front, so that an operator without a double backward (an ATen
-        operator without one, a C++ extension's) says so here."""
-        try:
-            self @ [torch.zeros_like(p) for p in self.params]
-        except RuntimeError as e:
-            raise NotTwiceDifferentiable(
-                f"the loss has no second derivative: {first_line(e, 160)}"
-            ) from None
-        self.products = 0
 
 
 def _note_node(name: str, layer_of: dict):
@@ -173,44 +174,58 @@ def top_eigenvalue(
     parameters, ``adam_preconditioner``), the eigenvalue of :math:`P^{-1}H`, through
     the symmetric :math:`P^{-1/2} H P^{-1/2}`, which has the same eigenvalues.
     """
-    scale = None if preconditioner is None else [d.rsqrt() for d in preconditioner]
+    vectors = _Flat(hessian.params)
+    scale = None if preconditioner is None else vectors.join(preconditioner).rsqrt()
 
-    def product(v: list[Tensor]) -> list[Tensor]:  # (P^-1/2 H P^-1/2) v, parameter by parameter
-        u = v if scale is None else [s * t for s, t in zip(scale, v, strict=True)]
-        hv = hessian @ u
-        return hv if scale is None else [s * t for s, t in zip(scale, hv, strict=True)]
+    def product(v: Tensor) -> Tensor:  # (P^-1/2 H P^-1/2) v
+        u = v if scale is None else scale * v
+        hv = vectors.join(hessian @ vectors.split(u))
+        return hv if scale is None else hv.mul_(scale)
 
-    # vectors as lists of tensors shaped as the parameters: they may differ in dtype and device
-    v = _normalized([torch.randn(p.shape, generator=generator).to(p) for p in hessian.params])
-    previous, beta = [torch.zeros_like(t) for t in v], 0.0
+    v = vectors.join([torch.randn(p.shape, generator=generator) for p in hessian.params])
+    v /= torch.linalg.vector_norm(v)
+    previous, beta = torch.zeros_like(v), 0.0
     alphas, betas = [], []  # T's diagonal, and the entries beside it
     value, converged = 0.0, False
     for _ in range(max_products):
         w = product(v)
-        alpha = _dot(w, v).item()
-        w = [h - alpha * t - beta * q for h, t, q in zip(w, v, previous, strict=True)]
-        beta = _dot(w, w).sqrt().item()
+        alpha = torch.dot(w, v).item()
+        w.sub_(v, alpha=alpha).sub_(previous, alpha=beta)
+        beta = torch.linalg.vector_norm(w).item()
         if not (math.isfinite(alpha) and math.isfinite(beta)):
             value = math.nan  # a product overflowed or met a NaN: there is no eigenvalue to give
             break
         alphas.append(alpha)
-        ritz, vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
+        ritz, ritz_vectors = torch.linalg.eigh(_tridiagonal(alphas, betas))
         value = ritz[-1].item()
-        if beta * abs(vectors[-1, -1].item()) <= tol * abs(value) or beta == 0.0:
+        if beta * abs(ritz_vectors[-1, -1].item()) <= tol * abs(value) or beta == 0.0:
             converged = True  # beta 0: the Krylov space holds an eigenvector, exactly
             break
         betas.append(beta)
-        previous, v = v, [t / beta for t in w]
+        previous, v = v, w.div_(beta)
     return Eigenvalue(value, hessian.products, converged)
 
 
-def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return sum((x * y).sum() for x, y in zip(a, b, strict=True))
+class _Flat:
+    """Vectors over ``params`` as one flat tensor each (in the parameters' widest dtype, on
+    the first one's device), and back as views shaped as the parameters: a vector operation
+    is one operator, where a tensor per parameter costs one per parameter."""
 
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.numel = sum(self.sizes)
+        self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        self.device = params[0].device
 
-def _normalized(v: list[Tensor]) -> list[Tensor]:
-    norm = _dot(v, v).sqrt()
-    return [t / norm for t in v]
+    def join(self, tensors: list[Tensor]) -> Tensor:
+        """(n,): ``tensors``, shaped as the parameters, end to end."""
+        return torch.cat([t.reshape(-1).to(self.device, self.dtype) for t in tensors])
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """``flat`` (n,) as a tensor per parameter, in its shape, dtype and device."""
+        pieces = flat.split(self.sizes)
+        return [t.view(p.shape).to(p) for t, p in zip(pieces, self.params, strict=True)]
 
 
 def _tridiagonal(diagonal: list[float], beside: list[float]) -> Tensor:
@@ -231,13 +246,12 @@ def hessian_trace(
     forward-backward passes), a fixed number: the standard error says how far to trust it."""
     if probes < 2:
         raise ValueError(f"hessian_trace needs at least 2 probes, got {probes}")
+    vectors = _Flat(hessian.params)
     samples = []
     for _ in range(probes):
-        z = [
-            torch.randint(0, 2, p.shape, generator=generator).to(p).mul_(2).sub_(1)
-            for p in hessian.params
-        ]
-        samples.append(_dot(z, hessian @ z).item())
+        z = torch.randint(0, 2, (vectors.numel,), generator=generator)
+        z = z.to(vectors.device, vectors.dtype).mul_(2).sub_(1)
+        samples.append(torch.dot(z, vectors.join(hessian @ vectors.split(z))).item())
     values = torch.tensor(samples, dtype=torch.float64)
     return TraceEstimate(values.mean().item(), (values.std() / math.sqrt(probes)).item(), probes)
 

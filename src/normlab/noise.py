@@ -83,14 +83,17 @@ def gradient_noise(
     names, params = zip(
         *[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True
     )
-    small = [0.0] * len(params)  # per parameter: the micro-batches' mean |G_b|²
     pieces = split_batch(batch, micro_batch)
+
+    def squared_norms(piece) -> Tensor:  # (P,) float64: each parameter's |g|² on ``piece``
+        grads = _gradients(model, loss_fn, piece, params)
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+        return torch.stack(norms).square()
+
     with kept_buffers(model):  # each forward pass moves the running statistics
-        for piece in pieces:
-            for k, g in enumerate(_gradients(model, loss_fn, piece, params)):
-                small[k] += g.double().square().sum().item() / len(pieces)
-        whole = _gradients(model, loss_fn, batch, params)
-        whole = [g.double().square().sum().item() for g in whole]
+        # per parameter: the micro-batches' mean |G_b|², and the whole batch's |G_B|²
+        small = (sum(squared_norms(piece) for piece in pieces) / len(pieces)).tolist()
+        whole = squared_norms(batch).tolist()
     b = micro_batch
     signal = [(B * w - b * s) / (B - b) for w, s in zip(whole, small, strict=True)]  # |G_p|²
     noise = [(s - w) / (1 / b - 1 / B) for w, s in zip(whole, small, strict=True)]  # tr(Σ_p)

@@ -93,11 +93,8 @@ def _measure(
     batch_size = batch_rows(batch)
     notes = []
     sharpness = trace = preconditioned = noise_scale = None
-    try:
+    try:  # an operator without a double backward raises at the first product
         hessian = Hessian(model, lambda m: loss_fn(m, batch))
-    except NotTwiceDifferentiable as e:
-        notes.append(str(e))
-    else:
         sharpness = top_eigenvalue(hessian, max_products, generator=generator).value
         trace = hessian_trace(hessian, probes, generator=generator).value
         # plain SGD preconditions nothing: its sharpness is the plain one, without a word
@@ -109,6 +106,8 @@ def _measure(
             else:
                 found = top_eigenvalue(hessian, max_products, preconditioner=P, generator=generator)
                 preconditioned = found.value
+    except NotTwiceDifferentiable as e:
+        notes.append(str(e))
     noise_batch = batch if noise_batch is None else noise_batch
     try:
         micro_batch = micro_batch or default_micro_batch(batch_rows(noise_batch))

@@ -21,11 +21,13 @@ between steps, so a run stops on a whole step and saves its checkpoint.
 import contextlib
 import fcntl
 import json
+import math
 import os
 import signal
 import sys
 from pathlib import Path
 
+import orjson
 from tqdm.auto import tqdm
 
 from normlab.diagnostics import Snapshot, snapshot_from_dict, snapshot_to_dict
@@ -61,6 +63,9 @@ class RunFolder:
         self.writes = ranks.is_main
         self.tensorboard = None
         self._lock: int | None = None  # the lock file's descriptor while this run holds it
+        self._logs = {
+            name: _JsonLines(self.path / name) for name in (METRICS_NAME, DIAGNOSTICS_NAME)
+        }
 
     def __enter__(self) -> "RunFolder":
         return self
@@ -156,7 +161,7 @@ class RunFolder:
     def step(self, step: int, loss: float, snapshot: Snapshot | None) -> None:
         """After optimizer step ``step``: its recording, if it was one."""
         if snapshot is not None and self.writes:
-            _append_jsonl(self.path / DIAGNOSTICS_NAME, snapshot_to_dict(snapshot))
+            self._logs[DIAGNOSTICS_NAME].append(snapshot_to_dict(snapshot))
             if self.tensorboard is not None:
                 log_snapshot(self.tensorboard, snapshot)
 
@@ -164,7 +169,7 @@ class RunFolder:
         """An evaluation: ``{"step", "train_loss", "val_loss", "lr"}``."""
         if not self.writes:
             return
-        _append_jsonl(self.path / METRICS_NAME, row)
+        self._logs[METRICS_NAME].append(row)
         if self.tensorboard is not None:
             log_metrics(self.tensorboard, row)
         bar.write(
@@ -205,7 +210,10 @@ class RunFolder:
             atomic_write_bytes(self.path / "report.html", page.encode())
 
     def close(self) -> None:
-        """Close the TensorBoard files and let the folder go (the lock file stays, unlocked)."""
+        """Close the logs and the TensorBoard files, and let the folder go (the lock file
+        stays, unlocked)."""
+        for log in self._logs.values():
+            log.close()
         if self.tensorboard is not None:
             with _writing(self.path / "tensorboard"):
                 self.tensorboard.close()
@@ -231,13 +239,61 @@ def _truncate_jsonl(path: Path, keep) -> list[dict]:
     """Rewrite ``path`` (atomically) with only the rows for which ``keep(row)`` holds."""
     rows = [row for row in _read_jsonl(path) if keep(row)]
     with _writing(path):
-        atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        atomic_write_bytes(path, b"".join(_json_line(row) for row in rows))
     return rows
 
 
-def _append_jsonl(path: Path, row: dict) -> None:
-    with _writing(path), path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+def _json_line(row: dict) -> bytes:
+    """``row`` as one line of JSON: by orjson, ten times faster than json (a recording's row
+    is 24 KB), where every float in it is finite; by json where one is not, as orjson would
+    write NaN and infinities as null, and a row keeps them (a diverged run's statistics)."""
+    if _all_finite(row):
+        try:
+            return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+        except TypeError:  # a type orjson does not take (numpy's scalars), which json does
+            pass
+    return (json.dumps(row, separators=(",", ":")) + "\n").encode()
+
+
+def _all_finite(obj) -> bool:
+    """Whether every float in ``obj`` (JSON's types, nested) is finite."""
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        obj = obj.values()
+    elif not isinstance(obj, (list, tuple)):
+        return True
+    for value in obj:
+        kind = type(value)
+        if kind is int or kind is str or value is None:  # most of a row: histograms' counts
+            continue
+        if not (math.isfinite(value) if kind is float else _all_finite(value)):
+            return False
+    return True
+
+
+class _JsonLines:
+    """A JSON-lines log, appended a row at a time through one descriptor held open
+    (``O_APPEND``), opened at its first row: opening the file for each row would cost as much
+    as writing it. A row is one ``write``; a kill mid-row leaves a last line cut short, which
+    ``_read_jsonl`` skips."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def append(self, row: dict) -> None:
+        data = _json_line(row)
+        with _writing(self.path):
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            while data:  # a regular file writes it all, unless the disk fills midway
+                data = data[os.write(self._fd, data) :]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class StopSignals:

@@ -11,9 +11,6 @@ normlab's BatchNorms and torch's. Every module has torch's constructor, buffers,
 ``state_dict`` keys and version, so state dicts load both ways.
 """
 
-import contextlib
-from contextvars import ContextVar
-
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -21,6 +18,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.nn import kernel
+from normlab.nn.twice import batch_norm_twice_differentiable, second_order
 
 
 def _stat_shape(x: Tensor, channel_dim: int) -> list[int]:
@@ -122,48 +120,6 @@ class BatchNormFunction(torch.autograd.Function):
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
         grad_bias = grad_bias if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
-
-
-_SECOND_ORDER = ContextVar("normlab_batchnorm_second_order", default=False)
-
-
-@contextlib.contextmanager
-def twice_differentiable():
-    """Within it, normlab's BatchNorms compute in training mode with ``batch_norm_composite``,
-    whose derivatives of every order autograd derives, instead of ``BatchNormFunction`` and
-    its C++ kernel, whose backward is written once and has no derivative of its own: what a
-    Hessian-vector product needs (``normlab.curvature``). The outputs are the same to
-    rounding; the first derivatives cost about twice as much."""
-    token = _SECOND_ORDER.set(True)
-    try:
-        yield
-    finally:
-        _SECOND_ORDER.reset(token)
-
-
-def batch_norm_composite(x, weight, bias, eps: float, running, group=None, channel_dim: int = 1):
-    r"""``BatchNormFunction``'s forward written in differentiable torch operations, so that
-    autograd derives its backward, and that backward's own: the same arguments and the same
-    math, :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + eta`. The running
-    statistics move outside of autograd, as there."""
-    if group is not None:
-        raise ValueError("SyncBatchNorm has no second derivative across processes")
-    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
-    shape = _stat_shape(x, channel_dim)
-    mean = x.mean(dims)  # (C,)
-    var = x.var(dims, correction=0)  # (C,), biased
-    if running is not None:
-        running_mean, running_var, factor = running
-        n = x.numel() // x.size(channel_dim)
-        with torch.no_grad():
-            running_mean.lerp_(mean, factor)
-            running_var.lerp_(var * (n / (n - 1)), factor)
-    y = (x - mean.view(shape)) * torch.rsqrt(var + eps).view(shape)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
 
 
 def _summed_over(t: Tensor, group) -> Tensor:
@@ -364,14 +320,8 @@ class _BatchNorm(_NormBase):
         stats = (self.running_mean, self.running_var) if tracking else (None, None)
         group = self._group()
         per_channel = x.numel() // x.size(channel_dim) if x.numel() else 0  # values per channel
-        second_order = _SECOND_ORDER.get()
-        if (
-            group is None
-            and per_channel > 1
-            and not second_order
-            and kernel.applies(x, weight, bias, *stats)
-        ):
-            # the same math in C++, which also counts the batch
+        if group is None and per_channel > 1 and kernel.applies(x, weight, bias, *stats):
+            # the same math in C++, which also counts the batch, and differentiates twice
             counter = self.num_batches_tracked if tracking else None
             args = (counter, self.momentum, self.eps, channel_dim)
             return kernel.ops().batch_norm(x, weight, bias, *stats, *args)
@@ -398,8 +348,8 @@ class _BatchNorm(_NormBase):
                     "(model.eval()) to run single examples with the running statistics"
                 )
         args = (self.eps, running, group, channel_dim)
-        if second_order:
-            return batch_norm_composite(x, weight, bias, *args)
+        if second_order():  # BatchNormFunction's backward has no derivative
+            return batch_norm_twice_differentiable(x, weight, bias, *args)
         return BatchNormFunction.apply(x, weight, bias, *args)
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 // Training-mode batch normalization on the CPU: the forward and the closed-form backward of
-// normlab.nn.BatchNormFunction, each one call, for float32 and float64 of any rank and layout.
+// normlab.nn.BatchNormFunction, each one call, for float32 and float64 of any rank and layout,
+// and the backward's own backward (a Hessian-vector product's), also one call.
 //
 // The input is viewed as (outer, C, inner): C channels at channel_dim, the dimensions before it
 // folded into outer and those after into inner, so (N, C) and (N, T, C) with channel_dim = -1
@@ -278,13 +279,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {grad_x, grad_weight, grad_bias};
 }
 
+// The backward's backward: with u, u_γ and u_β the cotangents of the backward's outputs g_x,
+// g_γ = Σ g·x̂ and g_β = Σ g (u_γ, u_β undefined where nothing used them), the gradients of
+// <u, g_x> + u_γ·g_γ + u_β·g_β in g, x and γ (γ's only with a gain). The math, per channel,
+// is normlab/nn/twice.py's (BatchNormBackward.backward), which writes it in ATen operators;
+// here two reads for its sums, and one each for the two gradients of the input's shape.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& sum_g,
+    const at::Tensor& sum_g_xhat, const at::Tensor& u_input, const at::Tensor& u_weight,
+    const at::Tensor& u_bias, int64_t channel_dim) {
+  const at::Tensor g = grad_output.contiguous();
+  const at::Tensor x = input.contiguous();
+  const at::Tensor u = u_input.defined() ? u_input.contiguous() : at::Tensor();
+  const Layout l = layout_of(x, channel_dim);
+  const int64_t n = l.outer * l.inner;
+  at::Tensor grad_g = at::empty_like(x);
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_weight = weight.defined() ? at::empty({l.C}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "normlab_batch_norm_backward_backward", [&] {
+    const scalar_t* __restrict gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* __restrict up = u.defined() ? u.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* __restrict mp = mean.const_data_ptr<scalar_t>();
+    const scalar_t* ip = invstd.const_data_ptr<scalar_t>();
+    const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* sg = sum_g.const_data_ptr<scalar_t>();
+    const scalar_t* sgx = sum_g_xhat.const_data_ptr<scalar_t>();
+    const scalar_t* uw = u_weight.defined() ? u_weight.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ub = u_bias.defined() ? u_bias.const_data_ptr<scalar_t>() : nullptr;
+    std::vector<double> sum_u(l.C, 0.0), sum_u_xc(l.C, 0.0), sum_u_g(l.C, 0.0);
+    if (up != nullptr) {
+      channel_sums<scalar_t>(
+          l, sum_u.data(), sum_u_xc.data(), [=](int64_t, int64_t k) { return up[k]; },
+          [=](int64_t c, int64_t k) { return up[k] * (xp[k] - mp[c]); });
+      channel_sums<scalar_t>(
+          l, sum_u_g.data(), nullptr, [=](int64_t, int64_t k) { return up[k] * gp[k]; },
+          NoSecond{});
+    }
+    // grad_g = u·G1 + (x - μ)·G2 + G3;  grad_x = g·G2 + u·X2 + (x - μ)·X3 + X4
+    std::vector<scalar_t> G1(l.C), G2(l.C), G3(l.C), X2(l.C), X3(l.C), X4(l.C);
+    scalar_t* gw = weight.defined() ? grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
+    for (int64_t c = 0; c < l.C; ++c) {
+      const double r = ip[c], gamma = w != nullptr ? double(w[c]) : 1.0, gr = gamma * r;
+      const double g_mean = sg[c] / double(n), m1 = sgx[c] / double(n);  // ḡ, m₁
+      const double u_mean = sum_u[c] / n, m2 = r * sum_u_xc[c] / n;  // ū, m₂
+      const double s = sum_u_g[c] / n - g_mean * u_mean - m1 * m2;
+      const double u_gamma = uw != nullptr ? double(uw[c]) : 0.0;
+      const double u_beta = ub != nullptr ? double(ub[c]) : 0.0;
+      const double a_mean = u_gamma * g_mean - gr * (m1 * u_mean + m2 * g_mean);  // ā
+      const double a_xhat_mean = u_gamma * m1 - 2.0 * gr * m1 * m2;  // (a x̂)‾
+      G1[c] = scalar_t(gr);
+      G2[c] = scalar_t(r * (u_gamma - gr * m2));
+      G3[c] = scalar_t(u_beta - gr * u_mean);
+      X2[c] = scalar_t(-r * gr * m1);
+      X3[c] = scalar_t(-r * r * (a_xhat_mean + gr * s));
+      X4[c] = scalar_t(-r * a_mean);
+      if (gw != nullptr) gw[c] = scalar_t(n * r * s);
+    }
+    const scalar_t *__restrict g1 = G1.data(), *__restrict g2 = G2.data(),
+                               *__restrict g3 = G3.data(), *__restrict x2 = X2.data(),
+                               *__restrict x3 = X3.data(), *__restrict x4 = X4.data();
+    if (up != nullptr) {
+      channel_map(l, grad_g.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t k) {
+        return up[k] * g1[c] + (xp[k] - mp[c]) * g2[c] + g3[c];
+      });
+      channel_map(l, grad_x.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t k) {
+        return gp[k] * g2[c] + up[k] * x2[c] + (xp[k] - mp[c]) * x3[c] + x4[c];
+      });
+    } else {
+      channel_map(l, grad_g.mutable_data_ptr<scalar_t>(),
+                  [=](int64_t c, int64_t k) { return (xp[k] - mp[c]) * g2[c] + g3[c]; });
+      channel_map(l, grad_x.mutable_data_ptr<scalar_t>(), [=](int64_t c, int64_t k) {
+        return gp[k] * g2[c] + (xp[k] - mp[c]) * x3[c] + x4[c];
+      });
+    }
+  });
+  return {grad_g, grad_x, grad_weight};
+}
+
 at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? *t : at::Tensor();
 }
 
-// The autograd node: saves x, the batch's mean and 1/σ, and γ, and calls backward(). Its
-// differentiable inputs are x and ``params``, the gain and the bias that are present (none,
-// the gain, or both): an autograd Function cannot take an absent tensor as an input.
+// The backward as an autograd node of its own, (g, x, γ) -> (g_x, g_γ, g_β), for a backward
+// that builds a graph (create_graph=True: a Hessian-vector product): its own backward is
+// backward_backward(). ``params`` is the gain where there is one; the batch's mean and 1/σ come
+// from the forward, and their dependence on x is in backward_backward's math. A third
+// derivative is refused.
+class BatchNormBackwardNode : public torch::autograd::Function<BatchNormBackwardNode> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& grad_output,
+                                                const at::Tensor& x, at::TensorList params,
+                                                const at::Tensor& mean,
+                                                const at::Tensor& invstd,
+                                                int64_t channel_dim) {
+    const at::Tensor weight = params.size() > 0 ? params[0] : at::Tensor();
+    auto [grad_x, grad_weight, grad_bias] =
+        ::backward(grad_output, x, mean, invstd, weight, true, channel_dim);
+    ctx->save_for_backward({grad_output, x, mean, invstd, weight, grad_bias, grad_weight});
+    ctx->saved_data["channel_dim"] = channel_dim;
+    ctx->saved_data["params"] = int64_t(params.size());
+    ctx->set_materialize_grads(false);  // an output nothing used: undefined, not zeros
+    return {grad_x, grad_weight, grad_bias};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "normlab::batch_norm is differentiable twice: a third derivative through it "
+                "is refused");
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_g, grad_x, grad_weight] = ::backward_backward(
+        saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], grads[0],
+        grads[1], grads[2], ctx->saved_data["channel_dim"].toInt());
+    const at::Tensor none;
+    torch::autograd::variable_list out = {grad_g, grad_x};
+    if (ctx->saved_data["params"].toInt() > 0) out.push_back(grad_weight);
+    out.insert(out.end(), 3, none);  // mean, invstd, channel_dim
+    return out;
+  }
+};
+
+// The autograd node: saves x, the batch's mean and 1/σ, and γ, and calls backward(), or where
+// the backward builds a graph (create_graph=True), BatchNormBackwardNode. Its differentiable
+// inputs are x and ``params``, the gain and the bias that are present (none, the gain, or
+// both): an autograd Function cannot take an absent tensor as an input.
 class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
@@ -307,18 +428,23 @@ class BatchNormNode : public torch::autograd::Function<BatchNormNode> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    // the gradients come from raw arithmetic: differentiating them again (create_graph=True)
-    // would silently leave BatchNorm out, so refuse, as @once_differentiable does
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "normlab::batch_norm is differentiable once: a backward with create_graph=True "
-                "through it is refused");
     const auto saved = ctx->get_saved_variables();
-    auto [grad_x, grad_weight, grad_bias] =
-        ::backward(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0),
-                   ctx->saved_data["channel_dim"].toInt());
+    const int64_t channel_dim = ctx->saved_data["channel_dim"].toInt();
     const int64_t params = ctx->saved_data["params"].toInt();
+    at::Tensor grad_x, grad_weight, grad_bias;
+    if (at::GradMode::is_enabled()) {  // a graph of the backward, for a second derivative
+      const std::vector<at::Tensor> gain =
+          params > 0 ? std::vector<at::Tensor>{saved[3]} : std::vector<at::Tensor>{};
+      const auto out = BatchNormBackwardNode::apply(grads[0], saved[0], at::TensorList(gain),
+                                                    saved[1], saved[2], channel_dim);
+      grad_x = out[0], grad_weight = out[1], grad_bias = out[2];
+    } else {
+      std::tie(grad_x, grad_weight, grad_bias) =
+          ::backward(grads[0], saved[0], saved[1], saved[2], saved[3], ctx->needs_input_grad(0),
+                     channel_dim);
+    }
     const at::Tensor none;
-    torch::autograd::variable_list out = {grad_x};
+    torch::autograd::variable_list out = {ctx->needs_input_grad(0) ? grad_x : none};
     if (params > 0) out.push_back(ctx->needs_input_grad(1) ? grad_weight : none);
     if (params > 1) out.push_back(ctx->needs_input_grad(2) ? grad_bias : none);
     // running_mean, running_var, num_batches_tracked, momentum, eps, channel_dim
