@@ -1,5 +1,6 @@
 import itertools
 import json
+import math
 import re
 
 import pytest
@@ -202,6 +203,19 @@ def test_a_checkpoint_from_an_unfused_optimizer_resumes_fused():
         assert optimizer.state[p]["step"].device == p.device
     optimizer.step()  # the fused step accepts the loaded state
     assert optimizer.state[next(model.parameters())]["step"].item() == 2
+
+
+def test_a_diverged_run_keeps_every_recording_it_made_the_last_one_nan(tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    flags = ["--norm", "none", "--lr", "1e38", "--steps", 50, "--diagnose-every", 1]
+    code, _, err = run(capsys, "train", *tiny, *flags, "--checkpoint-every", 50, "--out", out)
+    assert code == 1
+    bad_step = int(re.search(r"step (\d+)", err).group(1))
+    lines = (out / "diagnostics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # json reads the NaN that json wrote
+    assert [row["step"] for row in rows] == list(range(bad_step))  # none waiting left behind
+    assert not math.isfinite(rows[-1]["loss"])
+    assert all(math.isfinite(row["loss"]) for row in rows[:-1])
 
 
 def test_divergence_stops_with_the_step_and_keeps_a_good_checkpoint(tmp_path, tiny, capsys):

@@ -18,6 +18,7 @@ from normlab.lm.evaluate import evaluate
 from normlab.lm.optim import lr_at
 from normlab.lm.rundir import RunFolder, StopSignals
 from normlab.lm.state import Progress, Training
+from normlab.lm.step import Recording
 
 
 class MemoryLog:
@@ -37,10 +38,12 @@ class MemoryLog:
     def progress_bar(self, total: int, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, unit="step", desc=self.desc, leave=False)
 
-    def step(self, step: int, loss: float, snapshot: Snapshot | None) -> None:
+    def step(self, step: int, loss: float) -> None:
         self.step_ends.append(time.perf_counter())
         self.step_losses.append(loss)
-        if snapshot is not None and snapshot.second_order is not None:
+
+    def recording(self, snapshot: Snapshot) -> None:
+        if snapshot.second_order is not None:
             self.second_order.append((snapshot.step, snapshot.second_order))
 
     def metrics(self, row: dict, bar: tqdm) -> None:
@@ -80,9 +83,51 @@ class Stopwatch:
         self._first[recorded] = False
         self.progress.recordings += recorded
 
+    def recordings_aside(self, seconds: float) -> None:
+        """Seconds outside the steps that went to recordings (taking those measured in earlier
+        steps): the recordings' time all the same."""
+        self.progress.recorded_step_s += seconds
+
     def lap(self) -> None:
         """Add the seconds since the last lap to the training time."""
         self._lap = self.progress.lap(self._lap)
+
+
+# A recording's Snapshot and its row in diagnostics.jsonl are a few hundred microseconds of
+# Python, which take about twice as long run alone between a hundred compiled steps (the
+# caches hold the steps' data) as run one after another: the loop takes them this many at a
+# time, in the step of the last, and all that wait before a checkpoint and at the end.
+RECORDINGS_AT_ONCE = 10
+
+
+class Waiting:
+    """The recordings the loop's steps measured whose Snapshots (``Recording.take``) and rows
+    are yet to be made, in the order of their steps; all of them are taken when the block ends,
+    however it ends: a diverged or stopped run keeps the recordings it made."""
+
+    def __init__(self, log: "RunFolder | MemoryLog", clock: Stopwatch) -> None:
+        self.log, self.clock = log, clock
+        self.recordings: list[Recording] = []
+
+    def __enter__(self) -> "Waiting":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.take_aside()
+
+    def append(self, recording: Recording) -> None:
+        self.recordings.append(recording)
+
+    def take(self) -> None:
+        """Every Snapshot waiting, into the recorder's history and the log."""
+        while self.recordings:
+            self.log.recording(self.recordings.pop(0).take())
+
+    def take_aside(self) -> None:
+        """``take``, outside a step: its time is the recordings' all the same."""
+        started = time.perf_counter()
+        self.take()
+        self.clock.recordings_aside(time.perf_counter() - started)
 
 
 def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
@@ -90,7 +135,7 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
     cfg, progress = t.train_config, t.progress
     bar = log.progress_bar(cfg.steps, progress.step)
     clock = Stopwatch(progress)
-    with StopSignals() as signals:
+    with StopSignals() as signals, Waiting(log, clock) as waiting:
         while progress.step < cfg.steps and progress.time_to_target_s is None:
             clock.step_started()
             lr = lr_at(progress.step, cfg)
@@ -104,11 +149,16 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
                 second_order_s = time.perf_counter() - started
                 progress.second_order_measurements += 1
                 progress.second_order_s += second_order_s
-            result = t.step(xb, yb, lr, recorder, progress.step, recording_step=recording)
-            if second_order is not None:
-                result.snapshot.second_order = second_order
+            result = t.step(
+                xb, yb, lr, recorder, progress.step, recording_step=recording, take=False
+            )
+            if result.recording is not None:
+                result.recording.second_order = second_order
+                waiting.append(result.recording)
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
-            log.step(progress.step + 1, loss, result.snapshot)  # a recording's row: its cost too
+            log.step(progress.step + 1, loss)
+            if len(waiting.recordings) == RECORDINGS_AT_ONCE:  # in this step's time
+                waiting.take()
             clock.step_done(recording, aside_s=second_order_s)
             progress.step += 1
             step = progress.step
@@ -145,6 +195,7 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
                         f"the weights became NaN or infinite by step {step}; stopped, and "
                         f"{log.kept} (try a lower --lr)"
                     )
+                waiting.take_aside()  # a checkpoint covers the recordings before it
                 log.save(t.checkpoint_state())
             if interrupted:
                 bar.close()

@@ -53,7 +53,7 @@ def _writing(path: Path, what: str = "write"):
 class RunFolder:
     """The files of one run, written by rank 0 only; the training loop logs into it.
 
-    The loop calls ``progress_bar``, ``step``, ``metrics`` and ``save``;
+    The loop calls ``progress_bar``, ``step``, ``recording``, ``metrics`` and ``save``;
     ``train()`` calls the rest, in a ``with`` block that closes the folder (and lets the
     lock go) however the run ends.
     """
@@ -158,9 +158,12 @@ class RunFolder:
             disable=None if self.writes else True,
         )
 
-    def step(self, step: int, loss: float, snapshot: Snapshot | None) -> None:
-        """After optimizer step ``step``: its recording, if it was one."""
-        if snapshot is not None and self.writes:
+    def step(self, step: int, loss: float) -> None:
+        """After optimizer step ``step``: nothing, as the logs hold evaluations and recordings."""
+
+    def recording(self, snapshot: Snapshot) -> None:
+        """A recording: its row in ``diagnostics.jsonl``."""
+        if self.writes:
             self._logs[DIAGNOSTICS_NAME].append(snapshot_to_dict(snapshot))
             if self.tensorboard is not None:
                 log_snapshot(self.tensorboard, snapshot)
@@ -261,11 +264,16 @@ def _all_finite(obj) -> bool:
         return math.isfinite(obj)
     if isinstance(obj, dict):
         obj = obj.values()
-    elif not isinstance(obj, (list, tuple)):
+    elif isinstance(obj, (list, tuple)):
+        try:  # a list of numbers (a histogram's counts) in one call: NaN and ±inf sum to one
+            return math.isfinite(sum(obj))
+        except (TypeError, OverflowError):  # containers, None or strings; ints beyond a float
+            pass
+    else:
         return True
     for value in obj:
         kind = type(value)
-        if kind is int or kind is str or value is None:  # most of a row: histograms' counts
+        if kind is int or kind is str or value is None:
             continue
         if not (math.isfinite(value) if kind is float else _all_finite(value)):
             return False

@@ -14,16 +14,36 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from normlab.diagnostics import Diagnostics, Snapshot
+from normlab.diagnostics import Diagnostics, SecondOrderStats, Snapshot
+from normlab.diagnostics.recorder import Measured
 from normlab.lm.compiled import CompiledStep
 from normlab.lm.distributed import SINGLE, Ranks, broadcast_state
 from normlab.lm.model import LanguageModel
 
 
 @dataclass
+class Recording:
+    """A step's recording, measured (``CompiledStep.record``) and not yet made into its
+    Snapshot: ``take`` makes it, into the recorder's history."""
+
+    recorder: Diagnostics
+    measured: Measured
+    index: int  # the step it recorded
+    loss: float  # the mean loss of this process's rows
+    eval_loss: float
+    second_order: SecondOrderStats | None = None  # measured before the step, where it was
+
+    def take(self) -> Snapshot:
+        snapshot = self.recorder.take(self.measured, self.index, self.loss, self.eval_loss)
+        snapshot.second_order = self.second_order
+        return snapshot
+
+
+@dataclass
 class StepResult:
     loss: Tensor  # this process's share of the global batch's mean loss (0-dim, on the device)
     snapshot: Snapshot | None  # the recording, on a recording step
+    recording: Recording | None = None  # with take=False, the recording, to take later
 
 
 class TrainStep:
@@ -93,23 +113,27 @@ class TrainStep:
         recorder: Diagnostics | None = None,
         index: int = 0,
         recording_step: bool = False,
+        take: bool = True,
     ) -> StepResult:
         """Train on the batch ``(x, y)`` with learning rate ``lr``; with ``recorder``, record the
-        step into it as step ``index`` (``CompiledStep.record``). Under several processes rank
-        0 alone records, untraced, and the others pass ``recording_step`` on its recording
+        step into it as step ``index`` (``CompiledStep.record``), and ``take`` its Snapshot, or
+        leave that to the caller (``StepResult.recording``). Under several processes rank 0
+        alone records, untraced, and the others pass ``recording_step`` on its recording
         steps, so that they run the step untraced too and their collectives match."""
-        snapshot = None
+        snapshot = recording = None
         if recorder is not None:
             loss, eval_loss, measured = self.core.record(x, y, lr, recorder)
             rows_loss = self._rows_loss(loss, len(x))
-            snapshot = recorder.take(measured, index, rows_loss, float(eval_loss))
+            recording = Recording(recorder, measured, index, rows_loss, float(eval_loss))
+            if take:
+                snapshot, recording = recording.take(), None
         elif recording_step and self.distributed:  # rank 0 records, untraced
             loss = self.core.untraced(x, y, lr).loss
         else:
             loss = self.core(x, y, lr)
         if self.averaged is not None:
             self.averaged.update_parameters(self.model)
-        return StepResult(loss, snapshot)
+        return StepResult(loss, snapshot, recording)
 
     def _rows_loss(self, loss: Tensor, rows: int) -> float:
         """The mean loss of this process's rows (what a recording's hooks saw)."""
