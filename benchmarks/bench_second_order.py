@@ -1,7 +1,8 @@
 """What the second-order instruments cost, in forward-backward passes and in training time.
 
-For the ``default`` preset's model (AdamW, batch 256) and torchvision's ResNet-18 (11.2M
-parameters, random weights, SGD with momentum, batch 32 of 3×32×32 images), on 1 thread:
+For the ``lecture-deep`` preset's model (SGD, batch 32), the ``default`` preset's (AdamW, batch
+256) and torchvision's ResNet-18 (11.2M parameters, random weights, SGD with momentum, batch 32
+of 3×32×32 images), on 1 thread:
 
 - a forward-backward pass and a whole training step (the baseline, measured in the same run);
 - each instrument alone, in forward-backward equivalents: building the Hessian (the loss and
@@ -9,7 +10,9 @@ parameters, random weights, SGD with momentum, batch 32 of 3×32×32 images), on
   at most 20 products), the Hessian trace (10 probes), the gradient noise scale (micro-batches
   of an eighth), and ``measure_second_order``, all of them together as training runs them;
 - the overhead at ``normlab train``'s default cadence (``--second-order-every 5000``): one
-  measurement against 5,000 training steps;
+  measurement against 5,000 of these eager training steps (``lecture-deep`` trains compiled,
+  about three times faster: its runs' own share is ``normlab train``'s summary,
+  ``second_order_share``);
 - the overhead if every instrument ran every step, beside Cockpit's published figures for its
   economy, business and full configurations (1.5×, 2× and 21× a training step; Schneider et
   al., NeurIPS 2021, figure 6), which track different sets of quantities.
@@ -44,15 +47,16 @@ CADENCE = 5000  # normlab train's --second-order-every
 COCKPIT = {"economy": 1.5, "business": 2.0, "full": 21.0}
 
 
-def default_preset():
-    model_config, train_config = preset_configs("default")
+def preset(name: str):
+    """A preset's model, with its optimizer, on a random batch of its batch size."""
+    model_config, train_config = preset_configs(name)
     model_config.vocab_size = 27
     torch.manual_seed(0)
     model = LanguageModel(model_config, verbose=False)
     x = torch.randint(0, 27, (train_config.batch_size, model_config.block_size))
     y = torch.randint(0, 27, (train_config.batch_size,))
     optimizer = make_optimizer(model, train_config)
-    return "default preset", model, (x, y), batch_mean_loss, optimizer
+    return f"{name} preset", model, (x, y), batch_mean_loss, optimizer
 
 
 def resnet18():
@@ -128,7 +132,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for setup in (default_preset, resnet18):
+    for setup in (lambda: preset("lecture-deep"), lambda: preset("default"), resnet18):
         measure(setup(), args.rounds)
 
 

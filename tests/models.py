@@ -124,3 +124,16 @@ class SquareOnce(nn.Module):
 
     def forward(self, x):
         return OnceDifferentiableSquare.apply(x)
+
+
+class CdistLoss(nn.Module):
+    """A loss through ``torch.cdist``, whose backward ATen cannot differentiate again (on at
+    most 25 rows: more take a path of matrix products, which it can)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+        self.centres = nn.Parameter(torch.randn(5, 3))
+
+    def forward(self, x):
+        return torch.cdist(self.linear(x), self.centres).mean()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SquareOnce
+from models import CdistLoss, SquareOnce
 from torch import nn
 
 import normlab.nn as nl
@@ -207,6 +207,16 @@ def test_a_loss_without_a_second_derivative_is_one_line_naming_the_layer():
     message = str(raised.value)
     assert "\n" not in message
     assert "autograd Function OnceDifferentiableSquare in layer '1'" in message
+
+
+def test_an_operator_without_a_double_backward_is_one_line_at_the_first_product():
+    model, x = CdistLoss(), torch.randn(8, 4)
+    hessian = Hessian(model, lambda m: m(x))  # the loss and its gradient are fine
+    with pytest.raises(NotTwiceDifferentiable) as raised:
+        top_eigenvalue(hessian, generator=torch.Generator().manual_seed(0))
+    message = str(raised.value)
+    assert "\n" not in message and "_cdist_backward" in message
+    assert message.startswith("the loss has no second derivative")
 
 
 class _Quadratic(nn.Module):

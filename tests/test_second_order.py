@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import SquareOnce
+from models import CdistLoss, SquareOnce
 from torch import nn
 
 import normlab.nn as nl
@@ -18,7 +18,7 @@ from normlab.diagnostics.rules import Thresholds, verdicts
 from normlab.lm.checkpoint import load_checkpoint
 from normlab.lm.cli import main
 from normlab.noise import gradient_noise
-from normlab.second_order import default_micro_batch
+from normlab.second_order import default_micro_batch, measure_second_order
 
 
 def _judged(**fields):
@@ -146,6 +146,14 @@ def test_a_model_without_a_second_derivative_keeps_its_first_order_diagnostics()
     assert "autograd Function OnceDifferentiableSquare in layer '1'" in result.second_order.note
     assert result.noise_scale is not None  # the gradient noise needs only first derivatives
     assert result.report.snapshot.layers  # the first-order recording ran
+
+
+def test_an_operator_without_a_double_backward_leaves_the_curvature_out_with_a_note():
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))  # cdist's own kernel
+    stats = measure_second_order(CdistLoss(), lambda m, b: m(b), x)
+    assert stats.sharpness is None and stats.hessian_trace is None
+    assert "_cdist_backward" in stats.note
+    assert stats.noise_scale is not None  # the gradient noise needs only first derivatives
 
 
 def test_normlab_diagnose_json_carries_the_second_order_keys_at_the_top(capsys):

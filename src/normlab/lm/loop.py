@@ -96,7 +96,8 @@ class Stopwatch:
 # A recording's Snapshot and its row in diagnostics.jsonl are a few hundred microseconds of
 # Python, which take about twice as long run alone between a hundred compiled steps (the
 # caches hold the steps' data) as run one after another: the loop takes them this many at a
-# time, in the step of the last, and all that wait before a checkpoint and at the end.
+# time, in the step of the last, and all that wait before a checkpoint and at the end. A
+# start's first recording is taken at once: its row says the run is under way.
 RECORDINGS_AT_ONCE = 10
 
 
@@ -108,6 +109,7 @@ class Waiting:
     def __init__(self, log: "RunFolder | MemoryLog", clock: Stopwatch) -> None:
         self.log, self.clock = log, clock
         self.recordings: list[Recording] = []
+        self._taken = False  # this start has taken a recording
 
     def __enter__(self) -> "Waiting":
         return self
@@ -116,12 +118,17 @@ class Waiting:
         self.take_aside()
 
     def append(self, recording: Recording) -> None:
+        """A step's recording: with it ``RECORDINGS_AT_ONCE`` wait, or it is the start's first,
+        all are taken."""
         self.recordings.append(recording)
+        if len(self.recordings) == RECORDINGS_AT_ONCE or not self._taken:
+            self.take()
 
     def take(self) -> None:
         """Every Snapshot waiting, into the recorder's history and the log."""
         while self.recordings:
             self.log.recording(self.recordings.pop(0).take())
+            self._taken = True
 
     def take_aside(self) -> None:
         """``take``, outside a step: its time is the recordings' all the same."""
@@ -154,11 +161,9 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
             )
             if result.recording is not None:
                 result.recording.second_order = second_order
-                waiting.append(result.recording)
+                waiting.append(result.recording)  # taken now or later, in a step's time
             loss, interrupted = global_outcome(result.loss, signals.raised, t.ranks)
             log.step(progress.step + 1, loss)
-            if len(waiting.recordings) == RECORDINGS_AT_ONCE:  # in this step's time
-                waiting.take()
             clock.step_done(recording, aside_s=second_order_s)
             progress.step += 1
             step = progress.step
