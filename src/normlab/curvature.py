@@ -177,18 +177,20 @@ def top_eigenvalue(
     vectors = _Flat(hessian.params)
     scale = None if preconditioner is None else vectors.join(preconditioner).rsqrt()
 
-    def product(v: Tensor) -> Tensor:  # (P^-1/2 H P^-1/2) v
+    def product(v: Tensor, out: Tensor) -> Tensor:  # (P^-1/2 H P^-1/2) v, into out
         u = v if scale is None else scale * v
-        hv = vectors.join(hessian @ vectors.split(u))
+        hv = vectors.join(hessian @ vectors.split(u), out=out)
         return hv if scale is None else hv.mul_(scale)
 
     v = vectors.join([torch.randn(p.shape, generator=generator) for p in hessian.params])
     v /= torch.linalg.vector_norm(v)
-    previous, beta = torch.zeros_like(v), 0.0
+    # three vectors and a fourth to write the next into, reused: on a large model a fresh one
+    # each product is fresh memory, which the kernel maps page by page
+    previous, spare, beta = torch.zeros_like(v), torch.empty_like(v), 0.0
     alphas, betas = [], []  # T's diagonal, and the entries beside it
     value, converged = 0.0, False
     for _ in range(max_products):
-        w = product(v)
+        w = product(v, out=spare)
         alpha = torch.dot(w, v).item()
         w.sub_(v, alpha=alpha).sub_(previous, alpha=beta)
         beta = torch.linalg.vector_norm(w).item()
@@ -202,7 +204,7 @@ def top_eigenvalue(
             converged = True  # beta 0: the Krylov space holds an eigenvector, exactly
             break
         betas.append(beta)
-        previous, v = v, w.div_(beta)
+        previous, v, spare = v, w.div_(beta), previous
     return Eigenvalue(value, hessian.products, converged)
 
 
@@ -218,9 +220,9 @@ class _Flat:
         self.dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
         self.device = params[0].device
 
-    def join(self, tensors: list[Tensor]) -> Tensor:
-        """(n,): ``tensors``, shaped as the parameters, end to end."""
-        return torch.cat([t.reshape(-1).to(self.device, self.dtype) for t in tensors])
+    def join(self, tensors: list[Tensor], out: Tensor | None = None) -> Tensor:
+        """(n,): ``tensors``, shaped as the parameters, end to end (into ``out``)."""
+        return torch.cat([t.reshape(-1).to(self.device, self.dtype) for t in tensors], out=out)
 
     def split(self, flat: Tensor) -> list[Tensor]:
         """``flat`` (n,) as a tensor per parameter, in its shape, dtype and device."""
@@ -247,11 +249,14 @@ def hessian_trace(
     if probes < 2:
         raise ValueError(f"hessian_trace needs at least 2 probes, got {probes}")
     vectors = _Flat(hessian.params)
+    draws = torch.empty(vectors.numel, dtype=vectors.dtype)  # on the CPU, as the generator
+    hz = torch.empty(vectors.numel, dtype=vectors.dtype, device=vectors.device)
     samples = []
     for _ in range(probes):
-        z = torch.randint(0, 2, (vectors.numel,), generator=generator)
-        z = z.to(vectors.device, vectors.dtype).mul_(2).sub_(1)
-        samples.append(torch.dot(z, vectors.join(hessian @ vectors.split(z))).item())
+        for piece in draws.split(vectors.sizes):  # torch.randint's draws, a parameter at a time
+            piece.random_(0, 2, generator=generator)
+        z = draws.to(vectors.device).mul_(2).sub_(1)
+        samples.append(torch.dot(z, vectors.join(hessian @ vectors.split(z), out=hz)).item())
     values = torch.tensor(samples, dtype=torch.float64)
     return TraceEstimate(values.mean().item(), (values.std() / math.sqrt(probes)).item(), probes)
 
