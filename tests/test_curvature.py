@@ -64,6 +64,33 @@ def test_the_twice_differentiable_batchnorm_equals_torchs_to_second_order(
 
 
 @pytest.mark.parametrize("implementation", ["kernel", "aten"])
+@pytest.mark.parametrize(
+    "second",  # a loss of the first derivatives: their sums' cotangents are expanded scalars
+    [
+        lambda gx, gw, gb: gx.sum(),
+        lambda gx, gw, gb: gw.sum(),
+        lambda gx, gw, gb: gb.sum(),
+        lambda gx, gw, gb: gx.square().sum() + (gw * gb).sum(),
+    ],
+)
+def test_a_second_derivative_through_any_cotangents_is_torchs(implementation, second):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (1 + torch.randn(5, generator=g, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    results = []
+    for out in (_twice(implementation)(x, w, b, 1), F.batch_norm(x, None, None, w, b, True)):
+        firsts = torch.autograd.grad((out.tanh() * weights).sum(), (x, w, b), create_graph=True)
+        results.append(torch.autograd.grad(second(*firsts), (x, w, b), allow_unused=True))
+    for mine, reference in zip(*results, strict=True):
+        if reference is None:  # torch's does not depend on it: ours is None or zeros
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, reference, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "aten"])
 @pytest.mark.parametrize("channel_dim", [1, 2])
 def test_the_twice_differentiable_batchnorm_passes_gradgradcheck(implementation, channel_dim):
     g = torch.Generator().manual_seed(1)

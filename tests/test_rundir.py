@@ -57,3 +57,17 @@ def test_the_log_appends_rows_through_one_descriptor_and_a_cut_last_line_is_skip
     with path.open("ab") as f:  # a kill in the middle of a row
         f.write(_json_line(FINITE)[:40])
     assert [row["step"] for row in _read_jsonl(path)] == [0, 1, 2]
+
+
+def test_a_note_outside_ascii_reads_back_whatever_the_locale_and_cut_mid_character(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("")
+    log = _JsonLines(path)
+    row = {**FINITE, "note": "at a batch of 32, |G|² estimated ≤ 0"}
+    log.append(row)
+    log.close()
+    assert _read_jsonl(path) == [row]  # orjson writes UTF-8; read as bytes, not the locale's
+    line = _json_line({**row, "step": 4})
+    with path.open("ab") as f:  # a kill inside the two bytes of "²"
+        f.write(line[: line.index("²".encode()) + 1])
+    assert _read_jsonl(path) == [row]

@@ -100,7 +100,7 @@ class Hessian:
                 self.grads, self.params, v, retain_graph=True, allow_unused=True
             )
         except RuntimeError as e:
-            if not first:
+            if not first or isinstance(e, torch.OutOfMemoryError):
                 raise
             # the first product is where an operator without a double backward says so
             raise NotTwiceDifferentiable(
@@ -249,7 +249,8 @@ def hessian_trace(
     if probes < 2:
         raise ValueError(f"hessian_trace needs at least 2 probes, got {probes}")
     vectors = _Flat(hessian.params)
-    draws = torch.empty(vectors.numel, dtype=vectors.dtype)  # on the CPU, as the generator
+    # the probes' draws, on the CPU as the generator, and their products: each buffer reused
+    draws = torch.empty(vectors.numel, dtype=vectors.dtype)
     hz = torch.empty(vectors.numel, dtype=vectors.dtype, device=vectors.device)
     samples = []
     for _ in range(probes):

@@ -84,10 +84,11 @@ def gradient_noise(
         *[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True
     )
     pieces = split_batch(batch, micro_batch)
+    device = params[0].device  # where the norms gather, on a model across devices too
 
     def squared_norms(piece) -> Tensor:  # (P,) float64: each parameter's |g|² on ``piece``
         grads = _gradients(model, loss_fn, piece, params)
-        norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+        norms = [torch.linalg.vector_norm(g, dtype=torch.float64).to(device) for g in grads]
         return torch.stack(norms).square()
 
     with kept_buffers(model):  # each forward pass moves the running statistics

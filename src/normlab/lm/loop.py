@@ -3,6 +3,7 @@ checkpoint → stop. It trains a ``Training`` and logs into a ``RunFolder``, or 
 experiments and benchmarks into a ``MemoryLog``.
 """
 
+import contextlib
 import math
 import signal
 import time
@@ -114,8 +115,12 @@ class Waiting:
     def __enter__(self) -> "Waiting":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.take_aside()
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.take_aside()
+            return
+        with contextlib.suppress(Exception):  # the error under way is the one to say
+            self.take_aside()
 
     def append(self, recording: Recording) -> None:
         """A step's recording: with it ``RECORDINGS_AT_ONCE`` wait, or it is the start's first,
@@ -194,13 +199,13 @@ def run_loop(t: Training, log: RunFolder | MemoryLog) -> None:
                     {"step": step, **{f"{k}_loss": v for k, v in losses.items()}, "lr": lr}, bar
                 )
             if step % cfg.checkpoint_every == 0 or done or interrupted:
+                waiting.take_aside()  # a checkpoint covers the recordings before it
                 clock.lap()
                 if not _all_finite(t.model):  # never overwrite a good checkpoint with bad weights
                     raise TrainingDiverged(
                         f"the weights became NaN or infinite by step {step}; stopped, and "
                         f"{log.kept} (try a lower --lr)"
                     )
-                waiting.take_aside()  # a checkpoint covers the recordings before it
                 log.save(t.checkpoint_state())
             if interrupted:
                 bar.close()

@@ -132,6 +132,8 @@ class RunFolder:
         if not self.writes:
             return []
         self._open(tensorboard)
+        for log in self._logs.values():  # a descriptor held open would keep the file replaced
+            log.close()
         _truncate_jsonl(self.path / METRICS_NAME, lambda row: row["step"] <= step)
         kept = _truncate_jsonl(self.path / DIAGNOSTICS_NAME, lambda row: row["step"] < step)
         try:
@@ -227,13 +229,14 @@ class RunFolder:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file; a last line cut short by a kill is skipped."""
+    """The rows of a JSON-lines file (UTF-8, as orjson writes it); a last line cut short by a
+    kill is skipped."""
     rows = []
     if path.exists():
-        for line in path.read_text().splitlines():
+        for line in path.read_bytes().splitlines():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:  # cut short: not JSON, or not even whole UTF-8
                 continue
     return rows
 

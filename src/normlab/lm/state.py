@@ -37,9 +37,10 @@ class Progress:
     time_to_target_s: float | None = None  # train_time_s at the first eval that met the target
     init_loss: float | None = None  # the loss of the first batch, before any update
     # step times, split by whether diagnostics were recorded in the step (a recording's with
-    # writing its row; evals excluded, and each start's first plain step and first recording,
-    # which pay for compiling their graphs), and the second-order measurements' own time (not
-    # in the recorded steps')
+    # taking Snapshots and writing their rows, theirs and those of the recordings before it
+    # that waited, and the seconds taking recordings outside the steps; evals excluded, and
+    # each start's first plain step and first recording, which pay for compiling their
+    # graphs), and the second-order measurements' own time (not in the recorded steps')
     plain_steps: int = 0
     plain_step_s: float = 0.0
     recorded_steps: int = 0

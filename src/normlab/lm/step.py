@@ -42,7 +42,7 @@ class Recording:
 @dataclass
 class StepResult:
     loss: Tensor  # this process's share of the global batch's mean loss (0-dim, on the device)
-    snapshot: Snapshot | None  # the recording, on a recording step
+    snapshot: Snapshot | None  # the recording, on a recording step (None with take=False)
     recording: Recording | None = None  # with take=False, the recording, to take later
 
 

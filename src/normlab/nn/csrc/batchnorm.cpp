@@ -291,7 +291,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_backward(
     const at::Tensor& u_bias, int64_t channel_dim) {
   const at::Tensor g = grad_output.contiguous();
   const at::Tensor x = input.contiguous();
+  // a cotangent may be any strides (a gradient summed is an expanded scalar): read contiguous
   const at::Tensor u = u_input.defined() ? u_input.contiguous() : at::Tensor();
+  const at::Tensor u_w = u_weight.defined() ? u_weight.contiguous() : at::Tensor();
+  const at::Tensor u_b = u_bias.defined() ? u_bias.contiguous() : at::Tensor();
   const Layout l = layout_of(x, channel_dim);
   const int64_t n = l.outer * l.inner;
   at::Tensor grad_g = at::empty_like(x);
@@ -306,8 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_backward(
     const scalar_t* w = weight.defined() ? weight.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* sg = sum_g.const_data_ptr<scalar_t>();
     const scalar_t* sgx = sum_g_xhat.const_data_ptr<scalar_t>();
-    const scalar_t* uw = u_weight.defined() ? u_weight.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* ub = u_bias.defined() ? u_bias.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* uw = u_w.defined() ? u_w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ub = u_b.defined() ? u_b.const_data_ptr<scalar_t>() : nullptr;
     std::vector<double> sum_u(l.C, 0.0), sum_u_xc(l.C, 0.0), sum_u_g(l.C, 0.0);
     if (up != nullptr) {
       channel_sums<scalar_t>(
