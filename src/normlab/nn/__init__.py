@@ -10,9 +10,8 @@ diagnostics go by (``kinds``), and ``set_mode`` and ``kept_buffers`` (``mode``).
 The modules: ``linear``, ``batchnorm`` (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``),
 ``instancenorm`` (``InstanceNorm1d/2d``), ``normalization`` (``LayerNorm``,
 ``GroupNorm``), ``activation`` (``Tanh``, ``ReLU``), ``flatten``
-(``FlattenContext``, ``FlattenConsecutive``), ``kinds`` and ``mode``; ``twice``,
-BatchNorm's second derivative (``twice_differentiable``, for ``normlab.curvature``);
-``kernel`` runs BatchNorm's training-mode math as one C++ operator on the CPU.
+(``FlattenContext``, ``FlattenConsecutive``), ``kinds`` and ``mode``; ``kernel``
+runs BatchNorm's training-mode math as one C++ operator on the CPU.
 """
 
 from normlab.nn.activation import ReLU, Tanh
@@ -22,7 +21,9 @@ from normlab.nn.batchnorm import (
     BatchNorm3d,
     BatchNormFunction,
     SyncBatchNorm,
+    batch_norm_twice_differentiable,
     convert_sync_batchnorm,
+    twice_differentiable,
 )
 from normlab.nn.flatten import FlattenConsecutive, FlattenContext
 from normlab.nn.instancenorm import InstanceNorm1d, InstanceNorm2d
@@ -43,7 +44,6 @@ from normlab.nn.kinds import (
 from normlab.nn.linear import Linear
 from normlab.nn.mode import kept_buffers, set_mode
 from normlab.nn.normalization import GroupNorm, LayerNorm
-from normlab.nn.twice import batch_norm_twice_differentiable, twice_differentiable
 
 __all__ = [
     "ACTIVATIONS",

@@ -8,8 +8,14 @@ sequences normalize over ``(B, T)`` (makemore part 5's layout).
 ``SyncBatchNorm`` takes its statistics over the rows of every process, on any
 backend (gloo on the CPU too); ``convert_sync_batchnorm`` swaps it in for
 normlab's BatchNorms and torch's. Every module has torch's constructor, buffers,
-``state_dict`` keys and version, so state dicts load both ways.
+``state_dict`` keys and version, so state dicts load both ways. Within
+``twice_differentiable()`` (``normlab.curvature``), ``BatchNormTwice`` runs the same math with
+a backward that autograd differentiates again (``BatchNormBackward``).
 """
+
+import contextlib
+from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,7 +24,6 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from normlab.nn import kernel
-from normlab.nn.twice import batch_norm_twice_differentiable, second_order
 
 
 def _stat_shape(x: Tensor, channel_dim: int) -> list[int]:
@@ -67,59 +72,236 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, running, group=None, channel_dim: int = 1):
-        channel_dim %= x.dim()
-        dims = tuple(d for d in range(x.dim()) if d != channel_dim)
-        shape = _stat_shape(x, channel_dim)
-        if group is None:
-            n = x.numel() // x.size(channel_dim)
-            mean = x.sum(dims) * (1.0 / n)  # (C,); sum·(1/n) is one op fewer than mean() on CPU
-            x_centered = x - mean.view(shape)
-            # two passes (mean, then squared deviations): no E[x²] - E[x]² cancellation,
-            # and on CPU much faster than torch.var_mean along the batch axis
-            var = x_centered.square().sum(dims) * (1.0 / n)  # (C,), biased
-        else:
-            n, mean, var = _global_moments(x, dims, group)  # over the values of every rank
-            x_centered = x - mean.view(shape)
-        invstd = (var + eps).rsqrt_()  # (C,)
-        scale = invstd if weight is None else invstd * weight  # γ / σ
-        if bias is None:
-            y = x_centered * scale.view(shape)
-        else:
-            y = torch.addcmul(bias.view(shape), x_centered, scale.view(shape))
-        if running is not None:
-            running_mean, running_var, factor = running
-            running_mean.lerp_(mean, factor)
-            running_var.lerp_(var * (n / (n - 1)), factor)
-        ctx.save_for_backward(x_centered, invstd, scale)
-        ctx.n, ctx.group, ctx.dims, ctx.shape = n, group, dims, shape
-        return y
+        out = _normalized(x, weight, bias, eps, running, group, channel_dim % x.dim())
+        ctx.save_for_backward(out.x_centered, out.invstd, out.scale)
+        ctx.at, ctx.group = out.at, group
+        return out.y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x_centered, invstd, scale = ctx.saved_tensors
-        dims, shape = ctx.dims, ctx.shape
-        grad_bias = grad_y.sum(dims)  # Σ g, (C,)
-        grad_weight = (grad_y * x_centered).sum(dims) * invstd  # Σ g·x̂, (C,)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            sum_g, sum_g_xhat = grad_bias, grad_weight
-            if ctx.group is not None:  # the sums over every rank's values; the parameter
-                # gradients stay this rank's own share (the data-parallel step sums those)
-                C = grad_bias.size(0)
-                sums = _summed_over(torch.cat((grad_bias, grad_weight)), ctx.group)
-                sum_g, sum_g_xhat = sums[:C], sums[C:]  # (C,) each
-            # (γ/σ)(g - Σg/n - x̂·Σg·x̂/n) with x̂ = (x - μ)/σ, as two fused passes
-            minus_scale_n = scale * (-1.0 / ctx.n)
-            grad_x = torch.addcmul(
-                (minus_scale_n * sum_g).view(shape),
-                x_centered,
-                (minus_scale_n * invstd * sum_g_xhat).view(shape),
-            )
-            grad_x.addcmul_(grad_y, scale.view(shape))
+        grad_x, grad_weight, grad_bias = _gradients(
+            grad_y, x_centered, invstd, scale, ctx.at, ctx.group, ctx.needs_input_grad[0]
+        )
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
         grad_bias = grad_bias if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+class _Layout(NamedTuple):
+    """Where a channel's values lie in the input: the dimensions its sums run over, the shape a
+    per-channel (C,) tensor takes to broadcast against it, and the count ``n`` (over every
+    rank's values, with a process group)."""
+
+    dims: tuple[int, ...]
+    shape: list[int]
+    n: int | Tensor
+
+    def mean(self, t: Tensor) -> Tensor:
+        """(C,): ``t``'s mean over each channel's values (on this process)."""
+        return t.sum(self.dims) * (1.0 / self.n)
+
+    def wide(self, c: Tensor) -> Tensor:
+        """A per-channel (C,) tensor, shaped to broadcast against the input."""
+        return c.view(self.shape)
+
+
+class _Normalized(NamedTuple):
+    """``_normalized``'s output ``y`` and what its backward reads."""
+
+    y: Tensor
+    x_centered: Tensor  # x - μ
+    invstd: Tensor  # 1/σ, (C,)
+    scale: Tensor  # γ/σ, (C,)
+    at: _Layout
+
+
+def _normalized(x, weight, bias, eps: float, running, group, channel_dim: int) -> _Normalized:
+    """``BatchNormFunction``'s forward math (``channel_dim`` non-negative), outside of autograd;
+    moves the running statistics."""
+    dims = tuple(d for d in range(x.dim()) if d != channel_dim)
+    shape = _stat_shape(x, channel_dim)
+    if group is None:
+        n = x.numel() // x.size(channel_dim)
+        mean = x.sum(dims) * (1.0 / n)  # (C,); sum·(1/n) is one op fewer than mean() on CPU
+        x_centered = x - mean.view(shape)
+        # two passes (mean, then squared deviations): no E[x²] - E[x]² cancellation,
+        # and on CPU much faster than torch.var_mean along the batch axis
+        var = x_centered.square().sum(dims) * (1.0 / n)  # (C,), biased
+    else:
+        n, mean, var = _global_moments(x, dims, group)  # over the values of every rank
+        x_centered = x - mean.view(shape)
+    invstd = (var + eps).rsqrt_()  # (C,)
+    scale = invstd if weight is None else invstd * weight  # γ / σ
+    if bias is None:
+        y = x_centered * scale.view(shape)
+    else:
+        y = torch.addcmul(bias.view(shape), x_centered, scale.view(shape))
+    if running is not None:
+        running_mean, running_var, factor = running
+        running_mean.lerp_(mean, factor)
+        running_var.lerp_(var * (n / (n - 1)), factor)
+    return _Normalized(y, x_centered, invstd, scale, _Layout(dims, shape, n))
+
+
+def _gradients(grad_y, x_centered, invstd, scale, at: _Layout, group, input_grad: bool):
+    """``BatchNormFunction``'s backward math: the gradients of x (None without
+    ``input_grad``), γ and β (each process's own share, with a ``group``)."""
+    dims, shape = at.dims, at.shape
+    grad_bias = grad_y.sum(dims)  # Σ g, (C,)
+    grad_weight = (grad_y * x_centered).sum(dims) * invstd  # Σ g·x̂, (C,)
+    grad_x = None
+    if input_grad:
+        sum_g, sum_g_xhat = grad_bias, grad_weight
+        if group is not None:  # the sums over every rank's values; the parameter
+            # gradients stay this rank's own share (the data-parallel step sums those)
+            C = grad_bias.size(0)
+            sums = _summed_over(torch.cat((grad_bias, grad_weight)), group)
+            sum_g, sum_g_xhat = sums[:C], sums[C:]  # (C,) each
+        # (γ/σ)(g - Σg/n - x̂·Σg·x̂/n) with x̂ = (x - μ)/σ, as two fused passes
+        minus_scale_n = scale * (-1.0 / at.n)
+        grad_x = torch.addcmul(
+            (minus_scale_n * sum_g).view(shape),
+            x_centered,
+            (minus_scale_n * invstd * sum_g_xhat).view(shape),
+        )
+        grad_x.addcmul_(grad_y, scale.view(shape))
+    return grad_x, grad_weight, grad_bias
+
+
+_SECOND_ORDER = ContextVar("normlab_batchnorm_second_order", default=False)
+
+
+@contextlib.contextmanager
+def twice_differentiable():
+    """Within it, normlab's BatchNorms that the C++ kernel does not compute (another device or
+    dtype) compute in training mode with ``batch_norm_twice_differentiable``, instead of
+    ``BatchNormFunction``, whose backward has no derivative of its own: what a Hessian-vector
+    product needs (``normlab.curvature``). The outputs are the same to rounding."""
+    token = _SECOND_ORDER.set(True)
+    try:
+        yield
+    finally:
+        _SECOND_ORDER.reset(token)
+
+
+def batch_norm_twice_differentiable(
+    x, weight, bias, eps: float, running, group=None, channel_dim: int = 1
+):
+    r"""``BatchNormFunction`` with a backward that has a derivative of its own
+    (``BatchNormBackward``): the same arguments, outputs and running statistics. One process
+    only: there is no second derivative across processes."""
+    if group is not None:
+        raise ValueError("SyncBatchNorm has no second derivative across processes")
+    return BatchNormTwice.apply(x, weight, bias, eps, running, channel_dim % x.dim())
+
+
+class BatchNormTwice(torch.autograd.Function):
+    """``BatchNormFunction``'s forward; its backward is ``BatchNormBackward``, which autograd
+    differentiates again."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, running, channel_dim: int):
+        out = _normalized(x, weight, bias, eps, running, None, channel_dim)
+        ctx.save_for_backward(x, weight, out.x_centered, out.invstd, out.scale)
+        ctx.at, ctx.affine = out.at, (weight is not None, bias is not None)
+        return out.y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, *saved = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = BatchNormBackward.apply(grad_y, x, weight, *saved, ctx.at)
+        has_weight, has_bias = ctx.affine
+        return (
+            grad_x,
+            grad_weight if has_weight else None,
+            grad_bias if has_bias else None,
+            None,
+            None,
+            None,
+        )
+
+
+class BatchNormBackward(torch.autograd.Function):
+    r"""``(g, x, γ) -> (g_x, g_γ, g_β)``, ``BatchNormFunction``'s backward as a function that
+    autograd can differentiate: its own backward is the second derivative in closed form. The
+    C++ kernel computes the same math where it applies (``csrc/batchnorm.cpp``,
+    ``backward_backward``), as one call; these ATen operators serve the rest.
+
+    Per channel, over its :math:`n` values, with :math:`\hat{x} = (x - \mu) r`,
+    :math:`r = (\sigma^2 + \epsilon)^{-1/2}` and the first backward
+
+    .. math::
+        g_\beta = \sum g, \quad g_\gamma = \sum g\hat{x}, \quad
+        g_x = \gamma r \left(g - \bar{g} - \hat{x}\,m_1\right), \quad
+        \bar{g} = \tfrac{1}{n}\textstyle\sum g, \quad m_1 = \tfrac{1}{n}\textstyle\sum g\hat{x},
+
+    the backward of :math:`\langle u, g_x\rangle + u_\gamma g_\gamma + u_\beta g_\beta` (the
+    cotangents :math:`u, u_\gamma, u_\beta` of the three) is, with
+    :math:`m_2 = \tfrac{1}{n}\sum u\hat{x}`, :math:`\bar{u} = \tfrac{1}{n}\sum u` and
+    :math:`s = \tfrac{1}{n}\sum ug - \bar{g}\bar{u} - m_1 m_2`:
+
+    .. math::
+        \frac{\partial}{\partial g} &= u_\beta + u_\gamma \hat{x}
+            + \gamma r \left(u - \bar{u} - \hat{x}\,m_2\right), \qquad
+        \frac{\partial}{\partial \gamma} = n\,r\,s, \\
+        \frac{\partial}{\partial x} &= r\left(a - \bar{a} - \hat{x}\,\overline{a\hat{x}}\right)
+            - \gamma r^2 \hat{x}\, s, \qquad
+        a = u_\gamma g - \gamma r \left(u\,m_1 + g\,m_2\right),
+
+    the last through :math:`\partial\hat{x}_i/\partial x_j = r(\delta_{ij} - \tfrac{1}{n} -
+    \hat{x}_i\hat{x}_j/n)` and :math:`\partial r/\partial x_j = -r^2\hat{x}_j/n`. Every mean
+    above is a sum over the channel's values, so the whole second derivative is two reads of the
+    data for its sums and one for each gradient. ``tests/test_curvature.py`` holds both
+    implementations to torch's own double backward, in float32 and float64. ``x_centered`` and
+    ``invstd`` are the forward's, saved: their dependence on ``x`` is in that closed form.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, x_centered, invstd, scale, at: _Layout):
+        grad_x, grad_weight, grad_bias = _gradients(
+            grad_y, x_centered, invstd, scale, at, None, True
+        )
+        ctx.save_for_backward(grad_y, weight, x_centered, invstd, grad_bias, grad_weight)
+        ctx.at = at
+        ctx.set_materialize_grads(False)  # an output nothing used: None, not a tensor of zeros
+        return grad_x, grad_weight, grad_bias
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, u, u_weight, u_bias):
+        grad_y, weight, x_centered, invstd, sum_g, sum_g_xhat = ctx.saved_tensors
+        at = ctx.at
+        n, r = at.n, invstd
+        x_hat = x_centered * at.wide(r)
+        gamma_r = r if weight is None else r * weight  # γ r, (C,)
+        g_mean, m1 = sum_g * (1.0 / n), sum_g_xhat * (1.0 / n)  # ḡ, m₁
+        if u is None:
+            u = torch.zeros_like(grad_y)
+        u_mean, m2, ug_mean = at.mean(u), at.mean(u * x_hat), at.mean(u * grad_y)  # ū, m₂
+        s = ug_mean - g_mean * u_mean - m1 * m2  # (C,)
+        # ∂/∂g = u_β + u_γ x̂ + γ r (u - ū - x̂ m₂)
+        grad_grad_y = torch.addcmul(at.wide(-u_mean), x_hat, at.wide(-m2)).add_(u)
+        grad_grad_y.mul_(at.wide(gamma_r))
+        if u_weight is not None:
+            grad_grad_y.addcmul_(x_hat, at.wide(u_weight))
+        if u_bias is not None:
+            grad_grad_y.add_(at.wide(u_bias))
+        # a = u_γ g - γ r (u m₁ + g m₂), and its channel means ā and (a x̂)‾ from the sums
+        a = torch.addcmul(u * at.wide(-gamma_r * m1), grad_y, at.wide(-gamma_r * m2))
+        a_mean = -gamma_r * (m1 * u_mean + m2 * g_mean)
+        a_xhat_mean = -2.0 * gamma_r * m1 * m2
+        if u_weight is not None:
+            a.addcmul_(grad_y, at.wide(u_weight))
+            a_mean = a_mean + u_weight * g_mean
+            a_xhat_mean = a_xhat_mean + u_weight * m1
+        # ∂/∂x = r (a - ā - x̂ (a x̂)‾) - γ r² x̂ s
+        x_hat_coeff = r * a_xhat_mean + gamma_r * r * s
+        grad_x = a.sub_(at.wide(a_mean)).mul_(at.wide(r))
+        grad_x.addcmul_(x_hat, at.wide(-x_hat_coeff))
+        grad_weight = n * r * s if weight is not None else None  # ∂/∂γ = n r s
+        return grad_grad_y, grad_x, grad_weight, None, None, None, None
 
 
 def _summed_over(t: Tensor, group) -> Tensor:
@@ -348,7 +530,7 @@ class _BatchNorm(_NormBase):
                     "(model.eval()) to run single examples with the running statistics"
                 )
         args = (self.eps, running, group, channel_dim)
-        if second_order():  # BatchNormFunction's backward has no derivative
+        if _SECOND_ORDER.get():  # BatchNormFunction's backward has no derivative
             return batch_norm_twice_differentiable(x, weight, bias, *args)
         return BatchNormFunction.apply(x, weight, bias, *args)
 

@@ -3,7 +3,7 @@ diagnostics' statistics.
 
 ``torch.ops.normlab.batch_norm`` is ``BatchNormFunction``'s training-mode math
 (the batch's statistics, the running statistics and the batch count, the
-closed-form backward, and that backward's own, ``normlab.nn.twice``'s) as
+closed-form backward, and that backward's own, ``BatchNormBackward``'s) as
 one operator with its autograd nodes in C++: a dozen ATen operators' overhead,
 which dominates at the sizes these networks have, becomes one call each way.
 Its sums run over blocks of values in the input's dtype and in float64 across

@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 // The backward's backward: with u, u_γ and u_β the cotangents of the backward's outputs g_x,
 // g_γ = Σ g·x̂ and g_β = Σ g (u_γ, u_β undefined where nothing used them), the gradients of
 // <u, g_x> + u_γ·g_γ + u_β·g_β in g, x and γ (γ's only with a gain). The math, per channel,
-// is normlab/nn/twice.py's (BatchNormBackward.backward), which writes it in ATen operators;
+// is normlab/nn/batchnorm.py's (BatchNormBackward, which writes it in ATen operators);
 // here two reads for its sums, and one each for the two gradients of the input's shape.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
